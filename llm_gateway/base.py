@@ -1,0 +1,153 @@
+"""The gateway contract: what the rest of Pantheon may rely on.
+
+The gateway talks to a model and reports what happened. It knows nothing of
+sessions, turns or wallets: callers persist the `CallRecord`s it returns.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+# An OpenAI-format chat message: {"role": ..., "content": ..., "tool_calls"?: ..., "tool_call_id"?: ...}
+ChatMessage = dict[str, Any]
+
+# Runs one tool call for the tool loop: (tool name, parsed arguments) -> result text.
+# It must not raise for bad input; it returns an error text for the model instead.
+ToolExecutor = Callable[[str, dict[str, Any]], Awaitable[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            estimated=self.estimated or other.estimated,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
+        }
+
+
+@dataclasses.dataclass
+class CallRecord:
+    """One upstream call, as the LLM event row will store it."""
+
+    requested_model: str
+    provider_model: str = ""
+    provider: str = ""
+    status: str = "ok"  # "ok" | "error" | "cancelled"
+    http_status: int | None = None
+    latency_ms: int = 0
+    ttft_ms: int | None = None  # time to first token (streams only)
+    usage: Usage | None = None
+    error: str = ""
+    stream: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text as the model sent it ("" is treated as "{}")
+
+
+@dataclasses.dataclass
+class Completion:
+    """Result of `generate()`, after every tool round."""
+
+    content: str
+    provider_model: str
+    finish_reason: str
+    usage: Usage  # summed over all rounds
+    records: list[CallRecord]  # one per round, in order
+    # Messages produced by the tool loop, in order, in OpenAI format: each assistant
+    # message that asked for tools, then one {"role": "tool", ...} per call. Empty
+    # without tools. The final assistant answer is `content`, not in this list.
+    tool_messages: list[ChatMessage] = dataclasses.field(default_factory=list)
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises. `records` holds the calls made so far."""
+
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, records: list[CallRecord] | None = None,
+                 usage: Usage | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.records = records or []
+        self.usage = usage  # usage the provider reported before failing, if any
+
+
+class UpstreamError(GatewayError):
+    """The provider answered with an error (HTTP status or an error chunk)."""
+
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, status: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.status = status
+
+
+class UpstreamTimeout(GatewayError):
+    code = "upstream_timeout"
+
+
+class StreamingContext:
+    """A stream opened upstream. `chunks` yields text deltas.
+
+    `usage_future` and `provider_model_future` resolve when the upstream finishes
+    (usage may resolve to None if the provider never reported it). Iterating `chunks`
+    raises a `GatewayError` for an error chunk or a truncated stream. `aclose()` closes
+    the upstream connection at once (client went away); it is safe to call twice.
+    `record` is filled in as the stream goes and is final after the stream ends or closes.
+    """
+
+    def __init__(self, *, chunks: AsyncIterator[str], record: CallRecord,
+                 aclose: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        self.chunks = chunks
+        self.record = record
+        self.usage_future: asyncio.Future[Usage | None] = loop.create_future()
+        self.provider_model_future: asyncio.Future[str | None] = loop.create_future()
+        self._aclose = aclose
+
+    async def aclose(self) -> None:
+        await self._aclose()
+
+
+class LlmGateway(abc.ABC):
+    name: str = "base"
+
+    @abc.abstractmethod
+    async def generate(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
+                       tools: list[dict[str, Any]] | None = None,
+                       tool_executor: ToolExecutor | None = None,
+                       max_tool_rounds: int = 4) -> Completion:
+        """One full completion; with `tools`, runs the tool loop (at most `max_tool_rounds`
+        rounds that call tools, then one final round without tools)."""
+
+    @abc.abstractmethod
+    async def stream(self, *, model: str, messages: list[ChatMessage],
+                     max_tokens: int) -> StreamingContext:
+        """Open the upstream stream; returns once the provider accepted the request
+        (HTTP 200), so a provider that fails at once raises here, before any byte is
+        sent downstream."""
