@@ -1,0 +1,51 @@
+"""Bearer API keys, for DRF views and for the plain async views that stream."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.utils import timezone
+from rest_framework import authentication, exceptions
+
+from accounts.models import ApiKey, hash_key
+
+# last_used_at is informational: write it at most this often, not on every request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def parse_bearer(header: str) -> str | None:
+    """The key from an `Authorization: Bearer <key>` header, '' if malformed, None if absent."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip()
+
+
+def user_for_key(raw_key: str):
+    """The active user owning an unrevoked key, or None."""
+    if not raw_key:
+        return None
+    key = ApiKey.objects.active().select_related("user").filter(key_hash=hash_key(raw_key)).first()
+    if key is None or not key.user.is_active:
+        return None
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    return key.user
+
+
+class ApiKeyAuthentication(authentication.BaseAuthentication):
+    def authenticate(self, request):
+        raw = parse_bearer(request.META.get("HTTP_AUTHORIZATION", ""))
+        if raw is None:
+            return None  # let session authentication try
+        user = user_for_key(raw)
+        if user is None:
+            raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
+        return (user, None)
+
+    def authenticate_header(self, request) -> str:
+        # Makes DRF answer 401 (with WWW-Authenticate), not 403, when no credentials came.
+        return 'Bearer realm="api"'
