@@ -119,16 +119,25 @@ class StreamingContext:
     raises a `GatewayError` for an error chunk or a truncated stream. `aclose()` closes
     the upstream connection at once (client went away); it is safe to call twice.
     `record` is filled in as the stream goes and is final after the stream ends or closes.
+    `prior_records` are the failed attempts retried before the stream opened (usually
+    empty); `records` is all of them plus `record`, in order: store each as an LLM event.
     """
 
     def __init__(self, *, chunks: AsyncIterator[str], record: CallRecord,
-                 aclose: Callable[[], Awaitable[None]]) -> None:
+                 aclose: Callable[[], Awaitable[None]],
+                 prior_records: list[CallRecord] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.chunks = chunks
         self.record = record
+        self.prior_records: list[CallRecord] = list(prior_records or [])
+        self.finish_reason: str | None = None  # as the provider reported it, once known
         self.usage_future: asyncio.Future[Usage | None] = loop.create_future()
         self.provider_model_future: asyncio.Future[str | None] = loop.create_future()
         self._aclose = aclose
+
+    @property
+    def records(self) -> list[CallRecord]:
+        return [*self.prior_records, self.record]
 
     async def aclose(self) -> None:
         await self._aclose()

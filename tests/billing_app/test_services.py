@@ -1,0 +1,180 @@
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from billing_app import services
+from billing_app.models import CreditHold, LedgerEntry, ModelPrice, Wallet
+from billing_app.selectors import ledger_problems, wallet_summary
+from tests.conftest import MODEL
+
+
+def price_of(prompt: str, completion: str) -> ModelPrice:
+    return ModelPrice(model="x", prompt_price_per_mtok=Decimal(prompt), completion_price_per_mtok=Decimal(completion))
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "completion_tokens", "prices", "expected"),
+    [
+        (12, 2, ("1", "1"), "0.000014"),
+        (1, 0, ("0.5", "0"), "0.000001"),  # 0.0000005 rounds half up
+        (1, 0, ("0.4999", "0"), "0.000000"),  # just below half rounds down
+        (3, 0, ("0.5", "0"), "0.000002"),  # 0.0000015 -> 0.000002 (half up, not banker's)
+        (5, 0, ("0.5", "0"), "0.000003"),  # 0.0000025 -> 0.000003 (banker's would give 0.000002)
+        (1_000_000, 1_000_000, ("0.15", "0.60"), "0.750000"),
+        (0, 0, ("5", "5"), "0.000000"),
+        (1234, 567, ("2.5", "10"), "0.008755"),  # 0.003085 + 0.00567
+        (10**9, 10**9, ("1000", "2000"), "3000000.000000"),
+    ],
+)
+def test_compute_cost_rounds_half_up_to_six_places(prompt_tokens, completion_tokens, prices, expected):
+    cost = services.compute_cost(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                 price=price_of(*prices))
+    assert str(cost) == expected
+
+
+def test_grant_writes_ledger_entry_with_balance_after(alice):
+    entry = services.grant(user_id=alice.pk, amount=Decimal("2.5"), note="top-up")
+    assert entry.kind == "grant" and entry.amount == Decimal("2.5")
+    assert entry.balance_after == Decimal("12.5")
+    assert Wallet.objects.get(user=alice).balance == Decimal("12.5")
+    assert ledger_problems() == []
+
+
+@pytest.mark.parametrize("amount", ["0", "-1", "0.0000001", "NaN", "Infinity"])
+def test_grant_rejects_bad_amounts(alice, amount):
+    with pytest.raises(services.InvalidAmount):
+        services.grant(user_id=alice.pk, amount=Decimal(amount))
+    assert Wallet.objects.get(user=alice).balance == Decimal("10")
+
+
+@pytest.mark.open_holds_ok
+def test_hold_reserves_prompt_and_capped_output(alice, price, settings):
+    settings.PANTHEON_MAX_OUTPUT_TOKENS = 1024
+    decision = services.hold(user_id=alice.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=100)
+    assert decision.max_tokens == 1024
+    # 100 * 1000/1e6 + 1024 * 2000/1e6 = 0.1 + 2.048
+    assert decision.amount == Decimal("2.148000")
+    summary = wallet_summary(user_id=alice.pk)
+    assert summary.held == Decimal("2.148") and summary.available == Decimal("7.852")
+
+
+@pytest.mark.open_holds_ok
+def test_hold_caps_max_tokens_to_what_is_affordable(make_user, price, settings):
+    user = make_user("carol", "0.05")
+    decision = services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=10, max_tokens=500)
+    # available 0.05 - prompt 0.01 = 0.04 affords 20 output tokens at 0.002 each
+    assert decision.max_tokens == 20
+    assert decision.amount <= Decimal("0.05")
+
+
+def test_hold_refuses_below_minimum_output_tokens(make_user, price, settings):
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = 16
+    user = make_user("dave", "0.03")  # affords 10 output tokens after a 10-token prompt
+    with pytest.raises(services.InsufficientCredits):
+        services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=10)
+    assert not CreditHold.objects.exists()
+
+
+def test_hold_refuses_empty_wallet(make_user, price):
+    user = make_user("erin")
+    with pytest.raises(services.InsufficientCredits):
+        services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1)
+
+
+def test_hold_unknown_model(alice):
+    with pytest.raises(services.UnknownModel):
+        services.hold(user_id=alice.pk, turn_id=uuid.uuid4(), model="nope/none", prompt_tokens=1)
+
+
+@pytest.mark.open_holds_ok
+def test_open_holds_reduce_available_and_expired_ones_do_not(make_user, price, settings):
+    settings.PANTHEON_MAX_OUTPUT_TOKENS = 1000
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = 100
+    user = make_user("frank", "2.1")  # one hold of 0.001 + 2.0 fits, a second does not
+    first = services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1)
+    assert first.max_tokens == 1000
+    with pytest.raises(services.InsufficientCredits):
+        services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1)
+    CreditHold.objects.filter(pk=first.hold_id).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1).max_tokens == 1000
+    assert services.release_expired_holds() == 1
+
+
+def test_enforcement_off_takes_no_hold(alice, price, settings):
+    settings.PANTHEON_CREDIT_ENFORCEMENT = False
+    settings.PANTHEON_MAX_OUTPUT_TOKENS = 64
+    decision = services.hold(user_id=alice.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=10**9,
+                             max_tokens=100)
+    assert decision.hold_id is None and decision.max_tokens == 64
+
+
+def test_settle_debits_once_and_releases_the_hold(alice, price):
+    turn_id = uuid.uuid4()
+    services.hold(user_id=alice.pk, turn_id=turn_id, model=MODEL, prompt_tokens=10)
+    balance = services.settle(user_id=alice.pk, turn_id=turn_id, cost=Decimal("0.25"))
+    assert balance == Decimal("9.75")
+    again = services.settle(user_id=alice.pk, turn_id=turn_id, cost=Decimal("0.25"))
+    assert again == Decimal("9.75")
+    debit = LedgerEntry.objects.get(turn_id=turn_id)
+    assert debit.kind == "debit" and debit.amount == Decimal("-0.25") and debit.balance_after == Decimal("9.75")
+    assert not CreditHold.objects.open().exists()
+
+
+def test_settle_zero_cost_releases_without_entry(alice, price):
+    turn_id = uuid.uuid4()
+    services.hold(user_id=alice.pk, turn_id=turn_id, model=MODEL, prompt_tokens=10)
+    services.settle(user_id=alice.pk, turn_id=turn_id, cost=Decimal("0"))
+    assert not LedgerEntry.objects.filter(turn_id=turn_id).exists()
+    assert not CreditHold.objects.filter(released_at__isnull=True).exists()
+
+
+def test_database_refuses_a_second_debit_for_a_turn(alice):
+    from django.db import IntegrityError, transaction
+
+    wallet = Wallet.objects.get(user=alice)
+    turn_id = uuid.uuid4()
+    LedgerEntry.objects.create(wallet=wallet, user=alice, kind="debit", amount=Decimal("-1"),
+                               balance_after=Decimal("9"), turn_id=turn_id)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        LedgerEntry.objects.create(wallet=wallet, user=alice, kind="debit", amount=Decimal("-1"),
+                                   balance_after=Decimal("8"), turn_id=turn_id)
+    LedgerEntry.objects.filter(turn_id=turn_id).delete()
+
+
+def test_ledger_problems_detects_a_tampered_balance(alice):
+    Wallet.objects.filter(user=alice).update(balance=Decimal("11"))
+    assert ledger_problems(user_ids=[alice.pk])
+    Wallet.objects.filter(user=alice).update(balance=Decimal("10"))
+    assert ledger_problems(user_ids=[alice.pk]) == []
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks need PostgreSQL")
+def test_concurrent_holds_never_overdraw(make_user, price, settings):
+    """Many threads take holds on one wallet at once: the sum held never exceeds the balance."""
+    settings.PANTHEON_MAX_OUTPUT_TOKENS = 100
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = 100
+    user = make_user("gina", "0.7")  # each hold: 10 prompt (0.01) + 100 out (0.2) -> 3 fit
+    from django.db import close_old_connections
+
+    def attempt(_):
+        try:
+            services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=10)
+            return True
+        except services.InsufficientCredits:
+            return False
+        finally:
+            close_old_connections()
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(attempt, range(40)))
+    assert sum(results) == 3
+    summary = wallet_summary(user_id=user.pk)
+    assert summary.available >= 0
+    CreditHold.objects.update(released_at=timezone.now())
