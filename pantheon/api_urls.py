@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from billing_app import views as billing
 from sessions_app import views as sessions
@@ -12,4 +12,5 @@ urlpatterns = [
     path("sessions/<uuid:session_id>", sessions.SessionDetailView.as_view(), name="session-detail"),
     path("sessions/<uuid:session_id>/messages", sessions.SessionMessagesView.as_view(), name="session-messages"),
     path("sessions/<uuid:session_id>/turns", sessions.SessionTurnsView.as_view(), name="session-turns"),
+    path("files", include("files_app.urls")),
 ]

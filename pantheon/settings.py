@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "accounts",
     "billing_app",
     "sessions_app",
+    "files_app",
 ]
 
 # Every middleware here is async-capable: a sync one would cost a thread per request.
@@ -85,6 +86,8 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         {"timeout": 20, "transaction_mode": "IMMEDIATE",
          "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     )
+    # A file, not :memory:, so tests can run the worker and commands in subprocesses.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test_db.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -74,3 +74,19 @@ def alice_api(alice) -> APIClient:
 @pytest.fixture
 def bob_api(bob) -> APIClient:
     return client_for(bob)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a `manage.py` subprocess that must see the test database."""
+    import os
+
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        url = f"sqlite:///{db['NAME']}"
+    else:
+        url = f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update({"DATABASE_URL": url, "PYTHONUNBUFFERED": "1", **extra})
+    return env

@@ -1,0 +1,642 @@
+"""The OpenRouter gateway: the OpenAI-compatible chat completions API over httpx.
+
+Works with any OpenAI-compatible base URL (OpenRouter, vLLM, Ollama, the test server).
+Wire format: /work/shared/reference/openrouter-protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from .base import (
+    CallRecord,
+    ChatMessage,
+    Completion,
+    GatewayError,
+    LlmGateway,
+    StreamingContext,
+    ToolCall,
+    ToolExecutor,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+)
+from .sse import SSEDecoder, SSEEvent
+from .tokens import estimate_prompt_tokens, estimate_tokens
+
+__all__ = ["OpenRouterGateway", "aclose_shared_client", "shared_client"]
+
+logger = logging.getLogger("llm_gateway")
+
+RETRY_STATUSES = frozenset({429, 502, 503})
+MAX_RETRY_AFTER_SECONDS = 30.0
+_POOL_LIMITS = httpx.Limits(max_connections=500, max_keepalive_connections=50, keepalive_expiry=30.0)
+
+# One AsyncClient per event loop: a client's pooled connections belong to the loop that
+# opened them, and pytest-asyncio gives every test a new loop while uvicorn has one.
+_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_client() -> httpx.AsyncClient:
+    """The process-wide client of the running event loop (created on first use)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None or client.is_closed:
+        with _clients_lock:
+            # Forget clients of loops that are gone; their sockets died with the loop, and a
+            # plain dict (not weak) is needed because a client's connections refer to its loop.
+            for stale in [other for other in _clients if other.is_closed()]:
+                del _clients[stale]
+            client = _clients.get(loop)
+            if client is None or client.is_closed:
+                # Timeouts are set per request (each gateway has its own).
+                client = httpx.AsyncClient(limits=_POOL_LIMITS, follow_redirects=False)
+                _clients[loop] = client
+    return client
+
+
+async def aclose_shared_client() -> None:
+    """Close the running loop's client (at shutdown; tests)."""
+    loop = asyncio.get_running_loop()
+    with _clients_lock:
+        client = _clients.pop(loop, None)
+    if client is not None:
+        await client.aclose()
+
+
+def _ms_since(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)
+
+
+def _parse_usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+    if not isinstance(prompt, int | float) and not isinstance(completion, int | float):
+        return None
+    return Usage(prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0), estimated=False)
+
+
+def _add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _error_text(error: Any) -> tuple[str, int | None]:
+    """(message, numeric code) of an OpenAI-style `error` value; the code may be a string."""
+    if isinstance(error, dict):
+        message = error.get("message")
+        code = error.get("code")
+        status = code if isinstance(code, int) and not isinstance(code, bool) else None
+        if not isinstance(message, str) or not message:
+            message = f"upstream error {code}" if code is not None else "upstream error"
+        return message, status
+    if isinstance(error, str) and error:
+        return error, None
+    return "upstream error", None
+
+
+def _error_message_from_body(body: bytes, status: int) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and data.get("error"):
+        return _error_text(data["error"])[0]
+    text = body.decode("utf-8", errors="replace").strip()
+    if text:
+        return text[:500]
+    return f"upstream returned HTTP {status}"
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict)
+                       and isinstance(p.get("text"), str))
+    return ""
+
+
+def _parse_tool_calls(raw: Any, round_no: int) -> list[ToolCall]:
+    calls: list[ToolCall] = []
+    if not isinstance(raw, list):
+        return calls
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            continue
+        function = item.get("function") if isinstance(item.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        if arguments is None or arguments == "":
+            arguments = "{}"  # seen from Bedrock for calls without arguments
+        elif not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        call_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else \
+            f"call_{round_no}_{index}"
+        calls.append(ToolCall(id=call_id, name=str(function.get("name") or ""), arguments=arguments))
+    return calls
+
+
+class _Round:
+    """What one non-streaming call returned."""
+
+    def __init__(self, *, content: str, tool_calls: list[ToolCall], finish_reason: str,
+                 usage: Usage, provider_model: str) -> None:
+        self.content = content
+        self.tool_calls = tool_calls
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.provider_model = provider_model
+
+
+class OpenRouterGateway(LlmGateway):
+    name = "openrouter"
+
+    def __init__(self, base_url: str, api_key: str, timeout_seconds: float, max_retries: int = 2,
+                 backoff_seconds: float = 0.5, app_url: str = "", app_title: str = "") -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout_seconds = timeout_seconds
+        self.max_retries = max(0, max_retries)
+        self.backoff_seconds = backoff_seconds
+        self.app_url = app_url
+        self.app_title = app_title
+        self._timeout = httpx.Timeout(timeout_seconds)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def _headers(self, *, stream: bool) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:  # local OpenAI-compatible servers may need none
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        if self.app_url:
+            headers["HTTP-Referer"] = self.app_url
+        if self.app_title:
+            headers["X-OpenRouter-Title"] = self.app_title
+        if stream:
+            headers["Accept"] = "text/event-stream"
+            # A compressed event stream would be buffered by the decompressor.
+            headers["Accept-Encoding"] = "identity"
+        return headers
+
+    def _retry_delay(self, attempt: int, headers: httpx.Headers | None) -> float:
+        value: float | None = None
+        if headers is not None:
+            if "retry-after-ms" in headers:
+                with contextlib.suppress(ValueError):
+                    value = float(headers["retry-after-ms"]) / 1000
+            if value is None and "retry-after" in headers:
+                raw = headers["retry-after"].strip()
+                try:
+                    value = float(raw)
+                except ValueError:
+                    with contextlib.suppress(TypeError, ValueError, IndexError):
+                        when = email.utils.parsedate_to_datetime(raw)
+                        value = (when - datetime.now(UTC)).total_seconds()
+        if value is not None and value == value:  # not NaN
+            return min(max(value, 0.0), MAX_RETRY_AFTER_SECONDS)
+        return self.backoff_seconds * (2 ** attempt)
+
+    async def _open(self, payload: dict[str, Any], *, stream: bool, records: list[CallRecord],
+                    usage: Usage | None) -> tuple[httpx.Response, CallRecord, float]:
+        """POST with retries (only before any answer arrived). Returns the 2xx response with
+        its body unread, its record (not yet in `records`) and the attempt's start time.
+        Every failed attempt is appended to `records`."""
+        client = shared_client()
+        content = json.dumps(payload, ensure_ascii=False).encode()
+        model = str(payload.get("model", ""))
+        attempt = 0
+        while True:
+            record = CallRecord(requested_model=model, stream=stream)
+            request = client.build_request("POST", self.url, content=content,
+                                           headers=self._headers(stream=stream), timeout=self._timeout)
+            started = time.monotonic()
+            retry_headers: httpx.Headers | None = None
+            try:
+                response = await client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                error: GatewayError = (UpstreamTimeout if isinstance(exc, httpx.ConnectTimeout)
+                                       else UpstreamError)(f"could not connect to the model provider: {exc!r}")
+            except httpx.TimeoutException as exc:
+                message = f"the model provider timed out: {exc!r}"
+                self._fail(record, started, message)
+                records.append(record)
+                raise UpstreamTimeout(message, records=list(records), usage=usage) from exc
+            except httpx.HTTPError as exc:
+                message = f"request to the model provider failed: {exc!r}"
+                self._fail(record, started, message)
+                records.append(record)
+                raise UpstreamError(message, records=list(records), usage=usage) from exc
+            else:
+                record.http_status = response.status_code
+                if 200 <= response.status_code < 300:
+                    return response, record, started
+                try:
+                    body = await response.aread()
+                except httpx.HTTPError:
+                    body = b""
+                finally:
+                    await response.aclose()
+                message = _error_message_from_body(body, response.status_code)
+                error = UpstreamError(message, status=response.status_code)
+                if response.status_code not in RETRY_STATUSES:
+                    self._fail(record, started, f"HTTP {response.status_code}: {message}")
+                    records.append(record)
+                    raise UpstreamError(message, status=response.status_code, records=list(records),
+                                        usage=usage)
+                retry_headers = response.headers
+            # Retryable: 429/502/503 or a connection that never opened.
+            status = getattr(error, "status", None)
+            self._fail(record, started, f"HTTP {status}: {error.message}" if status else error.message)
+            records.append(record)
+            if attempt >= self.max_retries:
+                if isinstance(error, UpstreamError):
+                    raise UpstreamError(error.message, status=status, records=list(records), usage=usage)
+                raise type(error)(error.message, records=list(records), usage=usage)
+            delay = self._retry_delay(attempt, retry_headers)
+            logger.warning("model provider call failed (%s), retry %d/%d in %.2fs",
+                           record.error, attempt + 1, self.max_retries, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    @staticmethod
+    def _fail(record: CallRecord, started: float, message: str) -> None:
+        record.status = "error"
+        record.error = message
+        record.latency_ms = _ms_since(started)
+
+    # -- non-streaming -------------------------------------------------------------------
+
+    async def generate(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
+                       tools: list[dict[str, Any]] | None = None,
+                       tool_executor: ToolExecutor | None = None,
+                       max_tool_rounds: int = 4) -> Completion:
+        # Tools are only offered when we can run them.
+        use_tools = bool(tools) and tool_executor is not None
+        conversation = list(messages)
+        records: list[CallRecord] = []
+        tool_messages: list[ChatMessage] = []
+        total: Usage | None = None
+        tool_rounds = 0
+        while True:
+            offer_tools = use_tools and tool_rounds < max_tool_rounds
+            payload: dict[str, Any] = {"model": model, "messages": conversation, "max_tokens": max_tokens}
+            if use_tools:
+                # Past the round limit the tools stay declared (the history holds tool calls,
+                # which some providers reject without them) but may not be called.
+                payload["tools"] = tools
+                payload["tool_choice"] = "auto" if offer_tools else "none"
+            result = await self._complete_once(payload, records=records, usage=total, round_no=len(records))
+            total = result.usage if total is None else total + result.usage
+            if offer_tools and result.tool_calls:
+                assert tool_executor is not None
+                tool_rounds += 1
+                assistant: ChatMessage = {
+                    "role": "assistant",
+                    "content": result.content or None,
+                    "tool_calls": [
+                        {"id": call.id, "type": "function",
+                         "function": {"name": call.name, "arguments": call.arguments}}
+                        for call in result.tool_calls
+                    ],
+                }
+                conversation.append(assistant)
+                tool_messages.append(assistant)
+                for call in result.tool_calls:
+                    output = await _run_tool(call, tool_executor)
+                    tool_message: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": output}
+                    conversation.append(tool_message)
+                    tool_messages.append(tool_message)
+                continue
+            return Completion(content=result.content, provider_model=result.provider_model,
+                              finish_reason=result.finish_reason, usage=total, records=records,
+                              tool_messages=tool_messages)
+
+    async def _complete_once(self, payload: dict[str, Any], *, records: list[CallRecord],
+                             usage: Usage | None, round_no: int) -> _Round:
+        response, record, started = await self._open(payload, stream=False, records=records, usage=usage)
+        records.append(record)
+        try:
+            body = await response.aread()
+        except httpx.TimeoutException as exc:
+            self._fail(record, started, "read timeout")
+            raise UpstreamTimeout("the model provider timed out", records=list(records), usage=usage) from exc
+        except httpx.HTTPError as exc:
+            message = f"reading the model provider's answer failed: {exc!r}"
+            self._fail(record, started, message)
+            raise UpstreamError(message, status=record.http_status, records=list(records),
+                                usage=usage) from exc
+        finally:
+            await response.aclose()
+        record.latency_ms = _ms_since(started)
+
+        def fail(message: str, status: int | None, reported: Usage | None = None) -> UpstreamError:
+            record.status = "error"
+            record.error = message
+            record.usage = reported
+            return UpstreamError(message, status=status, records=list(records),
+                                 usage=_add_usage(usage, reported))
+
+        try:
+            data = json.loads(body)  # leading whitespace (OpenRouter keep-alive) is fine
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise fail("the model provider sent invalid JSON", record.http_status)
+        record.provider_model = str(data.get("model") or "")
+        record.provider = str(data.get("provider") or "")
+        reported = _parse_usage(data.get("usage"))
+        if data.get("error"):
+            # OpenRouter can answer 200 with an error body once it has sent keep-alives.
+            message, code = _error_text(data["error"])
+            raise fail(message, code or record.http_status, reported)
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise fail("the model provider's answer has no choices", record.http_status, reported)
+        choice = choices[0]
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        content = _content_text(message.get("content"))
+        tool_calls = _parse_tool_calls(message.get("tool_calls"), round_no)
+        finish_reason = str(choice.get("finish_reason") or "")
+        if finish_reason == "error":
+            raise fail("the model provider finished with an error", record.http_status, reported)
+        if reported is None:
+            # The caller still has to bill something: estimate, and say so.
+            reported = Usage(
+                prompt_tokens=estimate_prompt_tokens(payload["messages"], payload.get("tools")),
+                completion_tokens=estimate_tokens(content + "".join(c.arguments for c in tool_calls)),
+                estimated=True,
+            )
+        record.usage = reported
+        return _Round(content=content, tool_calls=tool_calls, finish_reason=finish_reason,
+                      usage=reported, provider_model=record.provider_model)
+
+    # -- streaming -----------------------------------------------------------------------
+
+    async def stream(self, *, model: str, messages: list[ChatMessage], max_tokens: int) -> StreamingContext:
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "stream": True,
+            # Deprecated on OpenRouter (usage is always sent) but needed by other
+            # OpenAI-compatible servers.
+            "stream_options": {"include_usage": True},
+            "usage": {"include": True},
+        }
+        records: list[CallRecord] = []
+        response, record, started = await self._open(payload, stream=True, records=records, usage=None)
+        upstream = _UpstreamStream(response, record, started)
+        content_type = response.headers.get("content-type", "")
+        if content_type.startswith("application/json"):
+            # A server that ignored "stream": read the whole answer now, so an error in it
+            # still raises before anything went downstream.
+            chunks = await upstream.json_chunks(records)
+        else:
+            chunks = upstream.sse_chunks()
+        ctx = StreamingContext(chunks=chunks, record=record, aclose=upstream.aclose, prior_records=records)
+        upstream.attach(ctx, chunks)
+        return ctx
+
+
+async def _run_tool(call: ToolCall, executor: ToolExecutor) -> str:
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except ValueError:
+        return (f"Error: the arguments of this {call.name} call are not valid JSON, so the tool "
+                f"was not run. Call it again with a JSON object.")
+    if not isinstance(arguments, dict):
+        return f"Error: the arguments of a {call.name} call must be a JSON object."
+    try:
+        result = await executor(call.name, arguments)
+    except Exception:
+        # The executor's contract is to return error texts; don't lose the turn if it breaks it.
+        logger.exception("tool %s raised", call.name)
+        return f"Error: the tool {call.name} failed."
+    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+
+
+_DONE = object()
+
+
+class _UpstreamStream:
+    """State of one open upstream stream: reads it, fills the record, resolves the futures."""
+
+    def __init__(self, response: httpx.Response, record: CallRecord, started: float) -> None:
+        self.response = response
+        self.record = record
+        self.started = started
+        self.usage: Usage | None = None
+        self.provider_model: str | None = None
+        self.provider: str | None = None
+        self.finish_reason: str | None = None
+        self.ctx: StreamingContext | None = None
+        self._gen: AsyncIterator[str] | None = None
+        self._finished = False
+        self._closing = False  # aclose() was called
+        self._response_closed = False
+
+    def attach(self, ctx: StreamingContext, gen: AsyncIterator[str]) -> None:
+        self.ctx = ctx
+        self._gen = gen
+
+    def _records(self) -> list[CallRecord]:
+        return self.ctx.records if self.ctx is not None else [self.record]
+
+    def _finish(self, status: str, error: str = "") -> None:
+        """Finalize the record and resolve the futures; only the first call counts."""
+        if self._finished:
+            return
+        self._finished = True
+        record = self.record
+        record.status = status
+        record.error = error
+        record.latency_ms = _ms_since(self.started)
+        record.usage = self.usage
+        record.provider_model = self.provider_model or ""
+        record.provider = self.provider or ""
+        ctx = self.ctx
+        if ctx is None:
+            return
+        ctx.finish_reason = self.finish_reason
+        for future, value in ((ctx.usage_future, self.usage), (ctx.provider_model_future, self.provider_model)):
+            if not future.done():
+                # The loop may already be closed if the generator is finalized very late.
+                with contextlib.suppress(RuntimeError):
+                    future.set_result(value)
+
+    async def _close_response(self) -> None:
+        if self._response_closed:
+            return
+        self._response_closed = True
+        # Closing an unfinished response drops the connection (not pooled): the provider
+        # sees the abort and stops generating.
+        with contextlib.suppress(Exception):
+            await self.response.aclose()
+
+    async def aclose(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._finish("cancelled", "closed before the stream ended")
+        await self._close_response()
+        if self._gen is not None and hasattr(self._gen, "aclose"):
+            # Runs the generator's cleanup now; if another task is inside it, that task
+            # wakes up on the closed connection and stops by itself.
+            with contextlib.suppress(RuntimeError):
+                await self._gen.aclose()  # type: ignore[attr-defined]
+
+    def _error(self, exc: GatewayError) -> GatewayError:
+        self._finish("error", exc.message)
+        exc.records = self._records()
+        if exc.usage is None:
+            exc.usage = self.usage
+        return exc
+
+    async def sse_chunks(self) -> AsyncIterator[str]:
+        decoder = SSEDecoder()
+        try:
+            async for raw in self.response.aiter_bytes():
+                for event in decoder.feed(raw):
+                    delta = self._handle(event)
+                    if delta is _DONE:
+                        self._finish("ok")
+                        return
+                    if delta:
+                        yield self._first_token(delta)
+            if self._closing:
+                return
+            decoder.finish()
+            raise UpstreamError("truncated stream", status=self.record.http_status)
+        except asyncio.CancelledError:
+            self._finish("cancelled", "cancelled")
+            raise
+        except GeneratorExit:
+            self._finish("cancelled", "closed by the consumer")
+            raise
+        except GatewayError as exc:
+            raise self._error(exc) from None
+        except httpx.TimeoutException as exc:
+            if self._closing:
+                return
+            raise self._error(UpstreamTimeout("the model provider stopped sending (read timeout)")) from exc
+        except Exception as exc:
+            # httpx errors, or whatever the transport raises when aclose() pulled the
+            # connection from under this read.
+            if self._closing:
+                return
+            raise self._error(UpstreamError(f"truncated stream: {exc!r}",
+                                            status=self.record.http_status)) from exc
+        finally:
+            await self._close_response()
+            self._finish("cancelled", "closed before the stream ended")
+
+    def _first_token(self, delta: str) -> str:
+        if self.record.ttft_ms is None:
+            self.record.ttft_ms = _ms_since(self.started)
+        return delta
+
+    def _handle(self, event: SSEEvent) -> Any:
+        """One SSE event -> a text delta, None, or _DONE. Raises UpstreamError for error chunks."""
+        if event.event not in ("message", "error"):
+            return None  # unknown event types are not ours to interpret
+        data = event.data.strip()
+        if not data:
+            return None
+        if data.startswith("[DONE]"):
+            return _DONE
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            raise UpstreamError("the model provider sent a malformed stream chunk", status=self.record.http_status)
+        if isinstance(chunk.get("model"), str) and chunk["model"]:
+            self.provider_model = chunk["model"]
+        if isinstance(chunk.get("provider"), str) and chunk["provider"]:
+            self.provider = chunk["provider"]
+        usage = _parse_usage(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        if chunk.get("error") or event.event == "error":
+            message, code = _error_text(chunk.get("error"))
+            raise UpstreamError(message, status=code, usage=self.usage)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return None  # e.g. the usage chunk
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish_reason = str(choice["finish_reason"])
+            if self.finish_reason == "error":
+                raise UpstreamError("the model provider ended the stream with an error", usage=self.usage)
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                return content
+        return None
+
+    async def json_chunks(self, records: list[CallRecord]) -> AsyncIterator[str]:
+        """Read a non-streamed JSON answer now; return a one-piece chunk iterator."""
+        try:
+            body = await self.response.aread()
+        except httpx.TimeoutException as exc:
+            raise self._with_records(UpstreamTimeout("the model provider timed out"), records) from exc
+        except httpx.HTTPError as exc:
+            raise self._with_records(UpstreamError(f"reading the answer failed: {exc!r}"), records) from exc
+        finally:
+            await self._close_response()
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise self._with_records(UpstreamError("the model provider sent invalid JSON",
+                                                   status=self.record.http_status), records)
+        if isinstance(data.get("model"), str):
+            self.provider_model = data["model"] or None
+        if isinstance(data.get("provider"), str):
+            self.provider = data["provider"] or None
+        self.usage = _parse_usage(data.get("usage"))
+        choices = data.get("choices")
+        if data.get("error") or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            message, code = _error_text(data.get("error")) if data.get("error") else ("no choices", None)
+            raise self._with_records(UpstreamError(message, status=code or self.record.http_status,
+                                                   usage=self.usage), records)
+        message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
+        self.finish_reason = str(choices[0].get("finish_reason") or "") or None
+        text = _content_text(message.get("content"))
+
+        async def one_piece() -> AsyncIterator[str]:
+            try:
+                if text and not self._closing:
+                    yield self._first_token(text)
+                self._finish("ok")
+            finally:
+                self._finish("cancelled", "closed before the stream ended")
+
+        return one_piece()
+
+    def _with_records(self, exc: GatewayError, records: list[CallRecord]) -> GatewayError:
+        self._finish("error", exc.message)
+        exc.records = [*records, self.record]
+        if exc.usage is None:
+            exc.usage = self.usage
+        return exc
