@@ -19,6 +19,10 @@ class WalletSummary:
     enforcement: bool
 
 
+def current_balance(*, user_id: int) -> Decimal:
+    return Wallet.objects.filter(user_id=user_id).values_list("balance", flat=True).first() or Decimal("0")
+
+
 def wallet_summary(*, user_id: int) -> WalletSummary:
     wallet = Wallet.objects.filter(user_id=user_id).first()
     balance = wallet.balance if wallet else Decimal("0")

@@ -108,11 +108,12 @@ class HoldDecision:
 
 
 def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
-         max_tokens: int | None = None) -> HoldDecision:
+         max_tokens: int | None = None, rounds: int = 1) -> HoldDecision:
     """The credit preflight: reserve the most this turn can cost, or refuse with 402.
 
-    `prompt_tokens` is a conservative estimate; the hold covers it plus `max_tokens`
-    output tokens, capped to what the wallet can still afford.
+    `prompt_tokens` is a conservative estimate of every prompt the turn sends (all tool
+    rounds together); the hold covers it plus `rounds` x `max_tokens` output tokens, with
+    `max_tokens` capped to what the wallet can still afford.
     """
     price = get_price(model)
     cap = min(max_tokens or settings.PANTHEON_MAX_OUTPUT_TOKENS, settings.PANTHEON_MAX_OUTPUT_TOKENS)
@@ -130,10 +131,11 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
             affordable = cap
         else:
             left = available - prompt_cost
-            affordable = int((left * PER_MTOK / price.completion_price_per_mtok).to_integral_value(ROUND_FLOOR))
+            per_token = price.completion_price_per_mtok * rounds
+            affordable = int((left * PER_MTOK / per_token).to_integral_value(ROUND_FLOOR))
         granted = min(cap, max(affordable, 0))
         # Rounding half-up may push the total one unit over; step down until it fits.
-        while granted > 0 and compute_cost(prompt_tokens=prompt_tokens, completion_tokens=granted,
+        while granted > 0 and compute_cost(prompt_tokens=prompt_tokens, completion_tokens=granted * rounds,
                                             price=price) > available:
             granted -= 1
         if granted < settings.PANTHEON_MIN_OUTPUT_TOKENS or prompt_cost > available:
@@ -141,7 +143,7 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
                 f"Available credits ({available}) do not cover this prompt and "
                 f"{settings.PANTHEON_MIN_OUTPUT_TOKENS} output tokens."
             )
-        amount = compute_cost(prompt_tokens=prompt_tokens, completion_tokens=granted, price=price)
+        amount = compute_cost(prompt_tokens=prompt_tokens, completion_tokens=granted * rounds, price=price)
         held_row = CreditHold.objects.create(
             wallet=wallet, user_id=user_id, turn_id=turn_id, model=model, amount=amount,
             max_tokens=granted,
@@ -177,3 +179,4 @@ def release_expired_holds(*, now=None) -> int:
     `available`; this keeps the open-hold set small and visible in the admin."""
     now = now or timezone.now()
     return CreditHold.objects.filter(released_at__isnull=True, expires_at__lte=now).update(released_at=now)
+

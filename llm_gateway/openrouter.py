@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from ._tools import run_tool_call
 from .base import (
     CallRecord,
     ChatMessage,
@@ -320,7 +321,7 @@ class OpenRouterGateway(LlmGateway):
                 conversation.append(assistant)
                 tool_messages.append(assistant)
                 for call in result.tool_calls:
-                    output = await _run_tool(call, tool_executor)
+                    output = await run_tool_call(call, tool_executor)
                     tool_message: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": output}
                     conversation.append(tool_message)
                     tool_messages.append(tool_message)
@@ -414,23 +415,6 @@ class OpenRouterGateway(LlmGateway):
         ctx = StreamingContext(chunks=chunks, record=record, aclose=upstream.aclose, prior_records=records)
         upstream.attach(ctx, chunks)
         return ctx
-
-
-async def _run_tool(call: ToolCall, executor: ToolExecutor) -> str:
-    try:
-        arguments = json.loads(call.arguments or "{}")
-    except ValueError:
-        return (f"Error: the arguments of this {call.name} call are not valid JSON, so the tool "
-                f"was not run. Call it again with a JSON object.")
-    if not isinstance(arguments, dict):
-        return f"Error: the arguments of a {call.name} call must be a JSON object."
-    try:
-        result = await executor(call.name, arguments)
-    except Exception:
-        # The executor's contract is to return error texts; don't lose the turn if it breaks it.
-        logger.exception("tool %s raised", call.name)
-        return f"Error: the tool {call.name} failed."
-    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
 
 
 _DONE = object()

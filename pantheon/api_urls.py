@@ -1,6 +1,7 @@
 from django.urls import include, path
 
 from billing_app import views as billing
+from sessions_app import turn_views
 from sessions_app import views as sessions
 
 urlpatterns = [
@@ -11,6 +12,7 @@ urlpatterns = [
     path("sessions", sessions.SessionListCreateView.as_view(), name="sessions"),
     path("sessions/<uuid:session_id>", sessions.SessionDetailView.as_view(), name="session-detail"),
     path("sessions/<uuid:session_id>/messages", sessions.SessionMessagesView.as_view(), name="session-messages"),
-    path("sessions/<uuid:session_id>/turns", sessions.SessionTurnsView.as_view(), name="session-turns"),
+    path("sessions/<uuid:session_id>/turns", turn_views.turns, name="session-turns"),
+    path("sessions/<uuid:session_id>/turns/stream", turn_views.stream_turn, name="session-turns-stream"),
     path("files", include("files_app.urls")),
 ]

@@ -1,0 +1,320 @@
+"""FakeGateway: a deterministic, offline model, so Pantheon runs (and is tested) with no provider.
+
+Reply: built from the last user message,
+``"You said: <text>. This answer comes from Pantheon's offline fake model."``, streamed word
+by word (each piece keeps its leading space, so the pieces concatenate to the reply) with
+`chunk_delay_seconds` between pieces. `max_tokens` is honoured: the reply is cut so that
+`estimate_tokens(reply) <= max_tokens` (finish_reason "length"). Usage is computed with
+`llm_gateway.tokens` and reported as provider usage (`estimated=False`). `provider_model` is
+the requested model if it starts with "fake/", else "fake/echo"; `provider` is "fake".
+
+Tools: if `tools` offers a function named `file_read`, a `tool_executor` is given,
+`max_tool_rounds >= 1` and the last message is from the user, the fake looks for the first
+UUID in that message, else in the system messages; if it finds one it calls
+`file_read({"file_id": <uuid>})` once through the executor, then answers
+``"From the file: <first 500 chars of the result>"``. Without a UUID it answers as usual.
+One CallRecord per round, like the real gateway.
+
+Failure models, for tests:
+- ``fake/error``: raises `UpstreamError` (status 502) at once, from `generate()` and from
+  `stream()` (before the stream opens).
+- ``fake/timeout``: raises `UpstreamTimeout` at once, likewise.
+- ``fake/error-mid``: the stream yields two pieces, then raises `UpstreamError`; the usage
+  future resolves to the usage of what was sent. `generate()` raises `UpstreamError`.
+- ``fake/no-usage``: answers normally but reports no usage: the stream's `usage_future`
+  resolves to None, and `generate()` returns an estimate (`estimated=True`).
+A stream closed early (`aclose()`, cancellation) reports no usage either, like a real
+provider whose connection was cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ._tools import run_tool_call
+from .base import (
+    CallRecord,
+    ChatMessage,
+    Completion,
+    GatewayError,
+    LlmGateway,
+    StreamingContext,
+    ToolCall,
+    ToolExecutor,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+)
+from .tokens import BYTES_PER_TOKEN, estimate_prompt_tokens, estimate_tokens
+
+__all__ = ["FAIL_AT_ONCE", "FAIL_MID_STREAM", "NO_USAGE", "TIMEOUT", "FakeGateway", "split_pieces"]
+
+FAIL_AT_ONCE = "fake/error"
+FAIL_MID_STREAM = "fake/error-mid"
+TIMEOUT = "fake/timeout"
+NO_USAGE = "fake/no-usage"
+PROVIDER = "fake"
+FILE_READ = "file_read"
+FILE_EXCERPT_CHARS = 500
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_PIECE = re.compile(r"\s*\S+|\s+")
+
+
+def split_pieces(text: str) -> list[str]:
+    """Words with their leading whitespace; "".join(split_pieces(t)) == t."""
+    return _PIECE.findall(text)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _truncate(text: str, max_tokens: int) -> tuple[str, bool]:
+    """The longest prefix (whole pieces if possible) with estimate_tokens() <= max_tokens."""
+    if estimate_tokens(text) <= max_tokens:
+        return text, False
+    out = ""
+    for piece in split_pieces(text):
+        if estimate_tokens(out + piece) > max_tokens:
+            break
+        out += piece
+    if not out:
+        # Even the first word is too long: cut it by bytes, on a character boundary.
+        budget = max(0, max_tokens) * BYTES_PER_TOKEN
+        out = text.encode()[:budget].decode("utf-8", errors="ignore")
+    return out, True
+
+
+def _offers(tools: list[dict[str, Any]] | None, name: str) -> bool:
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and function.get("name") == name:
+            return True
+    return False
+
+
+def _find_file_id(messages: list[ChatMessage]) -> str | None:
+    match = _UUID.search(_text(messages[-1].get("content")))
+    if match:
+        return match.group(0).lower()
+    for message in messages:
+        if message.get("role") == "system":
+            match = _UUID.search(_text(message.get("content")))
+            if match:
+                return match.group(0).lower()
+    return None
+
+
+def _ms_since(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)
+
+
+class FakeGateway(LlmGateway):
+    name = "fake"
+
+    def __init__(self, chunk_delay_seconds: float = 0.05) -> None:
+        self.chunk_delay_seconds = chunk_delay_seconds
+
+    @staticmethod
+    def provider_model_for(model: str) -> str:
+        return model if model.startswith("fake/") else "fake/echo"
+
+    @staticmethod
+    def reply_for(messages: list[ChatMessage]) -> str:
+        text = ""
+        for message in reversed(messages):
+            if message.get("role") == "user":
+                text = _text(message.get("content")).strip()
+                break
+        return f"You said: {text}. This answer comes from Pantheon's offline fake model."
+
+    def _record(self, model: str, *, stream: bool, started: float, usage: Usage | None = None,
+                status: str = "ok", error: str = "", http_status: int | None = 200) -> CallRecord:
+        return CallRecord(requested_model=model, provider_model=self.provider_model_for(model),
+                          provider=PROVIDER, status=status, http_status=http_status,
+                          latency_ms=_ms_since(started), usage=usage, error=error, stream=stream)
+
+    def _fail_at_once(self, model: str, *, stream: bool, records: list[CallRecord],
+                      usage: Usage | None = None) -> None:
+        started = time.monotonic()
+        if model == FAIL_AT_ONCE:
+            message = "the fake provider failed (model fake/error)"
+            records.append(self._record(model, stream=stream, started=started, status="error",
+                                        error=f"HTTP 502: {message}", http_status=502))
+            raise UpstreamError(message, status=502, records=list(records), usage=usage)
+        if model == TIMEOUT:
+            message = "the fake provider timed out (model fake/timeout)"
+            records.append(self._record(model, stream=stream, started=started, status="error",
+                                        error=message, http_status=None))
+            raise UpstreamTimeout(message, records=list(records), usage=usage)
+
+    def _usage(self, model: str, prompt_tokens: int, text: str) -> Usage:
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(text),
+                     estimated=model == NO_USAGE)
+
+    async def generate(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
+                       tools: list[dict[str, Any]] | None = None,
+                       tool_executor: ToolExecutor | None = None,
+                       max_tool_rounds: int = 4) -> Completion:
+        records: list[CallRecord] = []
+        tool_messages: list[ChatMessage] = []
+        total: Usage | None = None
+        conversation = list(messages)
+        use_tools = _offers(tools, FILE_READ) and tool_executor is not None
+        offered = tools if use_tools else None
+        reply = self.reply_for(messages)
+
+        self._fail_at_once(model, stream=False, records=records)
+        if (use_tools and max_tool_rounds >= 1 and conversation
+                and conversation[-1].get("role") == "user"):
+            file_id = _find_file_id(conversation)
+            if file_id is not None:
+                assert tool_executor is not None
+                started = time.monotonic()
+                call = ToolCall(id=f"call_fake_{FILE_READ}_1", name=FILE_READ,
+                                arguments=json.dumps({"file_id": file_id}))
+                round_usage = self._usage(model, estimate_prompt_tokens(conversation, offered),
+                                          call.arguments)
+                records.append(self._record(model, stream=False, started=started,
+                                            usage=None if model == NO_USAGE else round_usage))
+                total = round_usage
+                assistant: ChatMessage = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call.id, "type": "function",
+                     "function": {"name": call.name, "arguments": call.arguments}}]}
+                result = await run_tool_call(call, tool_executor)
+                tool_message: ChatMessage = {"role": "tool", "tool_call_id": call.id, "content": result}
+                conversation += [assistant, tool_message]
+                tool_messages += [assistant, tool_message]
+                reply = f"From the file: {result[:FILE_EXCERPT_CHARS]}"
+
+        started = time.monotonic()
+        if model == FAIL_MID_STREAM:
+            message = "the fake provider failed mid-answer (model fake/error-mid)"
+            records.append(self._record(model, stream=False, started=started, status="error",
+                                        error=message))
+            raise UpstreamError(message, status=502, records=records, usage=total)
+        text, truncated = _truncate(reply, max_tokens)
+        usage = self._usage(model, estimate_prompt_tokens(conversation, offered), text)
+        records.append(self._record(model, stream=False, started=started,
+                                    usage=None if model == NO_USAGE else usage))
+        total = usage if total is None else total + usage
+        return Completion(content=text, provider_model=self.provider_model_for(model),
+                          finish_reason="length" if truncated else "stop", usage=total,
+                          records=records, tool_messages=tool_messages)
+
+    async def stream(self, *, model: str, messages: list[ChatMessage], max_tokens: int) -> StreamingContext:
+        self._fail_at_once(model, stream=True, records=[])
+        started = time.monotonic()
+        text, truncated = _truncate(self.reply_for(messages), max_tokens)
+        fake = _FakeStream(
+            pieces=split_pieces(text),
+            record=CallRecord(requested_model=model, provider=PROVIDER, http_status=200, stream=True),
+            model=model,
+            provider_model=self.provider_model_for(model),
+            prompt_tokens=estimate_prompt_tokens(messages),
+            delay=self.chunk_delay_seconds,
+            started=started,
+            finish_reason="length" if truncated else "stop",
+        )
+        chunks = fake.chunks()
+        ctx = StreamingContext(chunks=chunks, record=fake.record, aclose=fake.aclose)
+        fake.attach(ctx, chunks)
+        return ctx
+
+
+class _FakeStream:
+    def __init__(self, *, pieces: list[str], record: CallRecord, model: str, provider_model: str,
+                 prompt_tokens: int, delay: float, started: float, finish_reason: str) -> None:
+        self.pieces = pieces
+        self.record = record
+        self.model = model
+        self.provider_model = provider_model
+        self.prompt_tokens = prompt_tokens
+        self.delay = delay
+        self.started = started
+        self.finish_reason = finish_reason
+        self.sent = ""
+        self.ctx: StreamingContext | None = None
+        self._gen: Any = None
+        self._closed = asyncio.Event()
+        self._finished = False
+
+    def attach(self, ctx: StreamingContext, gen: AsyncIterator[str]) -> None:
+        self.ctx = ctx
+        self._gen = gen
+
+    def _finish(self, status: str, error: str = "", usage: Usage | None = None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.record.status = status
+        self.record.error = error
+        self.record.usage = usage
+        self.record.provider_model = self.provider_model
+        self.record.latency_ms = _ms_since(self.started)
+        assert self.ctx is not None
+        if status == "ok":
+            self.ctx.finish_reason = self.finish_reason
+        for future, value in ((self.ctx.usage_future, usage), (self.ctx.provider_model_future, self.provider_model)):
+            if not future.done():
+                with contextlib.suppress(RuntimeError):  # loop already closed
+                    future.set_result(value)
+
+    async def _pause(self) -> bool:
+        """Wait one chunk delay; True if aclose() came meanwhile."""
+        if self._closed.is_set():
+            return True
+        if self.delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), self.delay)
+        return self._closed.is_set()
+
+    async def chunks(self) -> AsyncIterator[str]:
+        try:
+            for index, piece in enumerate(self.pieces):
+                if index and await self._pause():
+                    return
+                if self.model == FAIL_MID_STREAM and index == 2:
+                    break
+                if self.record.ttft_ms is None:
+                    self.record.ttft_ms = _ms_since(self.started)
+                self.sent += piece
+                yield piece
+            if self.model == FAIL_MID_STREAM:
+                usage = Usage(self.prompt_tokens, estimate_tokens(self.sent))
+                raise UpstreamError("the fake provider failed mid-stream (model fake/error-mid)",
+                                    status=502, usage=usage)
+            usage = Usage(self.prompt_tokens, estimate_tokens(self.sent))
+            self._finish("ok", usage=None if self.model == NO_USAGE else usage)
+        except asyncio.CancelledError:
+            self._finish("cancelled", "cancelled")
+            raise
+        except GeneratorExit:
+            self._finish("cancelled", "closed by the consumer")
+            raise
+        except GatewayError as exc:
+            self._finish("error", exc.message, usage=exc.usage)
+            assert self.ctx is not None
+            exc.records = self.ctx.records
+            raise
+        finally:
+            self._finish("cancelled", "closed before the stream ended")
+
+    async def aclose(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._finish("cancelled", "closed before the stream ended")
+        with contextlib.suppress(RuntimeError):  # being iterated by another task: it stops itself
+            await self._gen.aclose()
