@@ -3,7 +3,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 
 def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -18,6 +18,8 @@ def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         finally:
-            close_old_connections()
+            # Inside an atomic block only when a test wraps everything in a transaction.
+            if not connection.in_atomic_block:
+                close_old_connections()
 
     return sync_to_async(run)

@@ -90,3 +90,38 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update({"DATABASE_URL": url, "PYTHONUNBUFFERED": "1", **extra})
     return env
+
+
+@pytest.fixture
+def live_server_url(transactional_db):
+    """Pantheon served by a real uvicorn in a thread, on a free loopback port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from pantheon.asgi import application
+
+    server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off", access_log=False))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def session_of(price):
+    """A chat session of the given user on the test model."""
+    from sessions_app.models import ChatSession
+
+    def make(user, **fields):
+        return ChatSession.objects.create(user=user, model=MODEL, **fields)
+
+    return make
