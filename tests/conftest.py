@@ -8,8 +8,7 @@ from accounts.models import ApiKey
 from billing_app import services
 from billing_app.selectors import ledger_problems
 
-import importlib.util  # TEMP until the fake server lands
-pytest_plugins = ["tests.fake_openrouter"] if importlib.util.find_spec("tests.fake_openrouter") else []
+pytest_plugins = ["tests.fake_openrouter"]
 
 MODEL = "test/model"
 

@@ -167,8 +167,9 @@ def test_context_sends_system_prompt_and_history_oldest_dropped_first(alice, ali
 
 
 def _prepared(alice, session, messages) -> PreparedTurn:
-    from billing_app.services import get_price
     from django.utils import timezone
+
+    from billing_app.services import get_price
 
     return PreparedTurn(turn_id=uuid.uuid4(), user_id=alice.pk, session_id=session.id, model=MODEL,
                         content="q", messages=messages, max_tokens=100, price=get_price(MODEL), streamed=False,
