@@ -229,25 +229,31 @@ class OpenRouterGateway(LlmGateway):
             request = client.build_request("POST", self.url, content=content,
                                            headers=self._headers(stream=stream), timeout=self._timeout)
             started = time.monotonic()
+            # Exception messages may reach end users: keep them short; details go to the record.
             retry_headers: httpx.Headers | None = None
             try:
                 response = await client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                error: GatewayError = (UpstreamTimeout if isinstance(exc, httpx.ConnectTimeout)
-                                       else UpstreamError)(f"could not connect to the model provider: {exc!r}")
+                # Nothing reached the provider: safe to retry.
+                timed_out = isinstance(exc, httpx.ConnectTimeout)
+                error: GatewayError = (UpstreamTimeout if timed_out else UpstreamError)(
+                    "timed out connecting to the model provider" if timed_out
+                    else "could not connect to the model provider")
+                self._fail(record, started, f"{error.message}: {exc!r}")
             except httpx.TimeoutException as exc:
-                message = f"the model provider timed out: {exc!r}"
-                self._fail(record, started, message)
+                self._fail(record, started, f"timeout: {exc!r}")
                 records.append(record)
-                raise UpstreamTimeout(message, records=list(records), usage=usage) from exc
+                raise UpstreamTimeout("the model provider timed out", records=list(records),
+                                      usage=usage) from exc
             except httpx.HTTPError as exc:
-                message = f"request to the model provider failed: {exc!r}"
-                self._fail(record, started, message)
+                self._fail(record, started, f"request failed: {exc!r}")
                 records.append(record)
-                raise UpstreamError(message, records=list(records), usage=usage) from exc
+                raise UpstreamError("the request to the model provider failed", records=list(records),
+                                    usage=usage) from exc
             else:
-                record.http_status = response.status_code
-                if 200 <= response.status_code < 300:
+                status = response.status_code
+                record.http_status = status
+                if 200 <= status < 300:
                     return response, record, started
                 try:
                     body = await response.aread()
@@ -255,22 +261,18 @@ class OpenRouterGateway(LlmGateway):
                     body = b""
                 finally:
                     await response.aclose()
-                message = _error_message_from_body(body, response.status_code)
-                error = UpstreamError(message, status=response.status_code)
-                if response.status_code not in RETRY_STATUSES:
-                    self._fail(record, started, f"HTTP {response.status_code}: {message}")
+                message = _error_message_from_body(body, status)
+                self._fail(record, started, f"HTTP {status}: {message}")
+                if status not in RETRY_STATUSES:
                     records.append(record)
-                    raise UpstreamError(message, status=response.status_code, records=list(records),
-                                        usage=usage)
+                    raise UpstreamError(message, status=status, records=list(records), usage=usage)
+                error = UpstreamError(message, status=status)
                 retry_headers = response.headers
-            # Retryable: 429/502/503 or a connection that never opened.
-            status = getattr(error, "status", None)
-            self._fail(record, started, f"HTTP {status}: {error.message}" if status else error.message)
             records.append(record)
             if attempt >= self.max_retries:
-                if isinstance(error, UpstreamError):
-                    raise UpstreamError(error.message, status=status, records=list(records), usage=usage)
-                raise type(error)(error.message, records=list(records), usage=usage)
+                error.records = list(records)
+                error.usage = usage
+                raise error
             delay = self._retry_delay(attempt, retry_headers)
             logger.warning("model provider call failed (%s), retry %d/%d in %.2fs",
                            record.error, attempt + 1, self.max_retries, delay)
@@ -340,9 +342,8 @@ class OpenRouterGateway(LlmGateway):
             self._fail(record, started, "read timeout")
             raise UpstreamTimeout("the model provider timed out", records=list(records), usage=usage) from exc
         except httpx.HTTPError as exc:
-            message = f"reading the model provider's answer failed: {exc!r}"
-            self._fail(record, started, message)
-            raise UpstreamError(message, status=record.http_status, records=list(records),
+            self._fail(record, started, f"reading the answer failed: {exc!r}")
+            raise UpstreamError("the model provider's answer was cut off", records=list(records),
                                 usage=usage) from exc
         finally:
             await response.aclose()
@@ -360,24 +361,24 @@ class OpenRouterGateway(LlmGateway):
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            raise fail("the model provider sent invalid JSON", record.http_status)
+            raise fail("the model provider sent invalid JSON", None)
         record.provider_model = str(data.get("model") or "")
         record.provider = str(data.get("provider") or "")
         reported = _parse_usage(data.get("usage"))
         if data.get("error"):
             # OpenRouter can answer 200 with an error body once it has sent keep-alives.
             message, code = _error_text(data["error"])
-            raise fail(message, code or record.http_status, reported)
+            raise fail(message, code, reported)
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise fail("the model provider's answer has no choices", record.http_status, reported)
+            raise fail("the model provider's answer has no choices", None, reported)
         choice = choices[0]
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         content = _content_text(message.get("content"))
         tool_calls = _parse_tool_calls(message.get("tool_calls"), round_no)
         finish_reason = str(choice.get("finish_reason") or "")
         if finish_reason == "error":
-            raise fail("the model provider finished with an error", record.http_status, reported)
+            raise fail("the model provider finished with an error", None, reported)
         if reported is None:
             # The caller still has to bill something: estimate, and say so.
             reported = Usage(
@@ -508,7 +509,7 @@ class _UpstreamStream:
             if self._closing:
                 return
             decoder.finish()
-            raise UpstreamError("truncated stream", status=self.record.http_status)
+            raise UpstreamError("truncated stream")
         except asyncio.CancelledError:
             self._finish("cancelled", "cancelled")
             raise
@@ -526,8 +527,9 @@ class _UpstreamStream:
             # connection from under this read.
             if self._closing:
                 return
-            raise self._error(UpstreamError(f"truncated stream: {exc!r}",
-                                            status=self.record.http_status)) from exc
+            error = self._error(UpstreamError("truncated stream (connection lost)"))
+            self.record.error = f"{error.message}: {exc!r}"
+            raise error from exc
         finally:
             await self._close_response()
             self._finish("cancelled", "closed before the stream ended")
@@ -551,7 +553,7 @@ class _UpstreamStream:
         except ValueError:
             chunk = None
         if not isinstance(chunk, dict):
-            raise UpstreamError("the model provider sent a malformed stream chunk", status=self.record.http_status)
+            raise UpstreamError("the model provider sent a malformed stream chunk")
         if isinstance(chunk.get("model"), str) and chunk["model"]:
             self.provider_model = chunk["model"]
         if isinstance(chunk.get("provider"), str) and chunk["provider"]:
@@ -584,7 +586,7 @@ class _UpstreamStream:
         except httpx.TimeoutException as exc:
             raise self._with_records(UpstreamTimeout("the model provider timed out"), records) from exc
         except httpx.HTTPError as exc:
-            raise self._with_records(UpstreamError(f"reading the answer failed: {exc!r}"), records) from exc
+            raise self._with_records(UpstreamError("the model provider's answer was cut off"), records) from exc
         finally:
             await self._close_response()
         try:
@@ -602,7 +604,7 @@ class _UpstreamStream:
         choices = data.get("choices")
         if data.get("error") or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             message, code = _error_text(data.get("error")) if data.get("error") else ("no choices", None)
-            raise self._with_records(UpstreamError(message, status=code or self.record.http_status,
+            raise self._with_records(UpstreamError(message, status=code,
                                                    usage=self.usage), records)
         message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
         self.finish_reason = str(choices[0].get("finish_reason") or "") or None

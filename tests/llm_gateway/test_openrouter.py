@@ -8,8 +8,8 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import httpx
@@ -512,14 +512,16 @@ async def test_aclose_while_another_task_reads(gateway: OpenRouterGateway,
     fake_openrouter.enqueue(fake_openrouter.slow_stream(200, delay=0.05))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     received: list[str] = []
+    two_received = asyncio.Event()
 
     async def reader() -> None:
         async for delta in ctx.chunks:
             received.append(delta)
+            if len(received) == 2:
+                two_received.set()
 
     task = asyncio.create_task(reader())
-    while len(received) < 2:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(two_received.wait(), 2)
     await ctx.aclose()
     await asyncio.wait_for(task, 1)  # the reader stops by itself, quietly
     assert await asyncio.to_thread(fake_openrouter.disconnected.wait, 1.0)

@@ -1,0 +1,102 @@
+"""The relay's ways of ending, driven directly (no server, no database)."""
+
+import asyncio
+import uuid
+from decimal import Decimal
+from types import SimpleNamespace
+
+import pytest
+
+from llm_gateway import CallRecord, StreamingContext, UpstreamError, Usage
+from sessions_app.streaming import relay, with_heartbeat
+
+
+def prepared():
+    return SimpleNamespace(turn_id=uuid.uuid4(), session_id=uuid.uuid4(), model="m")
+
+
+def context(pieces, *, fail: bool = False, gate: asyncio.Event | None = None):
+    closed = []
+
+    async def chunks():
+        for piece in pieces:
+            yield piece
+        if gate is not None:
+            await gate.wait()
+        if fail:
+            raise UpstreamError("boom", usage=Usage(1, 1))
+
+    async def aclose():
+        closed.append(True)
+
+    ctx = StreamingContext(chunks=chunks(), record=CallRecord(requested_model="m"), aclose=aclose)
+    ctx.usage_future.set_result(Usage(3, 4))
+    ctx.provider_model_future.set_result("p/m")
+    ctx.closed = closed
+    return ctx
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    async def __call__(self, prepared, outcome):
+        self.calls.append(outcome)
+        message = SimpleNamespace(id=uuid.uuid4())
+        turn = SimpleNamespace(status=outcome.status, cost=Decimal("0.1"), provider_model=outcome.provider_model,
+                               prompt_tokens=3, completion_tokens=4, total_tokens=7, usage_estimated=False)
+        return SimpleNamespace(turn=turn, message=message, balance=Decimal("1"))
+
+
+async def test_completed_records_once_before_done():
+    record = Recorder()
+    frames = [f async for f in relay(prepared(), context(["a", "b"]), record)]
+    assert [o.status for o in record.calls] == ["completed"]
+    assert record.calls[0].content == "ab" and record.calls[0].usage == Usage(3, 4)
+    assert b"event: done" in frames[-1]
+
+
+async def test_error_records_failed_with_partial_text_then_sends_error():
+    record = Recorder()
+    frames = [f async for f in relay(prepared(), context(["a"], fail=True), record)]
+    assert [(o.status, o.content) for o in record.calls] == [("failed", "a")]
+    assert b"event: error" in frames[-1]
+
+
+async def test_late_close_of_a_parked_generator_still_records_cancelled():
+    """Django may close the generator later from another task (ticket #37066): then only
+    `finally` runs. aclose() on a generator paused at `yield` is exactly that."""
+    record, gate = Recorder(), asyncio.Event()
+    ctx = context(["a", "b", "c"], gate=gate)
+    stream = relay(prepared(), ctx, record)
+    assert b"event: start" in await anext(stream)
+    assert b'"a"' in await anext(stream)
+    await stream.aclose()
+    assert [(o.status, o.content) for o in record.calls] == [("cancelled", "a")]
+    assert ctx.closed == [True]
+
+
+async def test_cancellation_while_waiting_for_the_upstream_records_cancelled():
+    record, gate = Recorder(), asyncio.Event()
+    ctx = context(["a"], gate=gate)
+
+    async def consume():
+        async for _ in relay(prepared(), ctx, record):
+            pass
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [(o.status, o.content) for o in record.calls] == [("cancelled", "a")]
+    assert ctx.closed == [True]
+
+
+async def test_heartbeat_yields_none_while_silent():
+    async def slow():
+        await asyncio.sleep(0.25)
+        yield "x"
+
+    items = [item async for item in with_heartbeat(slow(), 0.1)]
+    assert items[-1] == "x" and items.count(None) >= 2
