@@ -594,8 +594,7 @@ class _UpstreamStream:
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            raise self._with_records(UpstreamError("the model provider sent invalid JSON",
-                                                   status=self.record.http_status), records)
+            raise self._with_records(UpstreamError("the model provider sent invalid JSON"), records)
         if isinstance(data.get("model"), str):
             self.provider_model = data["model"] or None
         if isinstance(data.get("provider"), str):
@@ -604,8 +603,7 @@ class _UpstreamStream:
         choices = data.get("choices")
         if data.get("error") or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             message, code = _error_text(data.get("error")) if data.get("error") else ("no choices", None)
-            raise self._with_records(UpstreamError(message, status=code,
-                                                   usage=self.usage), records)
+            raise self._with_records(UpstreamError(message, status=code, usage=self.usage), records)
         message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
         self.finish_reason = str(choices[0].get("finish_reason") or "") or None
         text = _content_text(message.get("content"))
