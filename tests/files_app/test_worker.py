@@ -48,7 +48,7 @@ def run_worker(media_root: Path) -> str:
                max_tasks=None, worker_id="files-test-worker", excluded_queue_names=[]).run()
         return "in-process"
     env = {**os.environ, "DATABASE_URL": url, "PANTHEON_MEDIA_ROOT": str(media_root),
-           "DJANGO_SETTINGS_MODULE": "pantheon.settings"}
+           "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "pantheon.settings")}
     done = subprocess.run(
         [sys.executable, "manage.py", "db_worker", "--batch", "--no-startup-delay", "--no-reload", "-v", "2"],
         cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=90, check=False,
