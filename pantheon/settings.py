@@ -1,6 +1,8 @@
 """Pantheon settings. Everything an operator may change comes from the environment
 (see the configuration table in README.md)."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -33,6 +35,7 @@ INSTALLED_APPS = [
     "billing_app",
     "sessions_app",
     "files_app",
+    "web",
 ]
 
 # Every middleware here is async-capable: a sync one would cost a thread per request.
@@ -86,8 +89,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         {"timeout": 20, "transaction_mode": "IMMEDIATE",
          "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
     )
-    # A file, not :memory:, so tests can run the worker and commands in subprocesses.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "test_db.sqlite3")}
+    # A file, not :memory:, so tests can run the worker and commands in subprocesses;
+    # one per test run, so parallel runs do not share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"pantheon-test-{os.getpid()}.sqlite3")}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -9,6 +9,8 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("api/v1/", include("pantheon.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    # The browser chat page at "/" and /accounts/login/, /accounts/logout/.
+    path("", include("web.urls")),
 ]
 
 handler404 = "pantheon.views.not_found"

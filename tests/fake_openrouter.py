@@ -22,6 +22,10 @@ gets a 404 error body.
 
 Reply constructors (module functions, also reachable as methods of the fixture object):
 `completion()`, `tool_call()`, `http_error()`, `sse_stream()`, `slow_stream()`, `raw_stream()`.
+`.requests` lists what arrived (`RecordedRequest`: method, path, lower-cased headers, parsed
+JSON body); `.disconnected` (a threading.Event) is set when a client hung up while a reply
+was still being written (cancellation tests). The `fake_openrouter_settings` fixture also
+points the Django settings (so `llm_gateway.get_gateway()`) at the server.
 """
 
 from __future__ import annotations
@@ -393,6 +397,11 @@ class FakeOpenRouter:
         """Scripted replies not yet used."""
         with self._lock:
             return len(self._queue)
+
+    @property
+    def last_request(self) -> RecordedRequest:
+        with self._lock:
+            return self.requests[-1]
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
         with self._request_seen:
