@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.db.models.functions import Substr
 from django.template.defaultfilters import filesizeformat
 
 from files_app import services
@@ -34,8 +35,9 @@ class UploadedFileAdmin(admin.ModelAdmin):
 
     @admin.display(description="extracted text (start)")
     def text_preview(self, obj: UploadedFile) -> str:
-        head = UploadedFile.objects.filter(pk=obj.pk).values_list("text", flat=True).first() or ""
-        return head[:PREVIEW_CHARS] + (" …" if len(head) > PREVIEW_CHARS else "")
+        head = (UploadedFile.objects.filter(pk=obj.pk).annotate(head=Substr("text", 1, PREVIEW_CHARS))
+                .values_list("head", flat=True).first() or "")
+        return head + (" …" if obj.text_length > PREVIEW_CHARS else "")
 
     def delete_queryset(self, request, queryset):
         # One by one, so each row's stored bytes are removed too (files_app.signals).

@@ -1,8 +1,9 @@
 """Which uploads are accepted, and how their text is extracted. Pure functions, no database.
 
 A file is accepted by its extension (`.txt`, `.md`/`.markdown`, `.csv`, `.json`, and `.pdf`
-when pypdf is installed); a name without one of those is accepted when the declared content
-type is one of the matching types. The server, not the client, then names the content type.
+when pypdf is installed; any other extension is refused); a name without an extension is
+accepted when the declared content type is one of the matching types. The server, not the
+client, then names the content type.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def supported_extensions() -> list[str]:
 
 def detect_content_type(filename: str, declared: str | None) -> str | None:
     """The content type the server assigns to an upload, or None when it is not supported."""
-    kind = _BY_EXTENSION.get(PurePosixPath(filename).suffix.lower())
-    if kind is None:
+    suffix = PurePosixPath(filename).suffix.lower()
+    if suffix[1:].isalnum():  # an extension decides, and an unknown one is refused
+        kind = _BY_EXTENSION.get(suffix)
+    else:
         kind = _BY_DECLARED_TYPE.get((declared or "").split(";")[0].strip().lower())
     if kind == APPLICATION_PDF and not pdf_supported():
         return None

@@ -90,7 +90,7 @@ def clean_filename(name: str | None) -> str:
 
 def create_upload(*, user, files) -> UploadedFile:
     """Store the multipart field `file` of `files` (request.FILES) for `user` and queue its
-    extraction for after the commit. Raises ApiError (400 / 413)."""
+    extraction for after the commit. Raises ApiError (400 / 413 / 503)."""
     uploads = files.getlist("file")
     if not uploads:
         raise ApiError(400, "file_required", "Send the file as the multipart form field 'file'.")
@@ -109,7 +109,11 @@ def create_upload(*, user, files) -> UploadedFile:
 
     row = UploadedFile(id=uuid.uuid4(), user=user, filename=filename, size=upload.size,
                        content_type=content_type, status=UploadedFile.Status.PENDING)
-    row.stored.save(filename, upload, save=False)  # the bytes first: a row never points at nothing
+    try:
+        row.stored.save(filename, upload, save=False)  # the bytes first: a row never points at nothing
+    except OSError:
+        logger.exception("could not store an upload of user %s", user.pk)
+        raise ApiError(503, "storage_unavailable", "The file could not be stored; try again later.") from None
     try:
         with transaction.atomic():
             row.save(force_insert=True)
@@ -214,7 +218,7 @@ FILE_READ_TOOL: dict[str, Any] = {
 }
 
 
-def ready_files_for(user_id: Any, *, limit: int = READY_FILES_LIMIT) -> list[dict[str, Any]]:
+def ready_files_for(user_id: int, *, limit: int = READY_FILES_LIMIT) -> list[dict[str, Any]]:
     """The user's ready files, newest first: `[{"id", "filename", "size"}]` (id as a string)."""
     rows = (UploadedFile.objects.filter(user_id=user_id, status=UploadedFile.Status.READY)
             .order_by("-created_at", "-id").values("id", "filename", "size")[:limit])
@@ -238,7 +242,7 @@ def _int_argument(value: Any, name: str, *, default: int, minimum: int) -> int |
     return value
 
 
-def read_file_for_tool(*, user_id: Any, arguments: dict) -> str:
+def read_file_for_tool(*, user_id: int, arguments: dict[str, Any]) -> str:
     """Run `file_read` for the turn's user. Always returns text for the model, never raises,
     and only ever reads a ready file of `user_id`."""
     try:
@@ -248,7 +252,7 @@ def read_file_for_tool(*, user_id: Any, arguments: dict) -> str:
         return "error: the file could not be read"
 
 
-def _read_file_for_tool(*, user_id: Any, arguments: dict) -> str:
+def _read_file_for_tool(*, user_id: int, arguments: dict[str, Any]) -> str:
     if not isinstance(arguments, dict):
         return "error: arguments must be an object with file_id, and optionally offset and limit"
     raw_id = arguments.get("file_id")

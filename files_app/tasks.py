@@ -1,11 +1,37 @@
 """Background work of uploaded files, run by `python manage.py db_worker`."""
 
+from datetime import timedelta
+
 from django.tasks import task
+from django.utils import timezone
 
 from files_app import services
 
 
-@task
+@task()
 def extract_file_text(file_id: str) -> str:
     """Extract the text of an uploaded file; marks it `ready` or `failed`. Safe to run twice."""
     return services.run_extraction(file_id)
+
+
+@task()
+def requeue_stale_uploads(every_seconds: int = 0, older_than_seconds: int = 600) -> int:
+    """Queue extraction again for uploads pending longer than `older_than_seconds` (a task
+    lost after the commit, a worker killed mid-run). With `every_seconds`, queue the next
+    run, so one enqueue keeps it going."""
+    count = services.requeue_stale_pending(older_than=timedelta(seconds=older_than_seconds))
+    if every_seconds:
+        schedule_requeue(every_seconds, older_than_seconds=older_than_seconds, delay=every_seconds)
+    return count
+
+
+def schedule_requeue(every_seconds: int, *, older_than_seconds: int, delay: int = 0) -> bool:
+    """Queue the periodic requeue unless one is already waiting. Returns whether it queued."""
+    from django_tasks_db.models import DBTaskResult
+
+    waiting = DBTaskResult.objects.filter(task_path=requeue_stale_uploads.module_path, status="READY")
+    if waiting.exists():
+        return False
+    requeue_stale_uploads.using(run_after=timezone.now() + timedelta(seconds=delay)).enqueue(
+        every_seconds, older_than_seconds)
+    return True

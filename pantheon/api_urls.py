@@ -1,6 +1,7 @@
-from django.urls import include, path
+from django.urls import path
 
 from billing_app import views as billing
+from files_app import views as files
 from sessions_app import turn_views
 from sessions_app import views as sessions
 
@@ -14,5 +15,6 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/messages", sessions.SessionMessagesView.as_view(), name="session-messages"),
     path("sessions/<uuid:session_id>/turns", turn_views.turns, name="session-turns"),
     path("sessions/<uuid:session_id>/turns/stream", turn_views.stream_turn, name="session-turns-stream"),
-    path("files", include("files_app.urls")),
+    path("files", files.FileListCreateView.as_view(), name="files"),
+    path("files/<uuid:file_id>", files.FileDetailView.as_view(), name="file-detail"),
 ]

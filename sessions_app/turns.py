@@ -164,10 +164,11 @@ def begin_turn(request: HttpRequest, session_id: uuid.UUID, *, streamed: bool) -
     prompt_estimate = estimate_prompt_tokens(messages, tools)
     held_prompt = prompt_estimate
     if rounds > 1:
-        # Each later round resends the prompt plus what the tool loop added: at most every
-        # tool result of the turn and the earlier rounds' output.
-        per_round = estimate_tokens("x" * TOOL_OUTPUT_BUDGET_CHARS) + settings.PANTHEON_MAX_OUTPUT_TOKENS * rounds
-        held_prompt = rounds * (prompt_estimate + per_round)
+        # Round k resends the prompt plus what the loop added before it: at most all tool
+        # results of the turn and k earlier outputs.
+        tool_output = estimate_tokens("x" * TOOL_OUTPUT_BUDGET_CHARS)
+        earlier_outputs = settings.PANTHEON_MAX_OUTPUT_TOKENS * rounds * (rounds - 1) // 2
+        held_prompt = rounds * (prompt_estimate + tool_output) + earlier_outputs
 
     turn_id = uuid.uuid4()
     try:

@@ -13,6 +13,14 @@ pytest_plugins = ["tests.fake_openrouter"]
 MODEL = "test/model"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fast_password_hashing():
+    # Every test user gets a password; the default hasher would cost ~0.3 s each.
+    from django.conf import settings
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture(autouse=True)
 def _ledger_invariant(request):
     """After every test that used the database: the ledger sums to every balance and no

@@ -69,7 +69,7 @@ def test_accepted_types(alice_api, name, declared, expected):
 @pytest.mark.parametrize(
     ("name", "declared"),
     [("photo.png", "image/png"), ("tool.exe", "application/octet-stream"), ("x.docx", "text/plain"),
-     ("README", "application/octet-stream")],
+     ("README", "application/octet-stream"), ("notes.log", "text/plain")],
 )
 def test_unsupported_type_is_400(alice_api, name, declared):
     response = upload(alice_api, name, b"\x89PNG....", declared)
@@ -199,10 +199,11 @@ def test_delete_removes_row_and_stored_bytes(alice, alice_api, make_file, django
     assert alice_api.get(f"/api/v1/files/{row.id}").status_code == 404
 
 
-def test_deleting_a_user_removes_their_stored_bytes(alice, make_file, django_capture_on_commit_callbacks):
-    path = Path(make_file(alice, "a.txt", b"a").stored.path)
+def test_deleting_a_user_removes_their_stored_bytes(make_user, make_file, django_capture_on_commit_callbacks):
+    carol = make_user("carol")  # no wallet: wallets protect their user from deletion
+    path = Path(make_file(carol, "a.txt", b"a").stored.path)
     with django_capture_on_commit_callbacks(execute=True):
-        alice.delete()
+        carol.delete()
     assert not path.exists()
 
 
@@ -226,13 +227,14 @@ def test_authentication_required(db):
     assert not UploadedFile.objects.exists()
 
 
-def test_requeue_stale_pending(alice, make_file, django_capture_on_commit_callbacks):
-    stale = make_file(alice, "stale.txt", b"a", extract=False)
-    make_file(alice, "fresh.txt", b"b", extract=False)
-    make_file(alice, "done.txt", b"c")
-    UploadedFile.objects.filter(pk=stale.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+def test_storage_failure_is_503_and_leaves_no_row(alice_api, monkeypatch):
+    from django.core.files.storage import FileSystemStorage
 
-    assert services.requeue_stale_pending(older_than=timedelta(minutes=10)) == 1
-    assert [t.args_kwargs["args"] for t in DBTaskResult.objects.all()] == [[str(stale.id)]]
-    # Requeued files are not requeued again straight away.
-    assert services.requeue_stale_pending(older_than=timedelta(minutes=10)) == 0
+    def disk_full(self, name, content):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemStorage, "_save", disk_full)
+    response = upload(alice_api, "a.txt", b"abc", "text/plain")
+    assert response.status_code == 503
+    assert response.json()["code"] == "storage_unavailable"
+    assert not UploadedFile.objects.exists()

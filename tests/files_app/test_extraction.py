@@ -127,6 +127,8 @@ def test_detect_content_type():
     assert detect_content_type("x", "text/csv; charset=utf-8") == "text/csv"
     assert detect_content_type("x.png", "image/png") is None
     assert detect_content_type("x", None) is None
+    assert detect_content_type("x.docx", "text/plain") is None  # a known extension or none at all
+    assert detect_content_type("v1.2 draft", "text/markdown") == "text/markdown"  # ".2 draft" is no extension
 
 
 def test_extract_text_rejects_unknown_types():

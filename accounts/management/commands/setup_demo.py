@@ -11,7 +11,7 @@ from billing_app.models import ModelPrice, Wallet
 
 # Prices used when the operator has not set any (credits per million tokens).
 DEFAULT_PRICES = {
-    "fake/echo": (Decimal("100"), Decimal("200")),
+    "fake/echo": (Decimal("10"), Decimal("20")),
     "openai/gpt-4o-mini": (Decimal("0.15"), Decimal("0.60")),
 }
 DEMO_CREDITS = Decimal("10")

@@ -1,0 +1,19 @@
+"""The chat page. It is a shell: the page's script talks to the JSON API (`/api/v1/...`)
+with the browser's session cookie and the CSRF token, and streams turns over SSE."""
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import ensure_csrf_cookie
+from django.views.decorators.http import require_safe
+
+
+@require_safe
+@login_required
+@ensure_csrf_cookie  # the script reads the `csrftoken` cookie for its X-CSRFToken header
+def chat(request: HttpRequest) -> HttpResponse:
+    return render(request, "web/chat.html", {
+        "default_model": settings.PANTHEON_DEFAULT_MODEL,
+        "provider": settings.PANTHEON_LLM_PROVIDER,
+    })
