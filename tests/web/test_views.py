@@ -75,10 +75,26 @@ def test_login_with_a_wrong_password_shows_an_error(client, make_user):
 
 
 def test_asgi_application_serves_static_files_and_hands_the_rest_to_django():
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
     from django.core.handlers.asgi import ASGIHandler
 
-    assert application.base_url.path == "/static/"
-    assert isinstance(application.application, ASGIHandler)
+    from files_app.asgi import UploadSizeLimit
+
+    assert isinstance(application, UploadSizeLimit)
+    static = application.app
+    assert isinstance(static, ASGIStaticFilesHandler)
+    assert static.base_url.path == "/static/"
+    assert type(static.application) is ASGIHandler
+
+
+def test_the_served_app_refuses_an_oversized_upload_before_reading_it(live_server_url, alice, settings):
+    from tests.conftest import client_for
+
+    settings.PANTHEON_MAX_UPLOAD_BYTES = 1000
+    key = client_for(alice).raw_key
+    response = httpx.post(live_server_url + "/api/v1/files", headers={"Authorization": f"Bearer {key}"},
+                          files={"file": ("big.txt", b"x" * 2_000_000, "text/plain")}, timeout=10)
+    assert response.status_code == 413 and response.json()["code"] == "file_too_large"
 
 
 @pytest.mark.parametrize(("path", "content_type"), [
@@ -96,7 +112,10 @@ def test_static_files_are_served_by_the_asgi_app(live_server_url, path, content_
 
 def test_static_misses_and_the_api_are_untouched(live_server_url):
     assert httpx.get(live_server_url + "/static/web/missing.js", timeout=10).status_code == 404
-    assert httpx.get(live_server_url + "/static/../pantheon/settings.py", timeout=10).status_code == 404
+    # Dot segments sent encoded (httpx would resolve plain ones) stay inside the static folders.
+    for path in ("/static/%2e%2e/pantheon/settings.py", "/static/web/%2e%2e/%2e%2e/views.py",
+                 "/static/%2e%2e/%2e%2e/manage.py"):
+        assert httpx.get(live_server_url + path, timeout=10).status_code == 400, path
     health = httpx.get(live_server_url + "/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["database"] == "ok"
     api = httpx.get(live_server_url + "/api/v1/wallet", timeout=10)
