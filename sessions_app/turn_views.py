@@ -8,9 +8,11 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from files_app.services import FILE_READ_TOOL
 from llm_gateway import GatewayError, get_gateway
 from pantheon.api import AuthFailure, error_response, format_money
 from pantheon.db import db_call
+from sessions_app.models import Turn
 from sessions_app.serializers import MessageSerializer, turn_data, turn_usage
 from sessions_app.streaming import relay
 from sessions_app.turns import PreparedTurn, TurnOutcome, TurnRejected, begin_turn, make_tool_executor, record_turn
@@ -47,8 +49,6 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
         return prepared
     tools = executor = None
     if prepared.tools_enabled:
-        from files_app.services import FILE_READ_TOOL
-
         tools, executor = [FILE_READ_TOOL], make_tool_executor(prepared.user_id)
     try:
         completion = await get_gateway().generate(
@@ -61,9 +61,9 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     except asyncio.CancelledError:
         # The client went away mid-call: the provider bills the request anyway, so store
         # the turn as cancelled with an estimate rather than leave its hold to expire.
-        await asyncio.shield(_record_turn(prepared, TurnOutcome(status="cancelled")))
+        await asyncio.shield(_record_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED)))
         raise
-    outcome = TurnOutcome(status="completed", content=completion.content, usage=completion.usage,
+    outcome = TurnOutcome(status=Turn.Status.COMPLETED, content=completion.content, usage=completion.usage,
                           provider_model=completion.provider_model, records=completion.records,
                           tool_messages=completion.tool_messages)
     result = await _record_turn(prepared, outcome)

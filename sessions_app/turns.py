@@ -18,6 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest
@@ -26,6 +27,7 @@ from django.utils import timezone
 from billing_app import selectors
 from billing_app import services as billing
 from billing_app.models import ModelPrice, UsageRecord
+from files_app.services import FILE_READ_TOOL, read_file_for_tool, ready_files_for
 from llm_gateway import CallRecord, ChatMessage, GatewayError, Usage
 from llm_gateway.tokens import estimate_prompt_tokens, estimate_tokens
 from pantheon.api import authenticate_request
@@ -155,8 +157,6 @@ def begin_turn(request: HttpRequest, session_id: uuid.UUID, *, streamed: bool) -
 
     rounds, extra_system, tools = 1, "", None
     if data.tools_enabled:
-        from files_app.services import FILE_READ_TOOL, ready_files_for
-
         rounds = settings.PANTHEON_MAX_TOOL_ROUNDS + 1
         extra_system = _tool_system_message(ready_files_for(user.pk))
         tools = [FILE_READ_TOOL]
@@ -293,10 +293,6 @@ def _event_row(record: CallRecord, prepared: PreparedTurn, turn: Turn) -> LlmEve
 def make_tool_executor(user_id: int):
     """The `file_read` tool for one turn: only this user's ready files, and at most
     TOOL_OUTPUT_BUDGET_CHARS of results in all (what the hold was sized for)."""
-    from asgiref.sync import sync_to_async
-
-    from files_app.services import read_file_for_tool
-
     left = TOOL_OUTPUT_BUDGET_CHARS
 
     async def execute(name: str, arguments: dict[str, Any]) -> str:

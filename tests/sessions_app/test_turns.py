@@ -230,3 +230,21 @@ def test_twenty_concurrent_turns_on_a_wallet_that_affords_three(make_user, sessi
     assert not CreditHold.objects.open().exists()
     assert ledger_problems(user_ids=[user.pk], allow_open_holds=False) == []
     assert Turn.objects.filter(user=user, status="completed").count() == 3
+
+
+def test_client_leaving_a_non_streaming_turn_stores_it_cancelled(alice, session_of, live_server_url, fake_openrouter):
+    import time
+
+    key = client_for(alice).raw_key
+    session = session_of(alice)
+    fake_openrouter.enqueue(fake_openrouter.completion("too late", delay=3))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_server_url}/api/v1/sessions/{session.id}/turns", json={"content": "hello"},
+                   headers={"Authorization": f"Bearer {key}"}, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while not Turn.objects.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    turn = Turn.objects.get()
+    assert turn.status == "cancelled" and turn.usage_estimated
+    assert not CreditHold.objects.open().exists()
+    assert ledger_problems(user_ids=[alice.pk]) == []
