@@ -13,5 +13,7 @@ urlpatterns = [
     path("", include("web.urls")),
 ]
 
+handler400 = "pantheon.views.bad_request"
+handler403 = "pantheon.views.permission_denied"
 handler404 = "pantheon.views.not_found"
 handler500 = "pantheon.views.server_error"

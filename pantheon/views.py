@@ -24,6 +24,15 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse(body, status=status)
 
 
+def bad_request(request: HttpRequest, exception=None) -> JsonResponse:
+    # E.g. a body over DATA_UPLOAD_MAX_MEMORY_SIZE, refused before any view ran.
+    return JsonResponse({"detail": "Bad request.", "code": "bad_request"}, status=400)
+
+
+def permission_denied(request: HttpRequest, exception=None) -> JsonResponse:
+    return JsonResponse({"detail": "Permission denied.", "code": "permission_denied"}, status=403)
+
+
 def not_found(request: HttpRequest, exception=None) -> JsonResponse:
     return JsonResponse({"detail": "Not found.", "code": "not_found"}, status=404)
 

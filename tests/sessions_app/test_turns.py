@@ -248,3 +248,10 @@ def test_client_leaving_a_non_streaming_turn_stores_it_cancelled(alice, session_
     assert turn.status == "cancelled" and turn.usage_estimated
     assert not CreditHold.objects.open().exists()
     assert ledger_problems(user_ids=[alice.pk]) == []
+
+
+def test_a_body_over_the_request_size_limit_is_a_json_400(alice, alice_api, session_of, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    response = alice_api.post(f"/api/v1/sessions/{session_of(alice).id}/turns", {"content": "x" * 5000},
+                              format="json")
+    assert response.status_code == 400 and response.json()["code"] == "bad_request"
