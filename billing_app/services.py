@@ -71,8 +71,11 @@ def set_price(*, model: str, prompt_per_mtok: Decimal, completion_per_mtok: Deci
 
 def _locked_wallet(user_id: int) -> Wallet:
     """The user's wallet row, locked until the surrounding transaction ends."""
-    Wallet.objects.get_or_create(user_id=user_id)
-    return Wallet.objects.select_for_update().get(user_id=user_id)
+    wallet = Wallet.objects.select_for_update().filter(user_id=user_id).first()
+    if wallet is None:  # first grant or turn of this user: create it (a racing creator wins)
+        Wallet.objects.get_or_create(user_id=user_id)
+        wallet = Wallet.objects.select_for_update().get(user_id=user_id)
+    return wallet
 
 
 def _append_entry(wallet: Wallet, *, kind: str, amount: Decimal, note: str = "",
