@@ -172,11 +172,6 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
         return wallet.balance
 
 
-def release_hold(*, turn_id: uuid.UUID) -> int:
-    """Release a hold without debiting (the turn never reached the provider)."""
-    return CreditHold.objects.filter(turn_id=turn_id, released_at__isnull=True).update(released_at=timezone.now())
-
-
 def release_expired_holds(*, now=None) -> int:
     """Sweep: mark expired holds released. Expired holds already stop counting against
     `available`; this keeps the open-hold set small and visible in the admin."""

@@ -1,11 +1,9 @@
 """Periodic money housekeeping, run by `manage.py db_worker`."""
 
-from datetime import timedelta
-
 from django.tasks import task
-from django.utils import timezone
 
 from billing_app import services
+from pantheon.tasks import schedule_once
 
 
 @task()
@@ -20,10 +18,4 @@ def sweep_expired_holds(every_seconds: int = 0) -> int:
 
 def schedule_sweep(every_seconds: int, *, delay: int = 0) -> bool:
     """Queue the periodic sweep unless one is already waiting. Returns whether it queued."""
-    from django_tasks_db.models import DBTaskResult
-
-    waiting = DBTaskResult.objects.filter(task_path=sweep_expired_holds.module_path, status="READY")
-    if waiting.exists():
-        return False
-    sweep_expired_holds.using(run_after=timezone.now() + timedelta(seconds=delay)).enqueue(every_seconds)
-    return True
+    return schedule_once(sweep_expired_holds, every_seconds, delay=delay)

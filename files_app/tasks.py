@@ -3,9 +3,9 @@
 from datetime import timedelta
 
 from django.tasks import task
-from django.utils import timezone
 
 from files_app import services
+from pantheon.tasks import schedule_once
 
 
 @task()
@@ -27,11 +27,4 @@ def requeue_stale_uploads(every_seconds: int = 0, older_than_seconds: int = 600)
 
 def schedule_requeue(every_seconds: int, *, older_than_seconds: int, delay: int = 0) -> bool:
     """Queue the periodic requeue unless one is already waiting. Returns whether it queued."""
-    from django_tasks_db.models import DBTaskResult
-
-    waiting = DBTaskResult.objects.filter(task_path=requeue_stale_uploads.module_path, status="READY")
-    if waiting.exists():
-        return False
-    requeue_stale_uploads.using(run_after=timezone.now() + timedelta(seconds=delay)).enqueue(
-        every_seconds, older_than_seconds)
-    return True
+    return schedule_once(requeue_stale_uploads, every_seconds, older_than_seconds, delay=delay)

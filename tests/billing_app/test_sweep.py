@@ -25,7 +25,7 @@ def test_sweep_releases_holds_a_dead_stream_left(alice, price):
     hold.refresh_from_db()
     assert hold.released_at is not None
     assert CreditHold.objects.get(pk=live.hold_id).released_at is None
-    services.release_hold(turn_id=CreditHold.objects.get(pk=live.hold_id).turn_id)
+    services.settle(user_id=alice.pk, turn_id=CreditHold.objects.get(pk=live.hold_id).turn_id, cost=0)
 
 
 def test_periodic_sweep_is_queued_once_and_requeues_itself(alice, price):
