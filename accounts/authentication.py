@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from accounts.models import ApiKey, hash_key
+from core.errors import AuthFailure
 
 # last_used_at is informational: write it at most this often, not on every request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -49,3 +51,25 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
     def authenticate_header(self, request) -> str:
         # Makes DRF answer 401 (with WWW-Authenticate), not 403, when no credentials came.
         return 'Bearer realm="api"'
+
+
+def authenticate_request(request):
+    """The user of a plain (async) Django view: Bearer key, else the browser session
+    (CSRF-checked).
+
+    Sync: call it inside the view's one `db_call` block. Raises AuthFailure.
+    """
+    raw = parse_bearer(request.META.get("HTTP_AUTHORIZATION", ""))
+    if raw is not None:
+        user = user_for_key(raw)
+        if user is None:
+            raise AuthFailure("Invalid or revoked API key.", code="authentication_failed")
+        return user
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        raise AuthFailure("Authentication credentials were not provided.")
+    # Cookies ride along on cross-site requests; a session-authenticated write needs CSRF.
+    reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+    if reason is not None:
+        raise AuthFailure("CSRF check failed.", status=403, code="csrf_failed")
+    return user

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from datetime import timedelta
-from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
+from decimal import ROUND_FLOOR, Decimal
 
 from django.conf import settings
 from django.db import transaction
@@ -18,8 +18,8 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from billing_app.models import CreditHold, LedgerEntry, ModelPrice, Wallet
+from core.money import quantize_money
 
-SIX_PLACES = Decimal("0.000001")
 PER_MTOK = Decimal(1_000_000)
 
 
@@ -37,10 +37,6 @@ class UnknownModel(BillingError):
 
 class InvalidAmount(BillingError):
     code = "invalid_amount"
-
-
-def quantize_money(value: Decimal) -> Decimal:
-    return value.quantize(SIX_PLACES, rounding=ROUND_HALF_UP)
 
 
 def compute_cost(*, prompt_tokens: int, completion_tokens: int, price: ModelPrice) -> Decimal:

@@ -3,7 +3,7 @@
 from django.tasks import task
 
 from billing_app import services
-from pantheon.tasks import schedule_once
+from core.tasks import schedule_once
 
 
 @task()

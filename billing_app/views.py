@@ -13,7 +13,7 @@ from billing_app.serializers import (
     UsageRecordSerializer,
     WalletSerializer,
 )
-from pantheon.api import ApiError
+from core.api import ApiError
 
 
 class ModelListView(generics.ListAPIView):

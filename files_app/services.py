@@ -22,9 +22,9 @@ from django.db.models.functions import Substr
 from django.http import HttpRequest
 from django.utils import timezone
 
+from core.api import ApiError
 from files_app.extraction import ExtractionError, detect_content_type, extract_text, supported_extensions
 from files_app.models import UploadedFile
-from pantheon.api import ApiError
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from datetime import timedelta
 
 from django.tasks import task
 
+from core.tasks import schedule_once
 from files_app import services
-from pantheon.tasks import schedule_once
 
 
 @task()

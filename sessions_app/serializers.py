@@ -2,7 +2,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from billing_app.models import ModelPrice
-from pantheon.api import format_money
+from core.money import format_money
 from sessions_app.models import ChatSession, Message, Turn
 
 

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from django.conf import settings
 
+from core.money import format_money
 from llm_gateway import GatewayError, StreamingContext
 from llm_gateway.sse import encode_comment, encode_event
-from pantheon.api import format_money
 from sessions_app.models import Turn
 from sessions_app.serializers import turn_usage
 from sessions_app.turns import PreparedTurn, TurnOutcome, TurnResult

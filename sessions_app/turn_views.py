@@ -8,10 +8,11 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from core.db import db_call
+from core.errors import AuthFailure, error_response
+from core.money import format_money
 from files_app.services import FILE_READ_TOOL
 from llm_gateway import GatewayError, get_gateway
-from pantheon.api import AuthFailure, error_response, format_money
-from pantheon.db import db_call
 from sessions_app.models import Turn
 from sessions_app.serializers import MessageSerializer, turn_data, turn_usage
 from sessions_app.streaming import relay

@@ -24,13 +24,13 @@ from django.db import IntegrityError, transaction
 from django.http import HttpRequest
 from django.utils import timezone
 
+from accounts.authentication import authenticate_request
 from billing_app import selectors
 from billing_app import services as billing
 from billing_app.models import ModelPrice, UsageRecord
 from files_app.services import FILE_READ_TOOL, read_file_for_tool, ready_files_for
 from llm_gateway import CallRecord, ChatMessage, GatewayError, Usage
 from llm_gateway.tokens import estimate_prompt_tokens, estimate_tokens
-from pantheon.api import authenticate_request
 from sessions_app.models import ChatSession, LlmEvent, Message, Turn
 
 # Most earlier messages looked at when building the context (the budget trims further).

@@ -9,9 +9,9 @@ from django.utils import timezone
 from django_tasks_db.models import DBTaskResult
 from rest_framework.test import APIClient
 
+from core.api import ApiError
 from files_app import services
 from files_app.models import UploadedFile
-from pantheon.api import ApiError
 from tests.files_app.helpers import upload
 
 pytestmark = pytest.mark.django_db
