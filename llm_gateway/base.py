@@ -2,6 +2,13 @@
 
 The gateway talks to a model and reports what happened. It knows nothing of
 sessions, turns or wallets: callers persist the `CallRecord`s it returns.
+
+Whatever the provider sends, what the gateway hands out can be stored and sent as is: every
+provider text (deltas, content, tool call ids, names and arguments, model and provider
+names, error messages) has NUL and unpaired surrogates replaced by U+FFFD
+(`core.text.clean_text`), names are cut to fit their columns, error messages are short, and
+token counts are ints in [0, MAX_TOKEN_COUNT]. Stream deltas are cleaned one by one, so
+their concatenation is the cleaned answer.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,11 +28,51 @@ ChatMessage = dict[str, Any]
 ToolExecutor = Callable[[str, dict[str, Any]], Awaitable[str]]
 
 
+# Token counts end up in PositiveIntegerField columns (at most 2**31 - 1), the total too, so
+# each count is capped at half of that: any Usage's total still fits. No real call comes close.
+MAX_TOKEN_COUNT = (2**31 - 1) // 2
+_MAX_COUNT_DIGITS = len(str(MAX_TOKEN_COUNT))
+
+
+def token_count(value: Any) -> int | None:
+    """A provider's token count as an int in [0, MAX_TOKEN_COUNT], or None if it is no number.
+
+    Providers have sent floats, numeric strings, negatives and absurd values; JSON parsing
+    also yields NaN and infinities, which int() refuses. A fraction rounds up (a billed count
+    errs high, like the estimates); bools are not counts.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return min(max(value, 0), MAX_TOKEN_COUNT)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value <= 0:
+            return 0
+        return MAX_TOKEN_COUNT if value >= MAX_TOKEN_COUNT else math.ceil(value)
+    if isinstance(value, str):
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()):
+            return None
+        # Don't int() thousands of digits (slow, and refused past 4300).
+        return MAX_TOKEN_COUNT if len(digits) > _MAX_COUNT_DIGITS else min(int(digits), MAX_TOKEN_COUNT)
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Usage:
+    """Token counts; always ints in [0, MAX_TOKEN_COUNT] (clamped on construction, sums too)."""
+
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= MAX_TOKEN_COUNT:
+                object.__setattr__(self, name, token_count(value) or 0)
 
     @property
     def total_tokens(self) -> int:

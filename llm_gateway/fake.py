@@ -37,6 +37,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from core.text import clean_text
+
 from ._tools import run_tool_call
 from .base import (
     CallRecord,
@@ -137,7 +139,9 @@ class FakeGateway(LlmGateway):
             if message.get("role") == "user":
                 text = _text(message.get("content")).strip()
                 break
-        return f"You said: {text}. This answer comes from Pantheon's offline fake model."
+        # The echo is model output: like a real provider's, it must be storable (callers
+        # refuse such user text, but the fake must not depend on that).
+        return f"You said: {clean_text(text)}. This answer comes from Pantheon's offline fake model."
 
     def _record(self, model: str, *, stream: bool, started: float, usage: Usage | None = None,
                 status: str = "ok", error: str = "", http_status: int | None = 200) -> CallRecord:

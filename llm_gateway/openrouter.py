@@ -1,7 +1,8 @@
 """The OpenRouter gateway: the OpenAI-compatible chat completions API over httpx.
 
 Works with any OpenAI-compatible base URL (OpenRouter, vLLM, Ollama, the test server).
-Wire format: /work/shared/reference/openrouter-protocol.md.
+Wire format: /work/shared/reference/openrouter-protocol.md. The provider is not trusted to
+be well-formed: see the guarantees in `llm_gateway.base`, and the size limits below.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 
 import httpx
 
-from ._tools import run_tool_call
+from core.text import REPLACEMENT, clean_text, find_unstorable
+
+from ._tools import clean_json_strings, run_tool_call
 from .base import (
     CallRecord,
     ChatMessage,
@@ -32,8 +35,9 @@ from .base import (
     UpstreamError,
     UpstreamTimeout,
     Usage,
+    token_count,
 )
-from .sse import SSEDecoder, SSEEvent
+from .sse import SSEDecoder, SSEEvent, SSEEventTooLarge
 from .tokens import estimate_prompt_tokens, estimate_tokens
 
 __all__ = ["OpenRouterGateway", "aclose_shared_client", "shared_client"]
@@ -42,6 +46,20 @@ logger = logging.getLogger("llm_gateway")
 
 RETRY_STATUSES = frozenset({429, 502, 503})
 MAX_RETRY_AFTER_SECONDS = 30.0
+# Everything the provider sends is bounded, so no answer can exhaust memory or not fit the
+# columns it is stored in (an LLM event row: provider_model 200 and provider 100 characters;
+# a tool message's tool_call_id 200). Messages may reach users: keep them short.
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # one SSE event; a 10 MB delta still passes
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streamed answer
+MAX_ERROR_BODY_BYTES = 1024 * 1024  # an error body: only its message is wanted (403s echo the input)
+MAX_MESSAGE_CHARS = 500
+MAX_MODEL_CHARS = 200
+MAX_PROVIDER_CHARS = 100
+MAX_FINISH_REASON_CHARS = 64
+MAX_TOOL_CALL_ID_CHARS = 200
+# Each call becomes a stored tool message (a turn's message positions are small ints) and an
+# executor run: calls past this many in one answer are dropped, from the assistant message too.
+MAX_TOOL_CALLS_PER_ROUND = 128
 _POOL_LIMITS = httpx.Limits(max_connections=500, max_keepalive_connections=50, keepalive_expiry=30.0)
 
 # One AsyncClient per event loop: a client's pooled connections belong to the loop that
@@ -82,12 +100,57 @@ def _ms_since(start: float) -> int:
 
 
 def _parse_usage(raw: Any) -> Usage | None:
+    """The provider's usage, counts made sane (`token_count`); None if it has no count."""
     if not isinstance(raw, dict):
         return None
-    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
-    if not isinstance(prompt, int | float) and not isinstance(completion, int | float):
+    prompt, completion = token_count(raw.get("prompt_tokens")), token_count(raw.get("completion_tokens"))
+    if prompt is None and completion is None:
         return None
-    return Usage(prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0), estimated=False)
+    return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0, estimated=False)
+
+
+def _label(value: Any, limit: int) -> str | None:
+    """A provider-sent name (model slug, provider, finish reason): a non-empty string, cut to
+    `limit` characters and cleaned; None for anything else (numbers, objects)."""
+    if not isinstance(value, str) or not value:
+        return None
+    return clean_text(value[:limit])  # cut first: cleaning keeps the length
+
+
+def _message(text: str) -> str:
+    """An error text for users and the database: short and storable."""
+    return clean_text(text[:MAX_MESSAGE_CHARS])
+
+
+def _loads(data: bytes | str) -> Any:
+    """Parsed JSON, or None if it is not JSON.
+
+    Bytes are decoded as UTF-8 with U+FFFD for bad sequences, as the SSE decoder does:
+    json.loads(bytes) would refuse the whole answer for one bad byte, and would decode an
+    encoded surrogate (ED A0 80) into a lone one. Nesting too deep raises RecursionError, not
+    ValueError: that is not JSON we can use either.
+    """
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+async def _read_body(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of the body, and whether there was more (left unread)."""
+    body = bytearray()
+    async for piece in response.aiter_bytes():
+        body += piece
+        if len(body) > limit:
+            return bytes(body[:limit]), True
+    return bytes(body), False
+
+
+def _join_surrogate_pairs(text: str) -> str:
+    """Adjacent high+low surrogates as the one code point they encode (lone ones stay)."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
 
 
 def _add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
@@ -103,34 +166,33 @@ def _error_text(error: Any) -> tuple[str, int | None]:
     if isinstance(error, dict):
         message = error.get("message")
         code = error.get("code")
-        status = code if isinstance(code, int) and not isinstance(code, bool) else None
+        status = code if isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599 else None
         if not isinstance(message, str) or not message:
-            message = f"upstream error {code}" if code is not None else "upstream error"
-        return message, status
+            shown = code if isinstance(code, str | int) and not isinstance(code, bool) else None
+            message = f"upstream error {shown}" if shown is not None else "upstream error"
+        return _message(message), status
     if isinstance(error, str) and error:
-        return error, None
+        return _message(error), None
     return "upstream error", None
 
 
 def _error_message_from_body(body: bytes, status: int) -> str:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
+    data = _loads(body)
     if isinstance(data, dict) and data.get("error"):
         return _error_text(data["error"])[0]
     text = body.decode("utf-8", errors="replace").strip()
     if text:
-        return text[:500]
+        return _message(text)
     return f"upstream returned HTTP {status}"
 
 
 def _content_text(content: Any) -> str:
+    """A message's text, cleaned (it is stored and shown)."""
     if isinstance(content, str):
-        return content
+        return clean_text(content)
     if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict)
-                       and isinstance(p.get("text"), str))
+        return clean_text("".join(p.get("text", "") for p in content if isinstance(p, dict)
+                                  and isinstance(p.get("text"), str)))
     return ""
 
 
@@ -139,6 +201,10 @@ def _parse_tool_calls(raw: Any, round_no: int) -> list[ToolCall]:
     if not isinstance(raw, list):
         return calls
     for index, item in enumerate(raw):
+        if len(calls) >= MAX_TOOL_CALLS_PER_ROUND:
+            logger.warning("the model asked for more than %d tool calls at once; the rest are dropped",
+                           MAX_TOOL_CALLS_PER_ROUND)
+            break
         if not isinstance(item, dict):
             continue
         function = item.get("function") if isinstance(item.get("function"), dict) else {}
@@ -146,10 +212,17 @@ def _parse_tool_calls(raw: Any, round_no: int) -> list[ToolCall]:
         if arguments is None or arguments == "":
             arguments = "{}"  # seen from Bedrock for calls without arguments
         elif not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        call_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else \
-            f"call_{round_no}_{index}"
-        calls.append(ToolCall(id=call_id, name=str(function.get("name") or ""), arguments=arguments))
+            # An object (some servers): json.dumps would escape a NUL, not remove it.
+            try:
+                arguments = json.dumps(clean_json_strings(arguments), ensure_ascii=False)
+            except RecursionError:  # json.loads takes deeper nesting than Python code does
+                arguments = "(arguments nested too deeply)"  # not JSON: the model is told so
+        # Ids, names and arguments are stored with the turn and sent back upstream: clean them
+        # (the id is cut to fit its column; it is the same wherever it is used).
+        call_id = _label(item.get("id"), MAX_TOOL_CALL_ID_CHARS) or f"call_{round_no}_{index}"
+        name = function.get("name")
+        name = clean_text(name) if isinstance(name, str) else ""
+        calls.append(ToolCall(id=call_id, name=name, arguments=clean_text(arguments)))
     return calls
 
 
@@ -256,7 +329,7 @@ class OpenRouterGateway(LlmGateway):
                 if 200 <= status < 300:
                     return response, record, started
                 try:
-                    body = await response.aread()
+                    body, _ = await _read_body(response, MAX_ERROR_BODY_BYTES)
                 except httpx.HTTPError:
                     body = b""
                 finally:
@@ -337,7 +410,7 @@ class OpenRouterGateway(LlmGateway):
         response, record, started = await self._open(payload, stream=False, records=records, usage=usage)
         records.append(record)
         try:
-            body = await response.aread()
+            body, too_large = await _read_body(response, MAX_BODY_BYTES)
         except httpx.TimeoutException as exc:
             self._fail(record, started, "read timeout")
             raise UpstreamTimeout("the model provider timed out", records=list(records), usage=usage) from exc
@@ -356,14 +429,13 @@ class OpenRouterGateway(LlmGateway):
             return UpstreamError(message, status=status, records=list(records),
                                  usage=_add_usage(usage, reported))
 
-        try:
-            data = json.loads(body)  # leading whitespace (OpenRouter keep-alive) is fine
-        except ValueError:
-            data = None
+        if too_large:
+            raise fail("the model provider's answer is too large", None)
+        data = _loads(body)  # leading whitespace (OpenRouter keep-alive) is fine
         if not isinstance(data, dict):
             raise fail("the model provider sent invalid JSON", None)
-        record.provider_model = str(data.get("model") or "")
-        record.provider = str(data.get("provider") or "")
+        record.provider_model = _label(data.get("model"), MAX_MODEL_CHARS) or ""
+        record.provider = _label(data.get("provider"), MAX_PROVIDER_CHARS) or ""
         reported = _parse_usage(data.get("usage"))
         if data.get("error"):
             # OpenRouter can answer 200 with an error body once it has sent keep-alives.
@@ -376,7 +448,7 @@ class OpenRouterGateway(LlmGateway):
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         content = _content_text(message.get("content"))
         tool_calls = _parse_tool_calls(message.get("tool_calls"), round_no)
-        finish_reason = str(choice.get("finish_reason") or "")
+        finish_reason = _label(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS) or ""
         if finish_reason == "error":
             raise fail("the model provider finished with an error", None, reported)
         if reported is None:
@@ -433,6 +505,12 @@ class _UpstreamStream:
         self.provider: str | None = None
         self.finish_reason: str | None = None
         self.ctx: StreamingContext | None = None
+        # The raw values last seen, so a label repeated in every chunk is cleaned only once.
+        self._raw_model: Any = None
+        self._raw_provider: Any = None
+        # A high surrogate that ended the last delta, kept back in case the next delta starts
+        # with its low half (a server slicing UTF-16 code units splits pairs across events).
+        self._held = ""
         self._gen: AsyncIterator[str] | None = None
         self._finished = False
         self._closing = False  # aclose() was called
@@ -496,12 +574,20 @@ class _UpstreamStream:
         return exc
 
     async def sse_chunks(self) -> AsyncIterator[str]:
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
         try:
             async for raw in self.response.aiter_bytes():
-                for event in decoder.feed(raw):
+                try:
+                    events = decoder.feed(raw)
+                except SSEEventTooLarge:
+                    raise UpstreamError("the model provider sent a stream event that is too large",
+                                        usage=self.usage) from None
+                for event in events:
                     delta = self._handle(event)
                     if delta is _DONE:
+                        if self._held:  # a high surrogate nothing paired: it stands for U+FFFD
+                            self._held = ""
+                            yield self._first_token(REPLACEMENT)
                         self._finish("ok")
                         return
                     if delta:
@@ -534,6 +620,16 @@ class _UpstreamStream:
             await self._close_response()
             self._finish("cancelled", "closed before the stream ended")
 
+    def _clean_delta(self, text: str) -> str:
+        """`text` fit to send and store; the common clean delta costs one regex search."""
+        if self._held:
+            text, self._held = self._held + text, ""
+        if find_unstorable(text) < 0:
+            return text
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self._held = text[:-1], text[-1]
+        return clean_text(_join_surrogate_pairs(text))
+
     def _first_token(self, delta: str) -> str:
         if self.record.ttft_ms is None:
             self.record.ttft_ms = _ms_since(self.started)
@@ -548,16 +644,16 @@ class _UpstreamStream:
             return None
         if data.startswith("[DONE]"):
             return _DONE
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            chunk = None
+        chunk = _loads(data)
         if not isinstance(chunk, dict):
             raise UpstreamError("the model provider sent a malformed stream chunk")
-        if isinstance(chunk.get("model"), str) and chunk["model"]:
-            self.provider_model = chunk["model"]
-        if isinstance(chunk.get("provider"), str) and chunk["provider"]:
-            self.provider = chunk["provider"]
+        model, provider = chunk.get("model"), chunk.get("provider")
+        if model != self._raw_model:
+            self._raw_model = model
+            self.provider_model = _label(model, MAX_MODEL_CHARS) or self.provider_model
+        if provider != self._raw_provider:
+            self._raw_provider = provider
+            self.provider = _label(provider, MAX_PROVIDER_CHARS) or self.provider
         usage = _parse_usage(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
@@ -568,45 +664,43 @@ class _UpstreamStream:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return None  # e.g. the usage chunk
         choice = choices[0]
-        if choice.get("finish_reason"):
-            self.finish_reason = str(choice["finish_reason"])
-            if self.finish_reason == "error":
+        finish_reason = _label(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS)
+        if finish_reason:
+            self.finish_reason = finish_reason
+            if finish_reason == "error":
                 raise UpstreamError("the model provider ended the stream with an error", usage=self.usage)
         delta = choice.get("delta")
         if isinstance(delta, dict):
             content = delta.get("content")
             if isinstance(content, str) and content:
-                return content
+                return self._clean_delta(content)
         return None
 
     async def json_chunks(self, records: list[CallRecord]) -> AsyncIterator[str]:
         """Read a non-streamed JSON answer now; return a one-piece chunk iterator."""
         try:
-            body = await self.response.aread()
+            body, too_large = await _read_body(self.response, MAX_BODY_BYTES)
         except httpx.TimeoutException as exc:
             raise self._with_records(UpstreamTimeout("the model provider timed out"), records) from exc
         except httpx.HTTPError as exc:
             raise self._with_records(UpstreamError("the model provider's answer was cut off"), records) from exc
         finally:
             await self._close_response()
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
+        if too_large:
+            raise self._with_records(UpstreamError("the model provider's answer is too large"), records)
+        data = _loads(body)
         if not isinstance(data, dict):
             raise self._with_records(UpstreamError("the model provider sent invalid JSON"), records)
-        if isinstance(data.get("model"), str):
-            self.provider_model = data["model"] or None
-        if isinstance(data.get("provider"), str):
-            self.provider = data["provider"] or None
+        self.provider_model = _label(data.get("model"), MAX_MODEL_CHARS)
+        self.provider = _label(data.get("provider"), MAX_PROVIDER_CHARS)
         self.usage = _parse_usage(data.get("usage"))
         choices = data.get("choices")
         if data.get("error") or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             message, code = _error_text(data.get("error")) if data.get("error") else ("no choices", None)
             raise self._with_records(UpstreamError(message, status=code, usage=self.usage), records)
         message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
-        self.finish_reason = str(choices[0].get("finish_reason") or "") or None
-        text = _content_text(message.get("content"))
+        self.finish_reason = _label(choices[0].get("finish_reason"), MAX_FINISH_REASON_CHARS)
+        text = _content_text(message.get("content"))  # cleaned
 
         async def one_piece() -> AsyncIterator[str]:
             try:

@@ -16,9 +16,14 @@ import json
 import re
 from typing import Any
 
-__all__ = ["SSEDecoder", "SSEEvent", "encode_comment", "encode_event"]
+__all__ = ["SSEDecoder", "SSEEvent", "SSEEventTooLarge", "encode_comment", "encode_event"]
 
 _EOL = re.compile(rb"\r\n|\r|\n")
+_MAX_RETRY_DIGITS = 10  # int() of thousands of digits is slow, and refused past 4300
+
+
+class SSEEventTooLarge(ValueError):
+    """The event being received grew past the decoder's `max_event_bytes`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +42,15 @@ class SSEDecoder:
     [SSEEvent(data='a', event='message', id='', retry=None)]
 
     Call `finish()` at EOF: it reports whether an unterminated event was dropped.
+
+    With `max_event_bytes`, `feed()` raises `SSEEventTooLarge` once the event being received
+    (its data lines plus the unterminated line) is larger: a peer sending one endless line
+    must not take all the memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._data_bytes = 0  # raw size of the data lines of the pending event
         self._line = bytearray()  # bytes of the current, not yet terminated line
         self._skip_lf = False  # the previous read ended in CR: a leading LF belongs to it
         self._first_line = True  # strip a BOM from the very first line only
@@ -81,6 +92,8 @@ class SSEDecoder:
         self._line += chunk[pos:]
         if chunk.endswith(b"\r"):
             self._skip_lf = True
+        if self.max_event_bytes is not None and len(self._line) + self._data_bytes > self.max_event_bytes:
+            raise SSEEventTooLarge(f"an SSE event is larger than {self.max_event_bytes} bytes")
         return events
 
     def finish(self) -> bool:
@@ -88,6 +101,7 @@ class SSEDecoder:
         pending = self.has_pending_event
         self._line.clear()
         self._data = []
+        self._data_bytes = 0
         self._event = ""
         self._skip_lf = False
         return pending
@@ -106,13 +120,17 @@ class SSEDecoder:
             value = value[1:]
         if field == "data":
             self._data.append(value)
+            if self.max_event_bytes is not None:
+                self._data_bytes += len(raw)
+                if self._data_bytes > self.max_event_bytes:
+                    raise SSEEventTooLarge(f"an SSE event is larger than {self.max_event_bytes} bytes")
         elif field == "event":
             self._event = value
         elif field == "id":
             if "\x00" not in value:
                 self._last_id = value
         elif field == "retry":
-            if value.isascii() and value.isdigit():
+            if value.isascii() and value.isdigit() and len(value) <= _MAX_RETRY_DIGITS:
                 self._retry = int(value)
         # Any other field is ignored, as the grammar says.
         return None
@@ -124,6 +142,7 @@ class SSEDecoder:
         event = SSEEvent(data="\n".join(self._data), event=self._event or "message",
                          id=self._last_id, retry=self._retry)
         self._data = []
+        self._data_bytes = 0
         self._event = ""
         return event
 

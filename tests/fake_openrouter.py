@@ -15,13 +15,20 @@ Usage (the `fake_openrouter` fixture is available to every test through tests/co
         ...
         assert fake_openrouter.requests[-1].body["model"] == "openai/gpt-4o-mini"
 
-Replies are consumed in order, one per request. With an empty queue every request gets the
-default echo reply: "Hello from fake upstream" (usage 10/5, model DEFAULT_MODEL), streamed or
-not according to the request's "stream" flag. Any path other than /api/v1/chat/completions
-gets a 404 error body.
+Replies are consumed in order, one per request, whichever connection it came on. With an
+empty queue, a chooser set with `reply_with(choose)` is asked next: `choose(request)` (a
+`RecordedRequest`) returns the reply, or None for the default. Concurrent clients that need
+replies by content (e.g. a tool turn's second round, whose last message has role "tool") use
+it rather than the FIFO queue. Otherwise every request gets the default echo reply: "Hello
+from fake upstream" (usage 10/5, model DEFAULT_MODEL), streamed or not according to the
+request's "stream" flag. Any path other than /api/v1/chat/completions gets a 404 error body.
 
 Reply constructors (module functions, also reachable as methods of the fixture object):
-`completion()`, `tool_call()`, `http_error()`, `sse_stream()`, `slow_stream()`, `raw_stream()`.
+`completion()`, `tool_call()`, `http_error()`, `sse_stream()`, `slow_stream()`, `raw_stream()`,
+`raw_json()` (exact body bytes: invalid UTF-8, NaN, deep nesting...), and `sse_data()` to build
+one `data:` event for `raw_stream()`. Text with a lone surrogate (what a JSON "\\ud800" escape
+decodes to) cannot be sent as UTF-8, so it always goes out as JSON escapes; `sse_stream(...,
+ensure_ascii=True)` escapes every non-ASCII character (NUL is always escaped as "\\u0000").
 `.requests` lists what arrived (`RecordedRequest`: method, path, lower-cased headers, parsed
 JSON body); `.disconnected` (a threading.Event) is set when a client hung up while a reply
 was still being written (cancellation tests). The `fake_openrouter_settings` fixture also
@@ -33,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import select
 import socket
@@ -40,7 +48,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,6 +82,8 @@ class JsonReply:
     status: int = 200
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     delay: float = 0.0  # seconds before the status line is sent (timeouts)
+    raw: bytes | None = None  # sent as is instead of json.dumps(body)
+    content_type: str = "application/json"
 
 
 @dataclasses.dataclass
@@ -91,6 +101,7 @@ class StreamReply:
 
 
 Reply = JsonReply | StreamReply
+ReplyChooser = Callable[[RecordedRequest], Reply | None]
 
 
 def _usage_dict(usage: UsageArg) -> dict[str, Any] | None:
@@ -143,10 +154,32 @@ def http_error(status: int, message: str | None = None, *, retry_after: float | 
     return JsonReply(body=body, status=status, headers=all_headers, delay=delay)
 
 
-def _chunk(model: str, provider: str, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+def raw_json(body: bytes, *, status: int = 200, headers: dict[str, str] | None = None,
+             content_type: str = "application/json", delay: float = 0.0) -> JsonReply:
+    """A complete response whose body is exactly `body` (not necessarily valid JSON or UTF-8)."""
+    return JsonReply(body=None, status=status, headers=dict(headers or {}), delay=delay, raw=body,
+                     content_type=content_type)
+
+
+def json_bytes(obj: Any, *, ensure_ascii: bool = False) -> bytes:
+    """`obj` as one line of JSON in UTF-8. A lone surrogate has no UTF-8 form, so text with
+    one is sent with JSON escapes (as a provider's serializer would) whatever `ensure_ascii`."""
+    try:
+        return json.dumps(obj, ensure_ascii=ensure_ascii).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True).encode()
+
+
+def sse_data(obj: Any, *, ensure_ascii: bool = False) -> bytes:
+    """One SSE event `data: <json>\\n\\n` (for `raw_stream()`)."""
+    return b"data: " + json_bytes(obj, ensure_ascii=ensure_ascii) + b"\n\n"
+
+
+def _chunk(model: str, provider: str, choices: list[dict[str, Any]], *, ensure_ascii: bool = False,
+           **extra: Any) -> bytes:
     obj = {"id": "gen-fake-1", "provider": provider, "model": model, "object": "chat.completion.chunk",
            "created": 1739458867, "choices": choices, **extra}
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return sse_data(obj, ensure_ascii=ensure_ascii)
 
 
 def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_MODEL,
@@ -155,38 +188,40 @@ def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_M
                error_after: int | None = None, error_code: int | str = "server_error",
                error_message: str = "Provider disconnected unexpectedly", error_usage: UsageArg = None,
                done: bool = True, drop_connection: bool = False, comments: bool = True,
-               delay: float = 0.0, open_delay: float = 0.0) -> StreamReply:
+               delay: float = 0.0, open_delay: float = 0.0, ensure_ascii: bool = False) -> StreamReply:
     """An OpenRouter-style SSE stream of `pieces`, one event per write.
 
     usage_shape: "empty_choices" (`"choices": []`, as documented) or "empty_delta"
     (`choices` with an empty delta, as also captured). `usage=None`: no usage chunk.
     error_after=N: after N pieces send an error chunk (carrying `error_usage` if given) and
     end the stream. done=False: end cleanly without `data: [DONE]`. drop_connection: close the
-    socket without ending the chunked body.
+    socket without ending the chunked body. ensure_ascii: every non-ASCII character as a JSON
+    escape (pieces with lone surrogates are escaped anyway, see `json_bytes()`).
     """
     writes: list[bytes] = []
+    chunk = functools.partial(_chunk, ensure_ascii=ensure_ascii)
     if comments:
         writes.append(b": OPENROUTER PROCESSING\n\n")
-    writes.append(_chunk(model, provider, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None, "native_finish_reason": None,
-                                            "logprobs": None}]))
+    writes.append(chunk(model, provider, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None, "native_finish_reason": None,
+                                           "logprobs": None}]))
     for index, piece in enumerate(pieces):
         if error_after is not None and index == error_after:
             break
-        writes.append(_chunk(model, provider, [{"index": 0, "delta": {"content": piece},
-                                                "finish_reason": None}]))
+        writes.append(chunk(model, provider, [{"index": 0, "delta": {"content": piece},
+                                               "finish_reason": None}]))
         if comments and index == 1:
             writes.append(b": OPENROUTER PROCESSING\n\n")
     if error_after is not None:
         extra: dict[str, Any] = {"error": {"code": error_code, "message": error_message}}
         if error_usage is not None:
             extra["usage"] = _usage_dict(error_usage)
-        writes.append(_chunk(model, provider, [{"index": 0, "delta": {"content": ""},
-                                                "finish_reason": "error"}], **extra))
+        writes.append(chunk(model, provider, [{"index": 0, "delta": {"content": ""},
+                                               "finish_reason": "error"}], **extra))
         return StreamReply(writes=writes, delay=delay, open_delay=open_delay, drop_connection=drop_connection)
-    writes.append(_chunk(model, provider, [{"index": 0, "delta": {"content": ""},
-                                            "finish_reason": finish_reason,
-                                            "native_finish_reason": finish_reason}]))
+    writes.append(chunk(model, provider, [{"index": 0, "delta": {"content": ""},
+                                           "finish_reason": finish_reason,
+                                           "native_finish_reason": finish_reason}]))
     if usage is not None:
         if usage_shape == "empty_choices":
             choices: list[dict[str, Any]] = []
@@ -194,7 +229,7 @@ def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_M
             choices = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
         else:
             raise ValueError(f"unknown usage_shape {usage_shape!r}")
-        writes.append(_chunk(model, provider, choices, usage=_usage_dict(usage)))
+        writes.append(chunk(model, provider, choices, usage=_usage_dict(usage)))
     if done:
         writes.append(b"data: [DONE]\n\n")
     return StreamReply(writes=writes, delay=delay, open_delay=open_delay, drop_connection=drop_connection)
@@ -259,9 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_json(self, reply: JsonReply) -> None:
         if reply.delay and self._wait(reply.delay):
             return
-        data = json.dumps(reply.body).encode()
+        data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
         for name, value in reply.headers.items():
@@ -339,12 +374,15 @@ class FakeOpenRouter:
     sse_stream = staticmethod(sse_stream)
     slow_stream = staticmethod(slow_stream)
     raw_stream = staticmethod(raw_stream)
+    raw_json = staticmethod(raw_json)
+    sse_data = staticmethod(sse_data)
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         # Set when a client closed a connection while we were still answering it.
         self.disconnected = threading.Event()
         self._queue: collections.deque[Reply] = collections.deque()
+        self._chooser: ReplyChooser | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._request_seen = threading.Condition(self._lock)
@@ -392,6 +430,13 @@ class FakeOpenRouter:
         with self._lock:
             self._queue.extend(replies)
 
+    def reply_with(self, choose: ReplyChooser | None) -> None:
+        """Once the queue is empty, answer each request with `choose(request)` (None: the
+        default reply). Called on the server's handler threads, so it must be thread-safe.
+        `reply_with(None)` removes it."""
+        with self._lock:
+            self._chooser = choose
+
     @property
     def pending(self) -> int:
         """Scripted replies not yet used."""
@@ -418,6 +463,11 @@ class FakeOpenRouter:
             self._request_seen.notify_all()
             if self._queue:
                 return self._queue.popleft()
+            choose = self._chooser
+        if choose is not None:
+            reply = choose(request)
+            if reply is not None:
+                return reply
         if isinstance(request.body, dict) and request.body.get("stream"):
             return sse_stream()
         return completion()

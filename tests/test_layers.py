@@ -9,9 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Each package may import only the packages listed before it (and itself).
 LAYERS = ["core", "llm_gateway", "accounts", "billing_app", "files_app", "sessions_app", "web", "pantheon"]
-# The gateway is a library: it knows nothing of Pantheon's apps, nor of its kernel.
+# The gateway is a library: it knows nothing of Pantheon's apps.
 ALLOWED = {name: set(LAYERS[:i]) for i, name in enumerate(LAYERS)}
-ALLOWED["llm_gateway"] = set()
+ALLOWED["llm_gateway"] = {"core"}  # only the pure core.text
 
 
 def first_party_imports(path: Path) -> set[str]:
