@@ -27,6 +27,11 @@ def _first_error(detail, codes, path: str = "") -> tuple[str, str]:
     return (f"{path}: {message}" if path else message), str(codes)
 
 
+# DRF's CharField refuses NUL and unpaired surrogates (text PostgreSQL cannot store, or no
+# UTF-8 encoder can write); SPEC 10 names both `invalid_text`, as the turn endpoints do.
+_TEXT_CODES = {"null_characters_not_allowed": "invalid_text", "surrogate_characters_not_allowed": "invalid_text"}
+
+
 def exception_handler(exc, context):
     """Every API error body is `{"detail": "...", "code": "..."}`."""
     if isinstance(exc, Http404):
@@ -40,6 +45,7 @@ def exception_handler(exc, context):
         if code in {"invalid", "required", "null", "blank", "max_length", "min_length",
                     "max_value", "min_value", "invalid_choice", "max_string_length"}:
             code = f"invalid_{code}" if code != "invalid" else "invalid"
+        code = _TEXT_CODES.get(code, code)
         response.data = {"detail": detail, "code": code}
     elif isinstance(exc, exceptions.APIException):
         codes = exc.get_codes()

@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import PurePosixPath
 
+from core.text import clean_text
+
 logger = logging.getLogger(__name__)
 
 TEXT_PLAIN = "text/plain"
@@ -109,8 +111,11 @@ def _pdf_text(data: bytes) -> str:
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as exc:
         # pypdf signals malformed input with a spread of exception types.
         logger.info("pdf extraction failed: %r", exc)
-        raise ExtractionError(f"not a readable PDF: {exc}") from None
-    text = "\n\n".join(page for page in pages if page).replace("\x00", "")
+        # pypdf's messages may quote the file: the reason is stored, so it must be storable.
+        raise ExtractionError(clean_text(f"not a readable PDF: {exc}")) from None
+    # pypdf decodes ToUnicode maps with "surrogatepass", so a hostile PDF yields unpaired
+    # surrogates, which PostgreSQL would refuse (the file then stayed pending forever).
+    text = clean_text("\n\n".join(page for page in pages if page).replace("\x00", ""))
     if not text.strip():
         raise ExtractionError("no text could be extracted from the PDF (scanned or image-only?)")
     return text

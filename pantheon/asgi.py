@@ -3,7 +3,7 @@ import os
 from django.core.asgi import get_asgi_application
 
 from files_app.asgi import UploadSizeLimit
-from web.asgi import StaticFiles
+from web.asgi import ContentTypeGuard, StaticFiles
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pantheon.settings")
 
@@ -15,5 +15,6 @@ django_application = get_asgi_application()
 # untouched, to Django. It wraps at the ASGI level, so no sync middleware is added and
 # streamed responses (SSE) pass straight through. A reverse proxy that serves STATIC_ROOT
 # (after `manage.py collectstatic`) itself simply never reaches it.
-# UploadSizeLimit answers 413 for an oversized upload before Django spools its body to disk.
-application = UploadSizeLimit(StaticFiles(django_application))
+# UploadSizeLimit answers 413 for an oversized upload before Django spools its body to disk;
+# ContentTypeGuard answers 400 for a Content-Type Django would turn into a 500.
+application = UploadSizeLimit(ContentTypeGuard(StaticFiles(django_application)))

@@ -79,9 +79,11 @@ def test_asgi_application_serves_static_files_and_hands_the_rest_to_django():
     from django.core.handlers.asgi import ASGIHandler
 
     from files_app.asgi import UploadSizeLimit
+    from web.asgi import ContentTypeGuard
 
     assert isinstance(application, UploadSizeLimit)
-    static = application.app
+    assert isinstance(application.app, ContentTypeGuard)
+    static = application.app.app
     assert isinstance(static, ASGIStaticFilesHandler)
     assert static.base_url.path == "/static/"
     assert type(static.application) is ASGIHandler
