@@ -72,7 +72,7 @@ class LedgerEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 @admin.register(CreditHold)
 class CreditHoldAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["created_at", "user", "model", "amount", "max_tokens", "expires_at", "released_at"]
+    list_display = ["created_at", "user", "model", "amount", "max_tokens", "released_at", "turn_id"]
     search_fields = ["user__username", "turn_id"]
 
 

@@ -56,13 +56,15 @@ class LedgerEntry(models.Model):
 
 
 class CreditHoldQuerySet(models.QuerySet):
-    def open(self, now=None) -> "CreditHoldQuerySet":
-        """Holds that still reserve credits: not released and not expired."""
-        return self.filter(released_at__isnull=True, expires_at__gt=now or timezone.now())
+    def open(self) -> "CreditHoldQuerySet":
+        """Holds that still reserve credits: every hold until its turn settles."""
+        return self.filter(released_at__isnull=True)
 
 
 class CreditHold(models.Model):
-    """Credits reserved by the preflight for one turn until it settles (or the hold expires)."""
+    """Credits reserved by the preflight for one turn until it settles. A hold has no clock of
+    its own: it lives as long as its turn's lease, and the sweep settles a turn whose lease
+    lapsed (sessions_app.turns), which releases it."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     wallet = models.ForeignKey(Wallet, on_delete=models.CASCADE, related_name="holds")
@@ -72,7 +74,6 @@ class CreditHold(models.Model):
     amount = models.DecimalField(**MONEY)
     max_tokens = models.PositiveIntegerField()
     created_at = models.DateTimeField(default=timezone.now, editable=False)
-    expires_at = models.DateTimeField()
     released_at = models.DateTimeField(null=True, blank=True)
 
     objects = CreditHoldQuerySet.as_manager()

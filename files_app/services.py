@@ -1,7 +1,8 @@
 """Uploaded files: accepting an upload, extracting its text (run by the `extract_file_text`
 task), deleting, and the `file_read` tool the turn code offers the model.
 
-Everything here is synchronous; async callers use `sync_to_async`.
+Everything here is synchronous; async callers use `core.db.db_call` (the turn's `file_read`
+executor is `files_app.tools.make_file_read_executor`).
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env_int("PANTHEON_DB_POOL_MIN", 2),
         "max_size": env_int("PANTHEON_DB_POOL_MAX", 20, minimum=1),
-        "timeout": 10,
+        # How long a request waits for a free connection before failing.
+        "timeout": env_float("PANTHEON_DB_POOL_TIMEOUT", 10.0, minimum=0.1),
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the worker and the server share the file; wait instead of failing on a lock.
@@ -153,7 +154,10 @@ PANTHEON_HEARTBEAT_SECONDS = env_float("PANTHEON_HEARTBEAT_SECONDS", 15.0)
 PANTHEON_UPSTREAM_TIMEOUT_SECONDS = env_float("PANTHEON_UPSTREAM_TIMEOUT_SECONDS", 60.0)
 PANTHEON_UPSTREAM_MAX_RETRIES = env_int("PANTHEON_UPSTREAM_MAX_RETRIES", 2)
 PANTHEON_MAX_UPLOAD_BYTES = env_int("PANTHEON_MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1)
-PANTHEON_HOLD_TTL_SECONDS = env_int("PANTHEON_HOLD_TTL_SECONDS", 3600, minimum=60)
+# A running turn renews its lease (and so its hold) at least every third of this; the
+# sweep closes a turn whose lease lapsed, and runs on the db_worker this often (SPEC 10).
+PANTHEON_TURN_LEASE_SECONDS = env_float("PANTHEON_TURN_LEASE_SECONDS", 30.0, minimum=2)
+PANTHEON_CHECKPOINT_SECONDS = env_float("PANTHEON_CHECKPOINT_SECONDS", 2.0, minimum=0.05)
 PANTHEON_MAX_MESSAGE_CHARS = env_int("PANTHEON_MAX_MESSAGE_CHARS", 32000, minimum=1)
 PANTHEON_CONTEXT_BUDGET_TOKENS = env_int("PANTHEON_CONTEXT_BUDGET_TOKENS", 8000, minimum=1)
 PANTHEON_MAX_TOOL_ROUNDS = env_int("PANTHEON_MAX_TOOL_ROUNDS", 4, minimum=1)

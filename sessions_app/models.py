@@ -27,36 +27,53 @@ class ChatSession(models.Model):
 
 
 class Turn(models.Model):
-    """One exchange. Written once, when it ends (see sessions_app.services.record_turn)."""
+    """One exchange, from the moment its preflight passed (`running`, with a lease and a
+    checkpoint of the partial answer) to the one close-time transaction that ends it
+    (sessions_app.turns: `begin_turn`, `renew_turn`, `close_turn`, `sweep_lapsed_turns`)."""
 
     class Status(models.TextChoices):
+        RUNNING = "running"
         COMPLETED = "completed"
         CANCELLED = "cancelled"
         FAILED = "failed"
+        INTERRUPTED = "interrupted"  # its process died; closed by the sweep
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="turns")
-    status = models.CharField(max_length=16, choices=Status.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     model = models.CharField(max_length=200)
     provider_model = models.CharField(max_length=200, blank=True)
     streamed = models.BooleanField(default=False)
     tools_enabled = models.BooleanField(default=False)
+    max_tokens = models.PositiveIntegerField(default=0, help_text="The output cap the preflight granted.")
+    # While running: the prompt estimate (usage_estimated); once closed: what was billed.
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     usage_estimated = models.BooleanField(default=False)
     cost = models.DecimalField(**MONEY, default=Decimal("0"))
+    finish_reason = models.CharField(max_length=32, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+    # While running: renewed by the serving process; a lapsed lease means that process died.
+    lease_until = models.DateTimeField(null=True, blank=True)
+    # While running: the partial answer as last saved; emptied at close.
+    checkpoint = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
-    finished_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
             models.Index(fields=["user", "-created_at"], name="turn_user_idx"),
             models.Index(fields=["session", "-created_at"], name="turn_session_idx"),
+            # The sweep's question: which running turns' leases lapsed?
+            models.Index(fields=["lease_until"], condition=Q(status="running"), name="turn_running_lease_idx"),
         ]
-        constraints = [models.CheckConstraint(condition=Q(cost__gte=0), name="turn_cost_not_negative")]
+        constraints = [
+            models.CheckConstraint(condition=Q(cost__gte=0), name="turn_cost_not_negative"),
+            models.CheckConstraint(condition=~Q(status="running") | Q(lease_until__isnull=False),
+                                   name="turn_running_has_lease"),
+        ]
 
     def __str__(self) -> str:
         return f"turn {self.id} ({self.status})"

@@ -1,15 +1,19 @@
-"""The SSE relay: upstream deltas out to the client as they come, persistence once at close.
+"""The SSE relay: upstream deltas out to the client as they come, the turn closed once.
 
-Per chunk this is plain async code: no database, no thread pool. `record` (the one
-close-time persistence function) runs exactly once, when the stream ends, however it ends:
+Per chunk this is plain async code: no database, no thread pool. A `LeaseKeeper` beside
+the loop renews the turn's lease and checkpoints the partial answer once per period. The
+close-time transaction (`finish_turn`) runs exactly once, however the stream ends:
 
 - completed: after the last delta and before the `done` event, which carries the balance;
-- failed: the provider sent an error mid-stream; recorded before the `error` event;
+- failed: the provider sent an error mid-stream; stored before the `error` event;
 - cancelled: the client went away. Django cancels the response task, which raises
   CancelledError at our pending `await`; or, if the task was parked in `send()`, the
   generator is closed later and only `finally` runs (Django ticket #37066). Both land in
-  `finally`, which closes the upstream and records the turn, shielded from the
-  cancellation. `record_turn` is idempotent by turn id in case anything runs it twice.
+  `finally`, which closes the upstream and stores the turn, shielded from the cancellation.
+  If the client left before this generator ever started, `TurnStreamResponse.close()`
+  does the same.
+- the close-time write keeps failing: `event: error` with `persistence_failed` and the
+  turn id; the sweep closes the turn after its lease, billed from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from django.conf import settings
+from django.http import StreamingHttpResponse
 
 from core.money import format_money
 from llm_gateway import GatewayError, StreamingContext
 from llm_gateway.sse import encode_comment, encode_event
+from sessions_app.live_turn import LeaseKeeper, PersistenceFailed, finish_turn, in_background
 from sessions_app.models import Turn
 from sessions_app.serializers import turn_usage
-from sessions_app.turns import PreparedTurn, TurnOutcome, TurnResult
+from sessions_app.turns import PreparedTurn, TurnOutcome
 
-RecordTurn = Callable[[PreparedTurn, TurnOutcome], Awaitable[TurnResult]]
 _END = object()
 
 
@@ -63,45 +68,97 @@ def _reported_usage(ctx: StreamingContext):
     return ctx.usage_future.result() if done else None
 
 
-async def relay(prepared: PreparedTurn, ctx: StreamingContext, record: RecordTurn) -> AsyncIterator[bytes]:
-    ids = itertools.count(1)
-    parts: list[str] = []
-    ended = False  # the upstream ended, with its last delta or with an error
-    failure: GatewayError | None = None
-    try:
-        yield encode_event("start", {"turn_id": str(prepared.turn_id), "session_id": str(prepared.session_id),
-                                     "model": prepared.model}, next(ids))
-        async for delta in with_heartbeat(ctx.chunks, settings.PANTHEON_HEARTBEAT_SECONDS):
-            if delta is None:
-                yield encode_comment("ping")
-                continue
-            parts.append(delta)
-            yield encode_event("chunk", {"delta": delta}, next(ids))
-        ended = True
-    except GatewayError as exc:
-        ended, failure = True, exc
-    finally:
-        if not ended:
-            # The client went away (CancelledError here, or a late close: GeneratorExit).
-            with contextlib.suppress(Exception):
-                await ctx.aclose()
-            await asyncio.shield(record(prepared, TurnOutcome(
-                status=Turn.Status.CANCELLED, content="".join(parts), usage=_reported_usage(ctx),
-                provider_model=_provider_model(ctx), records=ctx.records,
-            )))
+def cancelled_outcome(ctx: StreamingContext, content: str) -> TurnOutcome:
+    """The client went away while the upstream stream was open."""
+    return TurnOutcome(status=Turn.Status.CANCELLED, content=content, usage=_reported_usage(ctx),
+                       provider_model=_provider_model(ctx), records=ctx.records,
+                       finish_reason=ctx.finish_reason or "", prompt_processed=True)
 
-    content = "".join(parts)
-    if failure is not None:
-        await asyncio.shield(record(prepared, TurnOutcome.from_error(failure, content=content)))
-        yield encode_event("error", {"code": failure.code, "message": failure.message,
-                                     "turn_id": str(prepared.turn_id)}, next(ids))
-        return
-    result = await asyncio.shield(record(prepared, TurnOutcome(
-        status=Turn.Status.COMPLETED, content=content, usage=await ctx.usage_future,
-        provider_model=_provider_model(ctx), records=ctx.records,
-    )))
-    yield encode_event("done", {
-        "turn_id": str(prepared.turn_id), "message_id": str(result.message.id), "status": result.turn.status,
-        "usage": turn_usage(result.turn), "cost": format_money(result.turn.cost),
-        "balance": format_money(result.balance), "provider_model": result.turn.provider_model,
-    }, next(ids))
+
+class Relay:
+    """One streamed turn's response body (`frames()`), and what to do if it never starts."""
+
+    def __init__(self, prepared: PreparedTurn, ctx: StreamingContext) -> None:
+        self.prepared = prepared
+        self.ctx = ctx
+        self.started = False
+
+    async def abandon(self) -> None:
+        """The client left before the body was ever iterated: close the upstream and store
+        the turn as cancelled."""
+        with contextlib.suppress(Exception):
+            await self.ctx.aclose()
+        with contextlib.suppress(PersistenceFailed):
+            await finish_turn(self.prepared, cancelled_outcome(self.ctx, ""))
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        self.started = True
+        prepared, ctx = self.prepared, self.ctx
+        ids = itertools.count(1)
+        parts: list[str] = []
+        outcome: TurnOutcome | None = None
+        keeper = LeaseKeeper(prepared.turn_id, partial=lambda: "".join(parts), on_lost=ctx.aclose).start()
+        try:
+            yield encode_event("start", {"turn_id": str(prepared.turn_id), "session_id": str(prepared.session_id),
+                                         "model": prepared.model}, next(ids))
+            async for delta in with_heartbeat(ctx.chunks, settings.PANTHEON_HEARTBEAT_SECONDS):
+                if delta is None:
+                    yield encode_comment("ping")
+                    continue
+                parts.append(delta)
+                yield encode_event("chunk", {"delta": delta}, next(ids))
+            outcome = TurnOutcome(
+                status=Turn.Status.COMPLETED, content="".join(parts), usage=await ctx.usage_future,
+                provider_model=_provider_model(ctx), records=ctx.records, finish_reason=ctx.finish_reason or "",
+                prompt_processed=True,
+            )
+        except GatewayError as exc:
+            outcome = TurnOutcome.from_error(exc, content="".join(parts))
+            outcome.finish_reason = ctx.finish_reason or ""
+        finally:
+            await keeper.stop()
+            if outcome is None:
+                # The client went away (CancelledError here, or a late close: GeneratorExit).
+                with contextlib.suppress(Exception):
+                    await ctx.aclose()
+                with contextlib.suppress(PersistenceFailed):
+                    await asyncio.shield(in_background(finish_turn(prepared, cancelled_outcome(ctx, "".join(parts)))))
+
+        try:
+            result = await asyncio.shield(in_background(finish_turn(prepared, outcome)))
+        except PersistenceFailed:
+            yield encode_event("error", {"code": "persistence_failed", "turn_id": str(prepared.turn_id),
+                                         "message": "The answer could not be stored yet; the turn will be "
+                                                    "closed and billed from what was saved."}, next(ids))
+            return
+        turn = result.turn
+        if turn.status == Turn.Status.FAILED:
+            yield encode_event("error", {"code": turn.error_code or "upstream_error", "message": turn.error_message,
+                                         "turn_id": str(prepared.turn_id)}, next(ids))
+            return
+        yield encode_event("done", {
+            "turn_id": str(prepared.turn_id), "message_id": str(result.message.id) if result.message else None,
+            "status": turn.status, "usage": turn_usage(turn), "cost": format_money(turn.cost),
+            "balance": format_money(result.balance), "provider_model": turn.provider_model,
+            "finish_reason": turn.finish_reason or None,
+        }, next(ids))
+
+
+class TurnStreamResponse(StreamingHttpResponse):
+    """The SSE response of a turn. Django always calls `close()` (in a worker thread) when
+    the request ends; if the client left before the body was ever iterated, nothing in the
+    relay ran, so the upstream is closed and the turn stored as cancelled from here."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay.frames(), content_type="text/event-stream; charset=utf-8")
+        self["Cache-Control"] = "no-cache"
+        self["X-Accel-Buffering"] = "no"
+        self._relay = relay
+        self._loop = asyncio.get_running_loop()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if not self._relay.started:
+                self._loop.call_soon_threadsafe(lambda: in_background(self._relay.abandon()))

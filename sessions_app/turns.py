@@ -1,86 +1,74 @@
-"""The life of a turn, shared by the plain and the streaming endpoint.
+"""The life of a turn, in the database. Every front door (the plain and the streaming turn
+endpoint) goes through these, and nothing here knows of HTTP:
 
-    begin_turn()   one sync call before the model: auth, session, validation, context, hold
-    (the model call: gateway.generate() or gateway.stream(), plain async code)
-    record_turn()  one sync call at the end: turn, messages, usage, LLM events, debit and
-                   hold release in one transaction.atomic, idempotent by turn id
+    begin_turn()          the preflight, one transaction: hold, the `running` turn row with
+                          its lease, the user message
+    renew_turn()          while the model call runs: one UPDATE extending the lease (and so
+                          the hold) and saving the partial answer
+    close_turn()          however the turn ends: the one close-time transaction (turn,
+                          messages, usage, LLM events, debit, hold release); idempotent
+    sweep_lapsed_turns()  closes turns whose lease lapsed (their process died) as
+                          `interrupted`, through close_turn()
 
-Neither touches the database more than once per call site, so a streamed turn costs two
-database round trips whatever its length.
+All are sync; async callers use `core.db.db_call` (sessions_app.live_turn does).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.http import HttpRequest
+from django.db import transaction
+from django.db.models import Model
 from django.utils import timezone
 
-from accounts.authentication import authenticate_request
 from billing_app import selectors
 from billing_app import services as billing
 from billing_app.models import ModelPrice, UsageRecord
-from files_app.services import FILE_READ_TOOL, read_file_for_tool, ready_files_for
+from core.text import clean_text
+from files_app.services import FILE_READ_TOOL, ready_files_for
+from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
 from llm_gateway import CallRecord, ChatMessage, GatewayError, Usage
-from llm_gateway.tokens import estimate_prompt_tokens, estimate_tokens
+from llm_gateway.tokens import estimate_prompt_tokens
 from sessions_app.models import ChatSession, LlmEvent, Message, Turn
+
+logger = logging.getLogger(__name__)
 
 # Most earlier messages looked at when building the context (the budget trims further).
 HISTORY_LIMIT = 200
-# What all file_read results of one turn may add up to (bounds the prompt growth the hold covers).
-TOOL_OUTPUT_BUDGET_CHARS = 40_000
+# Lapsed turns closed per sweep transaction batch.
+SWEEP_BATCH = 100
 
 
 class TurnRejected(Exception):
-    """The request cannot start a turn; nothing was stored and no credits were held."""
+    """The request cannot start a turn; nothing was stored and no credits were held.
+    `code` says why (`not_found`, `insufficient_credits`, `unknown_model`, ...); the view
+    layer maps it to a status."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.code, self.detail = code, detail
 
 
 @dataclasses.dataclass(frozen=True)
 class TurnInput:
     content: str
-    model: str | None
-    tools_enabled: bool
-    max_tokens: int | None
+    model: str | None = None
+    tools_enabled: bool = False
+    max_tokens: int | None = None
 
 
-def parse_turn_input(body: bytes) -> TurnInput:
-    """Validate a turn request body; raises TurnRejected(400, code) naming the problem."""
-    try:
-        data = json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise TurnRejected(400, "parse_error", "The body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise TurnRejected(400, "invalid_body", "The body must be a JSON object.")
-    content = data.get("content")
-    if not isinstance(content, str):
-        raise TurnRejected(400, "invalid_content", "content is required and must be a string.")
-    if not content.strip():
-        raise TurnRejected(400, "empty_content", "content must not be empty.")
-    if len(content) > settings.PANTHEON_MAX_MESSAGE_CHARS:
-        raise TurnRejected(400, "content_too_long",
-                           f"content is longer than {settings.PANTHEON_MAX_MESSAGE_CHARS} characters.")
-    model = data.get("model")
-    if model is not None and (not isinstance(model, str) or not model):
-        raise TurnRejected(400, "invalid_model", "model must be a non-empty string.")
-    tools_enabled = data.get("tools_enabled", False)
-    if not isinstance(tools_enabled, bool):
-        raise TurnRejected(400, "invalid_tools_enabled", "tools_enabled must be true or false.")
-    max_tokens = data.get("max_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise TurnRejected(400, "invalid_max_tokens", "max_tokens must be a positive integer.")
-    return TurnInput(content=content, model=model, tools_enabled=tools_enabled, max_tokens=max_tokens)
+def owned_session(*, user, session_id: uuid.UUID) -> ChatSession:
+    """The user's session, or TurnRejected("not_found") (someone else's is missing too)."""
+    session = ChatSession.objects.filter(pk=session_id, user=user).first()
+    if session is None:
+        raise TurnRejected("not_found", "Not found.")
+    return session
 
 
 def build_context(session: ChatSession, content: str, *, extra_system: str = "") -> list[ChatMessage]:
@@ -112,20 +100,16 @@ def build_context(session: ChatSession, content: str, *, extra_system: str = "")
 
 @dataclasses.dataclass
 class PreparedTurn:
-    """Everything decided before the model is called."""
+    """Everything decided before the model is called. The turn row exists (`running`)."""
 
     turn_id: uuid.UUID
     user_id: int
     session_id: uuid.UUID
     model: str
-    content: str
     messages: list[ChatMessage]
     max_tokens: int
     price: ModelPrice
-    streamed: bool
-    tools_enabled: bool
-    started_at: datetime
-    prompt_estimate: int
+    tools: list[dict[str, Any]] | None
 
 
 def _tool_system_message(files: list[dict[str, Any]]) -> str:
@@ -136,65 +120,81 @@ def _tool_system_message(files: list[dict[str, Any]]) -> str:
             f"The user's ready files:\n{listing}")
 
 
-def begin_turn(request: HttpRequest, session_id: uuid.UUID, *, streamed: bool) -> PreparedTurn:
-    """Everything before the model call, in order: 401, 404, 400, 422, 402.
+def _lease_from(now: datetime) -> datetime:
+    return now + timedelta(seconds=settings.PANTHEON_TURN_LEASE_SECONDS)
 
-    Sync, run in one `sync_to_async` call. Raises AuthFailure or TurnRejected.
+
+def begin_turn(*, user, session: ChatSession, request: TurnInput, streamed: bool) -> PreparedTurn:
+    """The preflight after authentication and the session lookup: 422, 400, then 402.
+
+    One transaction takes the hold and creates the `running` turn (with its lease) and the
+    user message, so from here on the turn cannot be lost: whoever ends it, and the sweep
+    if nobody does, goes through close_turn(). Raises TurnRejected.
     """
-    user = authenticate_request(request)
-    session = ChatSession.objects.filter(pk=session_id, user=user).first()
-    if session is None:
-        raise TurnRejected(404, "not_found", "Not found.")
-    data = parse_turn_input(request.body)
-    if streamed and data.tools_enabled:
-        raise TurnRejected(422, "tools_not_supported_in_stream",
+    if streamed and request.tools_enabled:
+        raise TurnRejected("tools_not_supported_in_stream",
                            "Tools are not supported in streamed turns; use POST .../turns.")
-    model = data.model or session.model
+    model = request.model or session.model
     try:
         price = billing.get_price(model)
     except billing.UnknownModel as exc:
-        raise TurnRejected(400, "unknown_model", str(exc)) from None
+        raise TurnRejected("unknown_model", str(exc)) from None
 
     rounds, extra_system, tools = 1, "", None
-    if data.tools_enabled:
+    if request.tools_enabled:
         rounds = settings.PANTHEON_MAX_TOOL_ROUNDS + 1
         extra_system = _tool_system_message(ready_files_for(user.pk))
         tools = [FILE_READ_TOOL]
-    messages = build_context(session, data.content, extra_system=extra_system)
+    messages = build_context(session, request.content, extra_system=extra_system)
     prompt_estimate = estimate_prompt_tokens(messages, tools)
-    held_prompt = prompt_estimate
-    if rounds > 1:
-        # Round k resends the prompt plus what the loop added before it: at most all tool
-        # results of the turn and k earlier outputs.
-        tool_output = estimate_tokens("x" * TOOL_OUTPUT_BUDGET_CHARS)
-        earlier_outputs = settings.PANTHEON_MAX_OUTPUT_TOKENS * rounds * (rounds - 1) // 2
-        held_prompt = rounds * (prompt_estimate + tool_output) + earlier_outputs
-
+    held_prompt = billing.tool_turn_prompt_tokens(prompt_estimate, rounds=rounds,
+                                                  tool_output_chars=TOOL_OUTPUT_BUDGET_CHARS)
     turn_id = uuid.uuid4()
+    now = timezone.now()
     try:
-        decision = billing.hold(user_id=user.pk, turn_id=turn_id, model=model, prompt_tokens=held_prompt,
-                                max_tokens=data.max_tokens, rounds=rounds)
+        with transaction.atomic():
+            decision = billing.hold(user_id=user.pk, turn_id=turn_id, model=model, prompt_tokens=held_prompt,
+                                    max_tokens=request.max_tokens, rounds=rounds, price=price)
+            turn = Turn.objects.create(
+                id=turn_id, session=session, user=user, status=Turn.Status.RUNNING, model=model,
+                streamed=streamed, tools_enabled=request.tools_enabled, max_tokens=decision.max_tokens,
+                prompt_tokens=prompt_estimate, usage_estimated=True, lease_until=_lease_from(now),
+                created_at=now,
+            )
+            Message.objects.create(session=session, turn=turn, user=user, role=Message.Role.USER,
+                                   content=request.content, position=0, created_at=now)
     except billing.InsufficientCredits as exc:
-        raise TurnRejected(402, "insufficient_credits", str(exc)) from None
+        raise TurnRejected("insufficient_credits", str(exc)) from None
     return PreparedTurn(
-        turn_id=turn_id, user_id=user.pk, session_id=session.pk, model=model, content=data.content,
-        messages=messages, max_tokens=decision.max_tokens, price=price, streamed=streamed,
-        tools_enabled=data.tools_enabled, started_at=timezone.now(), prompt_estimate=prompt_estimate,
+        turn_id=turn_id, user_id=user.pk, session_id=session.pk, model=model, messages=messages,
+        max_tokens=decision.max_tokens, price=price, tools=tools,
     )
+
+
+def renew_turn(turn_id: uuid.UUID, *, checkpoint: str | None = None) -> bool:
+    """Extend a running turn's lease (its hold lives as long) and, if given, save the partial
+    answer. One UPDATE. False when the turn is no longer running (someone else closed it)."""
+    fields: dict[str, Any] = {"lease_until": _lease_from(timezone.now())}
+    if checkpoint is not None:
+        fields["checkpoint"] = checkpoint
+    return Turn.objects.filter(pk=turn_id, status=Turn.Status.RUNNING).update(**fields) == 1
 
 
 @dataclasses.dataclass
 class TurnOutcome:
-    """How the model call ended, as the relay or the plain endpoint saw it."""
+    """How the model call ended, as the relay, the plain endpoint or the sweep saw it."""
 
-    status: str  # Turn.Status
+    status: str  # Turn.Status, not RUNNING
     content: str = ""
     usage: Usage | None = None  # as the provider reported it; None if it never did
     provider_model: str = ""
     records: list[CallRecord] = dataclasses.field(default_factory=list)
     tool_messages: list[ChatMessage] = dataclasses.field(default_factory=list)
+    finish_reason: str = ""
     error_code: str = ""
     error_message: str = ""
+    # The provider had the prompt and was working on it when the turn was cut off.
+    prompt_processed: bool = False
 
     @classmethod
     def from_error(cls, exc: GatewayError, *, content: str = "", status: str = Turn.Status.FAILED) -> TurnOutcome:
@@ -206,104 +206,135 @@ class TurnOutcome:
 @dataclasses.dataclass
 class TurnResult:
     turn: Turn
-    message: Message
+    message: Message | None
     balance: Decimal
 
 
-def settled_usage(prepared: PreparedTurn, outcome: TurnOutcome) -> Usage:
-    """What the turn is billed for: the provider's count when it gave one. Without one, a
-    failed turn is billed nothing, and any other turn an estimate from the text (marked)."""
-    if outcome.usage is not None:
-        return outcome.usage
-    if outcome.status == Turn.Status.FAILED:
-        return Usage(prompt_tokens=0, completion_tokens=0)
-    completion = min(estimate_tokens(outcome.content), prepared.max_tokens)
-    return Usage(prompt_tokens=prepared.prompt_estimate, completion_tokens=completion, estimated=True)
+def _fit(model: type[Model], field: str, value: str) -> str:
+    """Provider text for a column: storable, and cut to the column's length."""
+    value = clean_text(value or "")
+    limit = model._meta.get_field(field).max_length
+    return value[:limit] if limit else value
 
 
-def _existing_result(turn_id: uuid.UUID) -> TurnResult | None:
-    turn = Turn.objects.filter(pk=turn_id).first()
-    if turn is None:
-        return None
+def _stored_result(turn: Turn) -> TurnResult:
     message = turn.messages.filter(role=Message.Role.ASSISTANT).order_by("-position").first()
     return TurnResult(turn=turn, message=message, balance=selectors.current_balance(user_id=turn.user_id))
 
 
-def record_turn(prepared: PreparedTurn, outcome: TurnOutcome) -> TurnResult:
-    """Store a finished turn and pay for it, all at once. Idempotent by turn id: a second
-    call (a late `finally`, a retry) returns what the first stored and changes nothing."""
-    existing = _existing_result(prepared.turn_id)
-    if existing is not None:
-        return existing
-    usage = settled_usage(prepared, outcome)
+def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
+    """End a turn and pay for it, all in one transaction. Idempotent: a turn that is no
+    longer running (closed by another process, the sweep, a retry) is returned as stored.
+
+    Lock order everywhere: the turn row, then the wallet row.
+    """
+    with transaction.atomic():
+        turn = Turn.objects.select_for_update().filter(pk=turn_id).first()
+        if turn is None:
+            raise Turn.DoesNotExist(f"no turn {turn_id}")
+        if turn.status != Turn.Status.RUNNING:
+            return _stored_result(turn)
+        return _close_locked(turn, outcome, price=price)
+
+
+def _close_locked(turn: Turn, outcome: TurnOutcome, *, price: ModelPrice | None) -> TurnResult:
+    price = price or billing.get_price(turn.model)
+    content = clean_text(outcome.content)
+    usage = billing.usage_to_bill(reported=outcome.usage, text=content, prompt_estimate=turn.prompt_tokens,
+                                  max_tokens=turn.max_tokens, prompt_processed=outcome.prompt_processed)
     cost = billing.compute_cost(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                                price=prepared.price)
+                                price=price)
     now = timezone.now()
-    try:
-        with transaction.atomic():
-            turn = Turn.objects.create(
-                id=prepared.turn_id, session_id=prepared.session_id, user_id=prepared.user_id,
-                status=outcome.status, model=prepared.model, provider_model=outcome.provider_model,
-                streamed=prepared.streamed, tools_enabled=prepared.tools_enabled,
-                prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                usage_estimated=usage.estimated, cost=cost, error_code=outcome.error_code,
-                error_message=outcome.error_message, created_at=prepared.started_at, finished_at=now,
-            )
-            common = {"session_id": prepared.session_id, "turn": turn, "user_id": prepared.user_id}
-            rows = [Message(role=Message.Role.USER, content=prepared.content, position=0,
-                            created_at=prepared.started_at, **common)]
-            for extra in outcome.tool_messages:
-                rows.append(Message(role=extra["role"], content=extra.get("content") or "",
-                                    tool_calls=extra.get("tool_calls"), tool_call_id=extra.get("tool_call_id", ""),
-                                    position=len(rows), created_at=now, **common))
-            assistant = Message(role=Message.Role.ASSISTANT, content=outcome.content, position=len(rows),
-                                created_at=now, **common)
-            rows.append(assistant)
-            Message.objects.bulk_create(rows)
-            if usage.total_tokens:
-                UsageRecord.objects.create(
-                    user_id=prepared.user_id, session_id=prepared.session_id, turn_id=turn.id,
-                    model=prepared.model, provider_model=outcome.provider_model,
-                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                    total_tokens=usage.total_tokens, estimated=usage.estimated, cost=cost, created_at=now,
-                )
-            LlmEvent.objects.bulk_create([_event_row(r, prepared, turn) for r in outcome.records])
-            ChatSession.objects.filter(pk=prepared.session_id).update(updated_at=now)
-            balance = billing.settle(user_id=prepared.user_id, turn_id=turn.id, cost=cost,
-                                     note=f"{outcome.status} turn")
-    except IntegrityError:
-        # Another call stored this turn between our check and our insert.
-        existing = _existing_result(prepared.turn_id)
-        if existing is None:
-            raise
-        return existing
+    provider_model = _fit(Turn, "provider_model", outcome.provider_model)
+    turn.status = outcome.status
+    turn.provider_model = provider_model
+    turn.prompt_tokens, turn.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+    turn.usage_estimated = usage.estimated
+    turn.cost = cost
+    turn.finish_reason = _fit(Turn, "finish_reason", outcome.finish_reason)
+    turn.error_code = _fit(Turn, "error_code", outcome.error_code)
+    turn.error_message = clean_text(outcome.error_message)
+    turn.lease_until = None
+    turn.checkpoint = ""
+    turn.finished_at = now
+    turn.save()
+
+    common = {"session_id": turn.session_id, "turn": turn, "user_id": turn.user_id, "created_at": now}
+    rows = []
+    for extra in outcome.tool_messages:
+        rows.append(Message(role=extra["role"], content=clean_text(extra.get("content") or ""),
+                            tool_calls=extra.get("tool_calls"),
+                            tool_call_id=_fit(Message, "tool_call_id", extra.get("tool_call_id", "")),
+                            position=len(rows) + 1, **common))
+    assistant = Message(role=Message.Role.ASSISTANT, content=content, position=len(rows) + 1, **common)
+    rows.append(assistant)
+    Message.objects.bulk_create(rows)
+    if usage.total_tokens:
+        UsageRecord.objects.create(
+            user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.id, model=turn.model,
+            provider_model=provider_model, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
+            estimated=usage.estimated, cost=cost, created_at=now,
+        )
+    LlmEvent.objects.bulk_create([_event_row(record, turn) for record in outcome.records])
+    ChatSession.objects.filter(pk=turn.session_id).update(updated_at=now)
+    balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost, note=f"{outcome.status} turn")
     return TurnResult(turn=turn, message=assistant, balance=balance)
 
 
-def _event_row(record: CallRecord, prepared: PreparedTurn, turn: Turn) -> LlmEvent:
+def _event_row(record: CallRecord, turn: Turn) -> LlmEvent:
     return LlmEvent(
-        user_id=prepared.user_id, turn=turn, requested_model=record.requested_model,
-        provider_model=record.provider_model, provider=record.provider, status=record.status,
+        user_id=turn.user_id, turn=turn, requested_model=_fit(LlmEvent, "requested_model", record.requested_model),
+        provider_model=_fit(LlmEvent, "provider_model", record.provider_model),
+        provider=_fit(LlmEvent, "provider", record.provider), status=_fit(LlmEvent, "status", record.status),
         http_status=record.http_status, streamed=record.stream, latency_ms=record.latency_ms,
         ttft_ms=record.ttft_ms, prompt_tokens=record.usage.prompt_tokens if record.usage else None,
-        completion_tokens=record.usage.completion_tokens if record.usage else None, error=record.error,
+        completion_tokens=record.usage.completion_tokens if record.usage else None,
+        error=clean_text(record.error),
     )
 
 
-def make_tool_executor(user_id: int):
-    """The `file_read` tool for one turn: only this user's ready files, and at most
-    TOOL_OUTPUT_BUDGET_CHARS of results in all (what the hold was sized for)."""
-    left = TOOL_OUTPUT_BUDGET_CHARS
+@dataclasses.dataclass(frozen=True)
+class SweepReport:
+    interrupted: int
+    holds_released: int
 
-    async def execute(name: str, arguments: dict[str, Any]) -> str:
-        nonlocal left
-        if name != "file_read":
-            return f"error: unknown tool {name!r}"
-        if left <= 0:
-            return "error: the file output budget of this turn is used up"
-        result = await sync_to_async(read_file_for_tool)(user_id=user_id, arguments=arguments)
-        result = result[:left]
-        left -= len(result)
-        return result
 
-    return execute
+def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
+    """Close every running turn whose lease lapsed as `interrupted`, billed from its last
+    checkpoint, and release holds left without a running turn.
+
+    Idempotent, and safe in several processes at once: each turn is claimed with
+    `SELECT ... FOR UPDATE SKIP LOCKED` and closed only if still running and lapsed, in its
+    own transaction, through the same close_turn path as every other ending.
+    """
+    now = now or timezone.now()
+    lapsed = Turn.objects.filter(status=Turn.Status.RUNNING, lease_until__lt=now)
+    interrupted = failed = 0
+    while True:
+        ids = list(lapsed.order_by("lease_until").values_list("id", flat=True)[:SWEEP_BATCH])
+        closed_before = interrupted
+        for turn_id in ids:
+            try:
+                with transaction.atomic():
+                    turn = lapsed.select_for_update(skip_locked=True).filter(pk=turn_id).first()
+                    if turn is None:  # closed meanwhile, or another sweeper has it
+                        continue
+                    _close_locked(turn, TurnOutcome(
+                        status=Turn.Status.INTERRUPTED, content=turn.checkpoint, error_code="interrupted",
+                        error_message="The process serving this turn stopped; closed by the sweep.",
+                    ), price=None)
+            except Exception:
+                # One turn that cannot be closed (its model's price was deleted) must not stop
+                # the others; it stays running, and in the log, until an operator fixes it.
+                logger.exception("sweep: turn %s could not be closed", turn_id)
+                failed += 1
+                continue
+            interrupted += 1
+        if len(ids) < SWEEP_BATCH or interrupted == closed_before or failed:
+            break
+    released = billing.release_holds_without_turn(
+        live_turn_ids=Turn.objects.filter(status=Turn.Status.RUNNING).values("id"),
+        created_before=now - timedelta(seconds=settings.PANTHEON_TURN_LEASE_SECONDS),
+    )
+    return SweepReport(interrupted=interrupted, holds_released=released)

@@ -1,4 +1,11 @@
+import dataclasses
+import socket
+import subprocess
+import sys
+import time
+import typing
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -11,6 +18,7 @@ from billing_app.selectors import ledger_problems
 pytest_plugins = ["tests.fake_openrouter"]
 
 MODEL = "test/model"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -32,8 +40,24 @@ def _ledger_invariant(request):
     allow_open = request.node.get_closest_marker("open_holds_ok") is not None
     django_db_blocker = request.getfixturevalue("django_db_blocker")
     with django_db_blocker.unblock():
-        problems = ledger_problems(allow_open_holds=allow_open)
+        problems = ledger_problems(allow_open_holds=allow_open) + turn_problems(allow_running=allow_open)
     assert not problems, problems
+
+
+def turn_problems(*, allow_running: bool = False) -> list[str]:
+    """No hold outlives its turn: an open hold belongs to a running turn. And, unless the
+    test says otherwise, no turn is left running."""
+    from billing_app.models import CreditHold
+    from sessions_app.models import Turn
+
+    problems = []
+    ended = Turn.objects.exclude(status=Turn.Status.RUNNING).values("id")
+    for hold in CreditHold.objects.open().filter(turn_id__in=ended):
+        problems.append(f"hold {hold.pk} still open after its turn {hold.turn_id} ended")
+    if not allow_running:
+        for turn in Turn.objects.filter(status=Turn.Status.RUNNING):
+            problems.append(f"turn {turn.pk} is still running")
+    return problems
 
 
 @pytest.fixture
@@ -132,3 +156,73 @@ def session_of(price):
         return ChatSession.objects.create(user=user, model=MODEL, **fields)
 
     return make
+
+
+@dataclasses.dataclass
+class PantheonServer:
+    """A Pantheon started by `pantheon_server`: its base URL, its process and its log."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def pantheon_server(transactional_db, tmp_path_factory):
+    """Factory: `pantheon_server(**env)` starts Pantheon as a real uvicorn subprocess on a free
+    loopback port, against the test database (committed data only, hence transactional_db),
+    with `env` added to its environment (e.g. PANTHEON_DB_POOL_MAX="3"), and returns once
+    GET /healthz answers 200: a `PantheonServer` with `.url` and `.process` (a test may
+    SIGKILL it). Its stdout and stderr go to a temp file, whose tail a failed start shows.
+    Every process started is terminated (killed if it lingers) at teardown."""
+    import httpx
+
+    python = ROOT / ".venv" / "bin" / "python"
+    started: list[tuple[PantheonServer, typing.IO[bytes]]] = []
+
+    def start(**extra_env: str) -> PantheonServer:
+        port = _free_port()
+        log_path = tmp_path_factory.mktemp("pantheon-server") / f"uvicorn-{port}.log"
+        log = log_path.open("wb")
+        process = subprocess.Popen(
+            [str(python if python.exists() else sys.executable), "-m", "uvicorn", "pantheon.asgi:application",
+             "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"],
+            cwd=ROOT, env=subprocess_env(**extra_env), stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        server = PantheonServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+        started.append((server, log))
+        deadline, last = time.monotonic() + 30, "no answer"
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"Pantheon exited with {process.returncode} at start-up:\n{server.log_tail()}")
+            try:
+                response = httpx.get(f"{server.url}/healthz", timeout=2)
+                if response.status_code == 200:
+                    return server
+                last = f"{response.status_code} {response.text}"
+            except httpx.TransportError as exc:
+                last = repr(exc)
+            if time.monotonic() > deadline:
+                pytest.fail(f"Pantheon did not get healthy in 30 s (last /healthz: {last}):\n{server.log_tail()}")
+            time.sleep(0.1)
+
+    yield start
+    for server, log in started:
+        if server.process.poll() is None:
+            server.process.terminate()
+            try:
+                server.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait(timeout=10)
+        log.close()

@@ -91,18 +91,71 @@ def test_hold_unknown_model(alice):
         services.hold(user_id=alice.pk, turn_id=uuid.uuid4(), model="nope/none", prompt_tokens=1)
 
 
-@pytest.mark.open_holds_ok
-def test_open_holds_reduce_available_and_expired_ones_do_not(make_user, price, settings):
+def test_an_open_hold_counts_until_its_turn_settles_however_old(make_user, price, settings):
+    """A hold has no clock of its own: an hour-old hold of a long stream still protects the
+    wallet (the overspend of issue 9: wallet 0.25, hold A, A expires, hold B granted)."""
     settings.PANTHEON_MAX_OUTPUT_TOKENS = 1000
     settings.PANTHEON_MIN_OUTPUT_TOKENS = 100
     user = make_user("frank", "2.1")  # one hold of 0.001 + 2.0 fits, a second does not
     first = services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1)
     assert first.max_tokens == 1000
+    CreditHold.objects.filter(pk=first.hold_id).update(created_at=timezone.now() - timedelta(hours=2))
     with pytest.raises(services.InsufficientCredits):
         services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1)
-    CreditHold.objects.filter(pk=first.hold_id).update(expires_at=timezone.now() - timedelta(seconds=1))
-    assert services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1).max_tokens == 1000
-    assert services.release_expired_holds() == 1
+    services.settle(user_id=user.pk, turn_id=CreditHold.objects.get(pk=first.hold_id).turn_id, cost=Decimal("0"))
+    second = services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=1)
+    assert second.max_tokens == 1000
+    services.settle(user_id=user.pk, turn_id=CreditHold.objects.get(pk=second.hold_id).turn_id, cost=Decimal("0"))
+
+
+def test_a_client_max_tokens_below_the_minimum_is_honoured(alice, price, settings):
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = 16
+    turn_id = uuid.uuid4()
+    decision = services.hold(user_id=alice.pk, turn_id=turn_id, model=MODEL, prompt_tokens=10, max_tokens=7)
+    assert decision.max_tokens == 7
+    services.settle(user_id=alice.pk, turn_id=turn_id, cost=Decimal("0"))
+
+
+def test_the_402_message_says_what_is_needed_and_available_in_six_places(make_user, price, settings):
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = 16
+    user = make_user("hal", "0.03")
+    with pytest.raises(services.InsufficientCredits) as refused:
+        services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=10)
+    # 10 * 0.001 + 16 * 0.002 = 0.042 needed
+    assert str(refused.value) == ("This turn needs 0.042000 credits (its prompt and 16 output tokens); "
+                                  "0.030000 are available.")
+
+
+def test_usage_to_bill_follows_spec_section_10():
+    from llm_gateway import Usage
+
+    reported = Usage(7, 3)
+    assert services.usage_to_bill(reported=reported, text="abc", prompt_estimate=50, max_tokens=10,
+                                  prompt_processed=False) == reported
+    # Text produced and no count: never free, estimated.
+    assert services.usage_to_bill(reported=None, text="x" * 30, prompt_estimate=50, max_tokens=100,
+                                  prompt_processed=False) == Usage(50, 10, estimated=True)
+    # ...and never more output than the cap the turn was given.
+    assert services.usage_to_bill(reported=None, text="x" * 300, prompt_estimate=50, max_tokens=7,
+                                  prompt_processed=False) == Usage(50, 7, estimated=True)
+    # Nothing produced: free, unless the provider already had the prompt.
+    assert services.usage_to_bill(reported=None, text="", prompt_estimate=50, max_tokens=7,
+                                  prompt_processed=False) == Usage(0, 0)
+    assert services.usage_to_bill(reported=None, text="", prompt_estimate=50, max_tokens=7,
+                                  prompt_processed=True) == Usage(50, 0, estimated=True)
+
+
+def test_release_holds_without_turn_leaves_live_and_recent_ones(alice, price):
+    old, live, recent = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for turn_id in (old, live, recent):
+        services.hold(user_id=alice.pk, turn_id=turn_id, model=MODEL, prompt_tokens=10)
+    CreditHold.objects.filter(turn_id__in=[old, live]).update(created_at=timezone.now() - timedelta(hours=1))
+    released = services.release_holds_without_turn(live_turn_ids=[live],
+                                                   created_before=timezone.now() - timedelta(minutes=1))
+    assert released == 1
+    assert set(CreditHold.objects.open().values_list("turn_id", flat=True)) == {live, recent}
+    for turn_id in (live, recent):
+        services.settle(user_id=alice.pk, turn_id=turn_id, cost=Decimal("0"))
 
 
 def test_enforcement_off_takes_no_hold(alice, price, settings):

@@ -1,4 +1,5 @@
-"""The relay's ways of ending, driven directly (no server, no database)."""
+"""The relay's ways of ending, driven directly (no server, no database: the close-time
+write and the lease keeper are replaced by stand-ins)."""
 
 import asyncio
 import uuid
@@ -8,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from llm_gateway import CallRecord, StreamingContext, UpstreamError, Usage
-from sessions_app.streaming import relay, with_heartbeat
+from sessions_app import streaming
+from sessions_app.streaming import Relay, with_heartbeat
 
 
 def prepared():
@@ -44,29 +46,52 @@ class Recorder:
         self.calls.append(outcome)
         message = SimpleNamespace(id=uuid.uuid4())
         turn = SimpleNamespace(status=outcome.status, cost=Decimal("0.1"), provider_model=outcome.provider_model,
-                               prompt_tokens=3, completion_tokens=4, total_tokens=7, usage_estimated=False)
+                               prompt_tokens=3, completion_tokens=4, total_tokens=7, usage_estimated=False,
+                               error_code=outcome.error_code, error_message=outcome.error_message,
+                               finish_reason=outcome.finish_reason)
         return SimpleNamespace(turn=turn, message=message, balance=Decimal("1"))
 
 
-async def test_completed_records_once_before_done():
-    record = Recorder()
+class NoKeeper:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def start(self):
+        return self
+
+    async def stop(self):
+        pass
+
+
+@pytest.fixture
+def record(monkeypatch):
+    recorder = Recorder()
+    monkeypatch.setattr(streaming, "finish_turn", recorder)
+    monkeypatch.setattr(streaming, "LeaseKeeper", NoKeeper)
+    return recorder
+
+
+def relay(prepared, ctx, record):
+    return Relay(prepared, ctx).frames()
+
+
+async def test_completed_records_once_before_done(record):
     frames = [f async for f in relay(prepared(), context(["a", "b"]), record)]
     assert [o.status for o in record.calls] == ["completed"]
     assert record.calls[0].content == "ab" and record.calls[0].usage == Usage(3, 4)
     assert b"event: done" in frames[-1]
 
 
-async def test_error_records_failed_with_partial_text_then_sends_error():
-    record = Recorder()
+async def test_error_records_failed_with_partial_text_then_sends_error(record):
     frames = [f async for f in relay(prepared(), context(["a"], fail=True), record)]
     assert [(o.status, o.content) for o in record.calls] == [("failed", "a")]
     assert b"event: error" in frames[-1]
 
 
-async def test_late_close_of_a_parked_generator_still_records_cancelled():
+async def test_late_close_of_a_parked_generator_still_records_cancelled(record):
     """Django may close the generator later from another task (ticket #37066): then only
     `finally` runs. aclose() on a generator paused at `yield` is exactly that."""
-    record, gate = Recorder(), asyncio.Event()
+    gate = asyncio.Event()
     ctx = context(["a", "b", "c"], gate=gate)
     stream = relay(prepared(), ctx, record)
     assert b"event: start" in await anext(stream)
@@ -76,8 +101,8 @@ async def test_late_close_of_a_parked_generator_still_records_cancelled():
     assert ctx.closed == [True]
 
 
-async def test_cancellation_while_waiting_for_the_upstream_records_cancelled():
-    record, gate = Recorder(), asyncio.Event()
+async def test_cancellation_while_waiting_for_the_upstream_records_cancelled(record):
+    gate = asyncio.Event()
     ctx = context(["a"], gate=gate)
 
     async def consume():

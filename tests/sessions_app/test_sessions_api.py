@@ -7,8 +7,12 @@ from tests.conftest import MODEL
 
 
 def make_turn(session, **fields) -> Turn:
+    from django.utils import timezone
+
+    now = timezone.now()
     turn = Turn.objects.create(session=session, user=session.user, status="completed", model=session.model,
-                               provider_model="p/m", prompt_tokens=3, completion_tokens=4, **fields)
+                               provider_model="p/m", prompt_tokens=3, completion_tokens=4, created_at=now,
+                               finished_at=now + timezone.timedelta(milliseconds=1), **fields)
     Message.objects.create(session=session, turn=turn, user=session.user, role="user", content="hi",
                            position=0, created_at=turn.created_at)
     Message.objects.create(session=session, turn=turn, user=session.user, role="assistant", content="hello",

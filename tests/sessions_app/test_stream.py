@@ -14,34 +14,9 @@ from billing_app.selectors import ledger_problems
 from llm_gateway.sse import SSEDecoder
 from sessions_app.models import LlmEvent, Turn
 from tests.conftest import client_for
+from tests.sessions_app.helpers import auth, read_stream, stream_url, wait_until_closed
 
 pytestmark = pytest.mark.usefixtures("fake_openrouter_settings")
-
-
-def stream_url(session) -> str:
-    return f"/api/v1/sessions/{session.id}/turns/stream"
-
-
-def auth(user_client) -> dict[str, str]:
-    return {"Authorization": f"Bearer {user_client.raw_key}"}
-
-
-def read_stream(base_url: str, session, key_headers, body=None, *, comments: list | None = None):
-    """POST a streamed turn; returns (response, [(event, data, id)], raw bytes)."""
-    decoder, events, raw = SSEDecoder(), [], b""
-    with httpx.Client(base_url=base_url, timeout=30) as http:
-        with http.stream("POST", stream_url(session), json=body or {"content": "Hi there"},
-                         headers=key_headers) as response:
-            if response.headers["content-type"].startswith("application/json"):
-                response.read()
-                return response, [], response.content
-            for data in response.iter_raw():
-                raw += data
-                for event in decoder.feed(data):
-                    events.append((event.event, json.loads(event.data), int(event.id)))
-    if comments is not None:
-        comments.extend(line for line in raw.split(b"\n") if line.startswith(b":"))
-    return response, events, raw
 
 
 @pytest.fixture
@@ -184,10 +159,7 @@ def test_client_disconnect_cancels_upstream_and_stores_a_cancelled_turn(alice, a
         closed_at = time.monotonic()
     assert fake_openrouter.disconnected.wait(5), "the upstream never saw the connection close"
     assert time.monotonic() - closed_at < 1.5
-    deadline = time.monotonic() + 5
-    while not Turn.objects.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    turn = Turn.objects.get()
+    turn = wait_until_closed()
     assert turn.status == "cancelled"
     stored = turn.messages.get(role="assistant").content
     assert stored.startswith("".join(deltas)) and len(stored) < len("w0 " * 400)

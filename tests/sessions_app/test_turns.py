@@ -12,8 +12,9 @@ from django.test.utils import CaptureQueriesContext
 from billing_app.models import CreditHold, LedgerEntry, UsageRecord, Wallet
 from billing_app.selectors import ledger_problems
 from sessions_app.models import LlmEvent, Message, Turn
-from sessions_app.turns import PreparedTurn, TurnOutcome, build_context, record_turn
+from sessions_app.turns import TurnOutcome, build_context, close_turn
 from tests.conftest import MODEL, client_for
+from tests.sessions_app.helpers import begun_turn, wait_until_closed
 
 pytestmark = pytest.mark.usefixtures("fake_openrouter_settings")
 
@@ -166,39 +167,30 @@ def test_context_sends_system_prompt_and_history_oldest_dropped_first(alice, ali
     ]
 
 
-def _prepared(alice, session, messages) -> PreparedTurn:
-    from django.utils import timezone
-
-    from billing_app.services import get_price
-
-    return PreparedTurn(turn_id=uuid.uuid4(), user_id=alice.pk, session_id=session.id, model=MODEL,
-                        content="q", messages=messages, max_tokens=100, price=get_price(MODEL), streamed=False,
-                        tools_enabled=False, started_at=timezone.now(), prompt_estimate=10)
-
-
-def test_record_turn_uses_a_fixed_number_of_queries(alice, session_of):
+def test_close_turn_uses_a_fixed_number_of_queries(alice, session_of):
     session = session_of(alice)
     from llm_gateway import CallRecord, Usage
 
     counts = []
     for length in (1, 300):
-        history = [{"role": "user", "content": f"m{i}"} for i in range(length)]
+        prepared = begun_turn(alice, session)
         outcome = TurnOutcome(status="completed", content="a" * length, usage=Usage(5, 5),
-                              records=[CallRecord(requested_model=MODEL, usage=Usage(5, 5))])
+                              records=[CallRecord(requested_model=MODEL, usage=Usage(5, 5))] * min(length, 3))
         with CaptureQueriesContext(connection) as queries:
-            record_turn(_prepared(alice, session, history), outcome)
+            close_turn(prepared.turn_id, outcome, price=prepared.price)
         counts.append(len(queries))
     assert counts[0] == counts[1], counts
     assert Message.objects.count() == 4
 
 
-def test_record_turn_is_idempotent(alice, session_of):
+def test_close_turn_is_idempotent(alice, session_of):
     from llm_gateway import Usage
 
-    prepared = _prepared(alice, session_of(alice), [])
-    first = record_turn(prepared, TurnOutcome(status="completed", content="x", usage=Usage(100, 100)))
-    second = record_turn(prepared, TurnOutcome(status="cancelled", content="y", usage=Usage(1, 1)))
+    prepared = begun_turn(alice, session_of(alice))
+    first = close_turn(prepared.turn_id, TurnOutcome(status="completed", content="x", usage=Usage(100, 100)))
+    second = close_turn(prepared.turn_id, TurnOutcome(status="cancelled", content="y", usage=Usage(1, 1)))
     assert second.turn.pk == first.turn.pk and second.turn.status == "completed"
+    assert second.message.content == "x"
     assert LedgerEntry.objects.filter(turn_id=prepared.turn_id).count() == 1
     assert second.balance == first.balance == Decimal("9.7")
 
@@ -233,18 +225,13 @@ def test_twenty_concurrent_turns_on_a_wallet_that_affords_three(make_user, sessi
 
 
 def test_client_leaving_a_non_streaming_turn_stores_it_cancelled(alice, session_of, live_server_url, fake_openrouter):
-    import time
-
     key = client_for(alice).raw_key
     session = session_of(alice)
     fake_openrouter.enqueue(fake_openrouter.completion("too late", delay=3))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live_server_url}/api/v1/sessions/{session.id}/turns", json={"content": "hello"},
                    headers={"Authorization": f"Bearer {key}"}, timeout=0.5)
-    deadline = time.monotonic() + 5
-    while not Turn.objects.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    turn = Turn.objects.get()
+    turn = wait_until_closed()
     assert turn.status == "cancelled" and turn.usage_estimated
     assert not CreditHold.objects.open().exists()
     assert ledger_problems(user_ids=[alice.pk]) == []

@@ -200,7 +200,8 @@ def test_stop_aborts_the_stream_and_the_turn_is_stored_cancelled(page, make_user
 
     expect(answer).to_have_attribute("data-status", "cancelled")
     shown = answer.text_content()
-    turn = wait_for(lambda: orm(Turn.objects.filter(session=session).first), what="the cancelled turn")
+    turn = wait_for(lambda: orm(Turn.objects.filter(session=session).exclude(status="running").first),
+                    what="the cancelled turn")
     assert turn.status == "cancelled"
     stored = orm(Message.objects.get, turn=turn, role="assistant").content
     full = FakeGateway.reply_for([{"role": "user", "content": prompt}])

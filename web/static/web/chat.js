@@ -203,6 +203,8 @@ function setNote(parts, text) {
 const STATUS_NOTES = {
   cancelled: "Stopped. The partial answer was saved.",
   failed: "The model provider failed; this answer is incomplete.",
+  interrupted: "The server stopped while answering; this is the part it had saved.",
+  running: "Still being answered.",
 };
 
 function toolMessage(message) {
@@ -472,15 +474,25 @@ async function sendMessage() {
           answer.label = label;
         }
         setBalance(data.balance);
+        if (data.finish_reason === "length") setNote(answer, "Cut short: the answer reached its length limit.");
+        else setNote(answer, STATUS_NOTES[data.status] || "");
         els.stop.disabled = true;
         break;
       case "error":
         outcome = "error";
+        els.stop.disabled = true;
+        if (data.code === "persistence_failed") {
+          // The answer arrived but is not stored yet: the server stores and bills it later.
+          answer.body.dataset.status = "unsaved";
+          setNote(answer, "Not saved yet; it will be stored from what the server had saved.");
+          showError("The answer could not be saved just now. It will be stored (and billed) from what "
+            + "the server had saved, within a minute or so.");
+          break;
+        }
         answer.body.dataset.status = "failed";
         setNote(answer, STATUS_NOTES.failed);
         showError(`The model provider failed while answering (${data.message || data.code}). `
           + "The partial answer was saved.");
-        els.stop.disabled = true;
         loadWallet();
         break;
       default:

@@ -1,0 +1,170 @@
+"""A turn while its model call runs, in async code: the pieces both turn endpoints share.
+
+- `start_turn()`: the preflight, safe against the client leaving while it runs (the
+  preflight's thread may commit after the request was cancelled: what it made is closed).
+- `LeaseKeeper`: renews the running turn's lease (and with it its hold) and saves the
+  partial answer: one short UPDATE per period, never per chunk.
+- `finish_turn()`: the close-time transaction, retried with backoff while the database
+  is failing; then `PersistenceFailed`, and the sweep closes the turn after its lease.
+- `in_background()`: keep a coroutine running when its caller is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from asgiref.sync import ThreadSensitiveContext
+from django.conf import settings
+from django.db import DatabaseError
+
+from core.db import db_call
+from sessions_app.models import Turn
+from sessions_app.turns import PreparedTurn, TurnOutcome, TurnResult, close_turn, renew_turn
+
+logger = logging.getLogger(__name__)
+
+# Pauses between attempts of the close-time write: about six seconds in all.
+CLOSE_RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0, 1.5, 2.5)
+
+_renew = db_call(renew_turn)
+_close = db_call(close_turn)
+_background: set[asyncio.Task] = set()
+
+
+class PersistenceFailed(Exception):
+    """The close-time write kept failing; the turn stays `running` until the sweep closes it."""
+
+    def __init__(self, turn_id: uuid.UUID) -> None:
+        super().__init__(f"turn {turn_id} could not be stored")
+        self.turn_id = turn_id
+
+
+def in_background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    """Run `coro` as its own task, held until it ends: awaiting the result under
+    `asyncio.shield` lets it finish even if the awaiting request is cancelled."""
+    task = asyncio.ensure_future(_with_own_thread_context(coro))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+async def _with_own_thread_context(coro: Coroutine[Any, Any, Any]) -> Any:
+    # Django runs each request's sync work in a thread that ends with the request; a task
+    # that may outlive it (a close after the client left) gets a thread context of its own,
+    # else its db_calls would fail once the request is over.
+    async with ThreadSensitiveContext():
+        return await coro
+
+
+async def start_turn(begin: Callable[[], Awaitable[PreparedTurn]]) -> PreparedTurn:
+    """Await the preflight `begin()` (a `db_call`). If the client goes away meanwhile, the
+    preflight's thread runs on and may still commit a `running` turn: it is then closed as
+    `cancelled` (nothing reached the provider, so it costs nothing) before re-raising."""
+    # The preflight's thread starts at once, inside the request: no thread context of its
+    # own is needed (unlike the close, which may start after the request is over).
+    task = asyncio.ensure_future(begin())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        in_background(_close_if_begun(task))
+        raise
+
+
+async def _close_if_begun(task: asyncio.Task) -> None:
+    try:
+        prepared = await task
+    except Exception:  # refused (TurnRejected, an auth failure): nothing to close
+        return
+    with contextlib.suppress(PersistenceFailed):
+        await finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED))
+
+
+async def finish_turn(prepared: PreparedTurn, outcome: TurnOutcome) -> TurnResult:
+    """close_turn(), retried while the database fails; PersistenceFailed when it never
+    worked. Run it under `asyncio.shield` where the caller may be cancelled."""
+    for delay in (*CLOSE_RETRY_DELAYS, None):
+        try:
+            return await _close(prepared.turn_id, outcome, price=prepared.price)
+        except DatabaseError as exc:
+            if delay is None:
+                logger.error("turn %s: the close-time write failed for good (%s); the sweep will close it",
+                             prepared.turn_id, exc)
+                raise PersistenceFailed(prepared.turn_id) from exc
+            logger.warning("turn %s: the close-time write failed (%s); retrying in %.1fs",
+                           prepared.turn_id, exc, delay)
+            await asyncio.sleep(delay)
+        except Exception as exc:
+            logger.exception("turn %s: the close-time write raised", prepared.turn_id)
+            raise PersistenceFailed(prepared.turn_id) from exc
+    raise AssertionError("unreachable")
+
+
+class LeaseKeeper:
+    """Keeps a running turn alive while its model call runs.
+
+    Every `period` seconds (the checkpoint period, at most a third of the lease) it writes
+    the partial answer if it grew, and renews the lease whenever the next write would
+    otherwise come too late: one UPDATE each time, from its own task, so the relay never
+    waits on the database. If the turn turns out to be closed already (the sweep closed it
+    after renewals kept failing), `lost` is set and `on_lost` called, so the caller stops
+    generating what nobody will pay for.
+    """
+
+    def __init__(self, turn_id: uuid.UUID, *, partial: Callable[[], str] | None = None,
+                 on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.turn_id = turn_id
+        self.partial = partial
+        self.on_lost = on_lost
+        self.lost = False
+        lease = settings.PANTHEON_TURN_LEASE_SECONDS
+        self.renew_every = lease / 3
+        self.period = min(settings.PANTHEON_CHECKPOINT_SECONDS, self.renew_every)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> LeaseKeeper:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> LeaseKeeper:
+        return self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        last_write = time.monotonic()
+        saved = 0  # length of the partial answer last saved
+        while True:
+            await asyncio.sleep(self.period)
+            text = self.partial() if self.partial is not None else ""
+            grew = len(text) != saved
+            if not grew and time.monotonic() + self.period - last_write < self.renew_every:
+                continue
+            try:
+                alive = await _renew(self.turn_id, checkpoint=text if grew else None)
+            except DatabaseError as exc:
+                # Keep streaming: the next period tries again; the lease has slack for that.
+                logger.warning("turn %s: lease renewal failed (%s)", self.turn_id, exc)
+                continue
+            if not alive:
+                self.lost = True
+                logger.warning("turn %s was closed by someone else while running", self.turn_id)
+                if self.on_lost is not None:
+                    await self.on_lost()
+                return
+            last_write, saved = time.monotonic(), len(text)
