@@ -173,7 +173,7 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     return HoldDecision(max_tokens=granted, hold_id=held_row.id, amount=amount)
 
 
-def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, max_tokens: int,
+def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, output_cap: int,
                   prompt_processed: bool) -> Usage:
     """What a turn is billed for, however it ended (SPEC section 10):
 
@@ -183,12 +183,18 @@ def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, ma
     - a turn that produced no text costs nothing, unless the provider was already working
       on it when it was cut off (`prompt_processed`: a client leaving mid-call), since the
       provider bills that prompt.
+
+    Output is never billed beyond `output_cap`, the output tokens the hold was taken for:
+    a provider that ignores `max_tokens` cannot take a wallet below zero.
     """
     if reported is not None:
-        return reported
+        if reported.completion_tokens <= output_cap:
+            return reported
+        return Usage(prompt_tokens=reported.prompt_tokens, completion_tokens=output_cap,
+                     estimated=reported.estimated)
     if not text and not prompt_processed:
         return Usage(prompt_tokens=0, completion_tokens=0)
-    completion = min(estimate_tokens(text), max_tokens)
+    completion = min(estimate_tokens(text), output_cap)
     return Usage(prompt_tokens=prompt_estimate, completion_tokens=completion, estimated=True)
 
 

@@ -152,6 +152,9 @@ PANTHEON_MAX_OUTPUT_TOKENS = env_int("PANTHEON_MAX_OUTPUT_TOKENS", 1024, minimum
 PANTHEON_MIN_OUTPUT_TOKENS = env_int("PANTHEON_MIN_OUTPUT_TOKENS", 16, minimum=1)
 PANTHEON_HEARTBEAT_SECONDS = env_float("PANTHEON_HEARTBEAT_SECONDS", 15.0)
 PANTHEON_UPSTREAM_TIMEOUT_SECONDS = env_float("PANTHEON_UPSTREAM_TIMEOUT_SECONDS", 60.0)
+# The longest a model call may run in all, however it keeps the connection alive (a provider
+# sending only keep-alives would otherwise hold its credits forever).
+PANTHEON_MAX_TURN_SECONDS = env_float("PANTHEON_MAX_TURN_SECONDS", 900.0, minimum=1)
 PANTHEON_UPSTREAM_MAX_RETRIES = env_int("PANTHEON_UPSTREAM_MAX_RETRIES", 2)
 PANTHEON_MAX_UPLOAD_BYTES = env_int("PANTHEON_MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1)
 # A running turn renews its lease (and so its hold) at least every third of this; the

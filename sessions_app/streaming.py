@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 
 from django.conf import settings
@@ -78,9 +79,10 @@ def cancelled_outcome(ctx: StreamingContext, content: str) -> TurnOutcome:
 class Relay:
     """One streamed turn's response body (`frames()`), and what to do if it never starts."""
 
-    def __init__(self, prepared: PreparedTurn, ctx: StreamingContext) -> None:
+    def __init__(self, prepared: PreparedTurn, ctx: StreamingContext, *, deadline: float) -> None:
         self.prepared = prepared
         self.ctx = ctx
+        self.deadline = deadline  # time.monotonic() after which the answer is cut off
         self.started = False
 
     async def abandon(self) -> None:
@@ -102,16 +104,29 @@ class Relay:
             yield encode_event("start", {"turn_id": str(prepared.turn_id), "session_id": str(prepared.session_id),
                                          "model": prepared.model}, next(ids))
             async for delta in with_heartbeat(ctx.chunks, settings.PANTHEON_HEARTBEAT_SECONDS):
+                if time.monotonic() > self.deadline:
+                    # Checked at each delta or heartbeat: a provider that only keeps the
+                    # connection alive must not hold the turn (and its credits) forever.
+                    with contextlib.suppress(Exception):
+                        await ctx.aclose()
+                    outcome = TurnOutcome(
+                        status=Turn.Status.FAILED, content="".join(parts), usage=_reported_usage(ctx),
+                        provider_model=_provider_model(ctx), records=ctx.records, error_code="upstream_timeout",
+                        error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.",
+                        prompt_processed=True,
+                    )
+                    break
                 if delta is None:
                     yield encode_comment("ping")
                     continue
                 parts.append(delta)
                 yield encode_event("chunk", {"delta": delta}, next(ids))
-            outcome = TurnOutcome(
-                status=Turn.Status.COMPLETED, content="".join(parts), usage=await ctx.usage_future,
-                provider_model=_provider_model(ctx), records=ctx.records, finish_reason=ctx.finish_reason or "",
-                prompt_processed=True,
-            )
+            else:
+                    outcome = TurnOutcome(
+                    status=Turn.Status.COMPLETED, content="".join(parts), usage=await ctx.usage_future,
+                    provider_model=_provider_model(ctx), records=ctx.records, finish_reason=ctx.finish_reason or "",
+                    prompt_processed=True,
+                )
         except GatewayError as exc:
             outcome = TurnOutcome.from_error(exc, content="".join(parts))
             outcome.finish_reason = ctx.finish_reason or ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -127,12 +128,19 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     executor = make_file_read_executor(prepared.user_id) if prepared.tools else None
     keeper = LeaseKeeper(prepared.turn_id).start()
     try:
-        completion = await get_gateway().generate(
-            model=prepared.model, messages=prepared.messages, max_tokens=prepared.max_tokens,
-            tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
-        )
+        async with asyncio.timeout(settings.PANTHEON_MAX_TURN_SECONDS):
+            completion = await get_gateway().generate(
+                model=prepared.model, messages=prepared.messages, max_tokens=prepared.max_tokens,
+                tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
+            )
     except GatewayError as exc:
         outcome = TurnOutcome.from_error(exc)
+    except TimeoutError:
+        # A provider that keeps the connection alive without answering must not hold the
+        # turn forever; it had the prompt, so that is billed (an estimate).
+        outcome = TurnOutcome(status=Turn.Status.FAILED, error_code="upstream_timeout", prompt_processed=True,
+                              error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} "
+                                            "seconds.")
     except asyncio.CancelledError:
         # The client went away mid-call: the provider bills the request anyway, so store
         # the turn as cancelled with an estimate of the prompt.
@@ -171,6 +179,7 @@ async def stream_turn(request: HttpRequest, session_id: uuid.UUID) -> HttpRespon
         return prepared
     # Opened before the response starts, so a provider that fails at once gets a JSON error;
     # the lease is kept while retries wait.
+    deadline = time.monotonic() + settings.PANTHEON_MAX_TURN_SECONDS
     keeper = LeaseKeeper(prepared.turn_id).start()
     try:
         ctx = await get_gateway().stream(model=prepared.model, messages=prepared.messages,
@@ -189,4 +198,4 @@ async def stream_turn(request: HttpRequest, session_id: uuid.UUID) -> HttpRespon
         in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED)))
         raise
     await keeper.stop()
-    return TurnStreamResponse(Relay(prepared, ctx))
+    return TurnStreamResponse(Relay(prepared, ctx, deadline=deadline))

@@ -120,6 +120,11 @@ def _tool_system_message(files: list[dict[str, Any]]) -> str:
             f"The user's ready files:\n{listing}")
 
 
+def _rounds(tools_enabled: bool) -> int:
+    """Model calls a turn may make: tool rounds, then the answer."""
+    return settings.PANTHEON_MAX_TOOL_ROUNDS + 1 if tools_enabled else 1
+
+
 def _lease_from(now: datetime) -> datetime:
     return now + timedelta(seconds=settings.PANTHEON_TURN_LEASE_SECONDS)
 
@@ -140,9 +145,8 @@ def begin_turn(*, user, session: ChatSession, request: TurnInput, streamed: bool
     except billing.UnknownModel as exc:
         raise TurnRejected("unknown_model", str(exc)) from None
 
-    rounds, extra_system, tools = 1, "", None
+    rounds, extra_system, tools = _rounds(request.tools_enabled), "", None
     if request.tools_enabled:
-        rounds = settings.PANTHEON_MAX_TOOL_ROUNDS + 1
         extra_system = _tool_system_message(ready_files_for(user.pk))
         tools = [FILE_READ_TOOL]
     messages = build_context(session, request.content, extra_system=extra_system)
@@ -241,7 +245,8 @@ def _close_locked(turn: Turn, outcome: TurnOutcome, *, price: ModelPrice | None)
     price = price or billing.get_price(turn.model)
     content = clean_text(outcome.content)
     usage = billing.usage_to_bill(reported=outcome.usage, text=content, prompt_estimate=turn.prompt_tokens,
-                                  max_tokens=turn.max_tokens, prompt_processed=outcome.prompt_processed)
+                                  output_cap=turn.max_tokens * _rounds(turn.tools_enabled),
+                                  prompt_processed=outcome.prompt_processed)
     cost = billing.compute_cost(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                                 price=price)
     now = timezone.now()

@@ -130,19 +130,22 @@ def test_usage_to_bill_follows_spec_section_10():
     from llm_gateway import Usage
 
     reported = Usage(7, 3)
-    assert services.usage_to_bill(reported=reported, text="abc", prompt_estimate=50, max_tokens=10,
+    assert services.usage_to_bill(reported=reported, text="abc", prompt_estimate=50, output_cap=10,
                                   prompt_processed=False) == reported
     # Text produced and no count: never free, estimated.
-    assert services.usage_to_bill(reported=None, text="x" * 30, prompt_estimate=50, max_tokens=100,
+    assert services.usage_to_bill(reported=None, text="x" * 30, prompt_estimate=50, output_cap=100,
                                   prompt_processed=False) == Usage(50, 10, estimated=True)
     # ...and never more output than the cap the turn was given.
-    assert services.usage_to_bill(reported=None, text="x" * 300, prompt_estimate=50, max_tokens=7,
+    assert services.usage_to_bill(reported=None, text="x" * 300, prompt_estimate=50, output_cap=7,
                                   prompt_processed=False) == Usage(50, 7, estimated=True)
     # Nothing produced: free, unless the provider already had the prompt.
-    assert services.usage_to_bill(reported=None, text="", prompt_estimate=50, max_tokens=7,
+    assert services.usage_to_bill(reported=None, text="", prompt_estimate=50, output_cap=7,
                                   prompt_processed=False) == Usage(0, 0)
-    assert services.usage_to_bill(reported=None, text="", prompt_estimate=50, max_tokens=7,
+    assert services.usage_to_bill(reported=None, text="", prompt_estimate=50, output_cap=7,
                                   prompt_processed=True) == Usage(50, 0, estimated=True)
+    # A provider that ignored max_tokens is not passed on beyond what the hold covered.
+    assert services.usage_to_bill(reported=Usage(7, 5000), text="", prompt_estimate=50, output_cap=100,
+                                  prompt_processed=True) == Usage(7, 100)
 
 
 def test_release_holds_without_turn_leaves_live_and_recent_ones(alice, price):

@@ -336,7 +336,7 @@ async def test_a_stream_response_closed_before_its_body_started_closes_the_turn(
     prepared = await sync_to_async(begun_turn)(alice, session)
     ctx = await FakeGateway(chunk_delay_seconds=0.05).stream(model="fake/echo", messages=prepared.messages,
                                                              max_tokens=50)
-    response = TurnStreamResponse(Relay(prepared, ctx))
+    response = TurnStreamResponse(Relay(prepared, ctx, deadline=float("inf")))
     await sync_to_async(response.close)()
     turn = await sync_to_async(wait_until_closed, thread_sensitive=False)()
     assert turn.status == "cancelled"
@@ -536,3 +536,40 @@ def test_a_database_outage_at_the_preflight_is_a_503_not_a_500(alice, alice_stre
     for path in ("turns", "turns/stream"):
         response = httpx.post(f"{base}/api/v1/sessions/{session.id}/{path}", json={"content": "hi"}, headers=headers)
         assert response.status_code == 503 and response.json()["code"] == "database_unavailable"
+
+
+@pytest.mark.parametrize("path", ["turns", "turns/stream"])
+def test_a_provider_that_only_sends_keepalives_is_cut_at_the_turn_deadline(alice, alice_stream, fake_openrouter,
+                                                                           settings, path):
+    settings.PANTHEON_MAX_TURN_SECONDS = 1
+    settings.PANTHEON_HEARTBEAT_SECONDS = 0.2
+    base, session, headers = alice_stream
+    if path.endswith("stream"):
+        fake_openrouter.enqueue(fake_openrouter.raw_stream([b": OPENROUTER PROCESSING\n\n"] * 60, delay=0.1))
+    else:
+        fake_openrouter.enqueue(fake_openrouter.completion("too late", delay=6))
+    response = httpx.post(f"{base}/api/v1/sessions/{session.id}/{path}", json={"content": "hi"}, headers=headers,
+                          timeout=10)
+    if path.endswith("stream"):
+        assert response.status_code == 200 and "event: error" in response.text
+        assert '"code": "upstream_timeout"' in response.text
+    else:
+        assert response.status_code == 504 and response.json()["code"] == "upstream_timeout"
+    assert fake_openrouter.disconnected.wait(5)
+    turn = Turn.objects.get()
+    assert turn.status == "failed" and turn.error_code == "upstream_timeout"
+    assert turn.usage_estimated and turn.cost > 0  # the provider had the prompt
+    assert not CreditHold.objects.open().exists()
+
+
+def test_a_provider_ignoring_max_tokens_cannot_take_the_wallet_below_zero(make_user, session_of, live_server_url,
+                                                                         fake_openrouter, settings):
+    settings.PANTHEON_MAX_OUTPUT_TOKENS = 100
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = 100
+    user = make_user("cheap", "0.25")
+    fake_openrouter.enqueue(fake_openrouter.completion("far too long " * 500, usage=(20, 6000)))
+    response = httpx.post(f"{live_server_url}{turns_url(session_of(user))}", json={"content": "hi"},
+                          headers=auth(client_for(user)))
+    assert response.status_code == 201
+    assert response.json()["usage"]["completion_tokens"] == 100
+    assert Wallet.objects.get(user=user).balance >= 0
