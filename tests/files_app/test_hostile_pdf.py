@@ -6,6 +6,7 @@ from core.text import find_unstorable
 from files_app.extraction import extract_text
 from files_app.models import UploadedFile
 from files_app.tasks import extract_file_text
+from tests.files_app.helpers import pdf_document, pdf_stream
 
 pytestmark = pytest.mark.django_db
 
@@ -17,26 +18,15 @@ def pdf_mapping_a_to(unicode_hex: str) -> bytes:
             f"2 beginbfchar <41> <{unicode_hex}> <42> <0042> endbfchar endcmap "
             "CMapName currentdict /CMap defineresource pop end end").encode()
     stream = b"BT /F1 24 Tf 72 700 Td (ABAB) Tj ET"
-    objects = [
+    return pdf_document([
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
         b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream",
+        pdf_stream(stream),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /ToUnicode 6 0 R >>",
-        b"<< /Length " + str(len(cmap)).encode() + b" >>\nstream\n" + cmap + b"\nendstream",
-    ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    for offset in offsets:
-        out += f"{offset:010d} 00000 n \n".encode()
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return bytes(out)
+        pdf_stream(cmap),
+    ])
 
 
 @pytest.mark.parametrize("unicode_hex", ["D800", "DFFF", "0000"])

@@ -4,33 +4,21 @@ the gateway, before anyone sees it (SPEC 10), against the real loopback fake ups
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from core.text import clean_text, find_unstorable
-from llm_gateway import FakeGateway, OpenRouterGateway, StreamingContext, UpstreamError
-from llm_gateway.openrouter import aclose_shared_client
+from llm_gateway import FakeGateway, OpenRouterGateway, UpstreamError
 from llm_gateway.sse import encode_event
 from tests.fake_openrouter import FakeOpenRouter, completion, tool_call
+from tests.llm_gateway.helpers import collect
 
 MESSAGES = [{"role": "user", "content": "Hi there"}]
 FFFD = "\ufffd"
 FILE_READ_TOOL = {"type": "function", "function": {
     "name": "file_read", "description": "Read a file",
     "parameters": {"type": "object", "properties": {"file_id": {"type": "string"}}}}}
-
-
-@pytest.fixture
-async def gateway(fake_openrouter: FakeOpenRouter) -> AsyncIterator[OpenRouterGateway]:
-    yield OpenRouterGateway(base_url=fake_openrouter.base_url, api_key="test-key", timeout_seconds=5,
-                            backoff_seconds=0)
-    await aclose_shared_client()
-
-
-async def collect(ctx: StreamingContext) -> list[str]:
-    return [delta async for delta in ctx.chunks]
 
 
 def assert_storable(value: Any) -> None:

@@ -7,31 +7,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from llm_gateway import OpenRouterGateway, StreamingContext, UpstreamError, Usage
+from llm_gateway import OpenRouterGateway, UpstreamError, Usage
 from llm_gateway import openrouter as openrouter_module
 from llm_gateway.base import MAX_TOKEN_COUNT, token_count
-from llm_gateway.openrouter import aclose_shared_client
 from llm_gateway.sse import SSEDecoder, SSEEventTooLarge
 from tests.fake_openrouter import FakeOpenRouter, completion, sse_data
+from tests.llm_gateway.helpers import collect
 
 MESSAGES = [{"role": "user", "content": "Hi there"}]
 INT_MAX = 2**31 - 1  # PositiveIntegerField's upper bound
-
-
-@pytest.fixture
-async def gateway(fake_openrouter: FakeOpenRouter) -> AsyncIterator[OpenRouterGateway]:
-    yield OpenRouterGateway(base_url=fake_openrouter.base_url, api_key="test-key", timeout_seconds=5,
-                            backoff_seconds=0)
-    await aclose_shared_client()
-
-
-async def collect(ctx: StreamingContext) -> list[str]:
-    return [delta async for delta in ctx.chunks]
 
 
 def content_event(text: str, **extra: Any) -> bytes:

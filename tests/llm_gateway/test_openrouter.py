@@ -7,7 +7,6 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -18,29 +17,18 @@ import pytest
 from llm_gateway import (
     CallRecord,
     OpenRouterGateway,
-    StreamingContext,
     UpstreamError,
     UpstreamTimeout,
     Usage,
 )
 from llm_gateway.openrouter import aclose_shared_client, shared_client
 from tests.fake_openrouter import DEFAULT_MODEL, FakeOpenRouter, completion, tool_call
+from tests.llm_gateway.helpers import collect
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 FILE_READ_TOOL = {"type": "function", "function": {
     "name": "file_read", "description": "Read a file",
     "parameters": {"type": "object", "properties": {"file_id": {"type": "string"}}, "required": ["file_id"]}}}
-
-
-@pytest.fixture
-async def gateway(fake_openrouter: FakeOpenRouter) -> AsyncIterator[OpenRouterGateway]:
-    yield OpenRouterGateway(base_url=fake_openrouter.base_url, api_key="test-key", timeout_seconds=5,
-                            backoff_seconds=0, app_url="https://pantheon.test", app_title="Pantheon Test")
-    await aclose_shared_client()
-
-
-async def collect(ctx: StreamingContext) -> list[str]:
-    return [delta async for delta in ctx.chunks]
 
 
 class Executor:
