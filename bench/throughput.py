@@ -1,0 +1,325 @@
+"""Pantheon against the floor: what does it add to a streamed turn, alone and under load?
+
+    .venv/bin/python bench/throughput.py [--quick] [--skip-1000]
+
+One command starts, each in its own uvicorn process: the loopback fake provider
+(bench/fake_provider.py), a bare relay (bench/bare_relay.py: plain ASGI + httpx, no
+database, no auth) and Pantheon on PostgreSQL (a scratch database `pantheon_bench`, created
+afresh; DATABASE_URL overrides it). The same minimal asyncio HTTP client drives them all,
+interleaved, and prints:
+
+- sequential: added time to first chunk (TTFC) and added total, p50, over the provider
+  answering directly (every front door streams the same 20-piece answer at once);
+- 200 concurrent one-second streams, through the relay and through Pantheon (20 users,
+  then one user): wall time, TTFC p50 and p99;
+- 1000 concurrent one-second streams on one Pantheon worker: completed, and memory per
+  open stream (the process's VmHWM growth over the run, divided by the streams).
+
+Then the issue's targets, each met or not. Ratios matter here, not absolute times: these
+machines are noisy, so each figure comes from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+HOST = "127.0.0.1"
+
+
+# --- processes ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def uvicorn(app: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    command = [PYTHON, "-m", "uvicorn", app, "--host", HOST, "--port", str(port), "--no-access-log",
+               "--log-level", "warning", "--lifespan", "off", "--backlog", "4096", "--timeout-keep-alive", "30"]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def wait_listening(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"a server exited at start-up:\n{log.read_text()[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.05)
+    sys.exit(f"a server did not start:\n{log.read_text()[-3000:]}")
+
+
+def vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pantheon_env(database_url: str, provider_port: int) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url, "DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": "bench-" + "x" * 50,
+        "DJANGO_ALLOWED_HOSTS": HOST, "PANTHEON_LLM_PROVIDER": "openrouter",
+        "OPENROUTER_BASE_URL": f"http://{HOST}:{provider_port}/api/v1", "OPENROUTER_API_KEY": "bench",
+        "PANTHEON_LOG_LEVEL": "WARNING", "PANTHEON_CHECKPOINT_SECONDS": "0.5",  # checkpoints are measured too
+        "DJANGO_SETTINGS_MODULE": "pantheon.settings",
+    }
+
+
+def prepare_database(env: dict[str, str], users: int) -> list[tuple[str, str]]:
+    """Migrate, price the bench models, and make `users` users with credits, a key and a
+    session each: [(key, session_id)]."""
+    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env={**os.environ, **env},
+                   check=True)
+    script = f"""
+import django, json
+django.setup()
+from decimal import Decimal
+from django.contrib.auth import get_user_model
+from accounts.models import ApiKey
+from billing_app import services
+from sessions_app.models import ChatSession
+for model in ("bench/1s", "bench/instant"):
+    services.set_price(model=model, prompt_per_mtok=Decimal("1"), completion_per_mtok=Decimal("1"))
+out = []
+for i in range({users}):
+    user = get_user_model().objects.create_user(username=f"bench{{i}}")
+    services.grant(user_id=user.pk, amount=Decimal("1000"))
+    _, key = ApiKey.issue(user=user)
+    out.append((key, str(ChatSession.objects.create(user=user, model="bench/1s").pk)))
+print(json.dumps(out))
+"""
+    done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env={**os.environ, **env}, check=True,
+                          capture_output=True, text=True)
+    return [tuple(pair) for pair in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def scratch_database() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if url:
+        return url
+    env = {**os.environ, "PGHOST": HOST, "PGUSER": "postgres"}
+    subprocess.run(["dropdb", "--if-exists", "pantheon_bench"], env=env, check=True)
+    subprocess.run(["createdb", "pantheon_bench"], env=env, check=True)
+    return f"postgres://postgres@{HOST}:5432/pantheon_bench"
+
+
+# --- the client ---------------------------------------------------------------------------
+
+@dataclass
+class Front:
+    name: str
+    port: int
+    path: str
+    marker: bytes  # the bytes of the first content chunk
+
+    def request(self, body: dict, key: str = "") -> bytes:
+        data = json.dumps(body).encode()
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
+        return (f"POST {self.path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n{auth}"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+
+
+@dataclass
+class Result:
+    ttfc: float
+    total: float
+    ok: bool
+
+
+async def stream_once(front: Front, request: bytes) -> Result:
+    """One request; the time to the first content chunk and to the end of the body."""
+    start = time.perf_counter()
+    first = float("nan")
+    reader, writer = await asyncio.open_connection(HOST, front.port, limit=1 << 20)
+    ok = False
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        ok = head.startswith(b"HTTP/1.1 200")
+        seen = b""
+        while True:  # chunked transfer coding
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                break
+            data = await reader.readexactly(size + 2)
+            if first != first:  # still NaN
+                seen = seen[-64:] + data
+                if front.marker in seen:
+                    first = time.perf_counter() - start
+        if ok and b"event: error" in seen:
+            ok = False
+    finally:
+        writer.close()
+    return Result(ttfc=first, total=time.perf_counter() - start, ok=ok and first == first)
+
+
+def quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sequential", type=int, default=60, help="interleaved rounds of the latency run")
+    parser.add_argument("--streams", type=int, default=200, help="concurrent streams of the load runs")
+    parser.add_argument("--big", type=int, default=1000, help="concurrent streams of the memory run")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, no 1000-stream run")
+    parser.add_argument("--skip-1000", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.sequential, args.skip_1000 = 20, True
+
+    logs = Path(os.environ.get("BENCH_LOGS", "/tmp/pantheon-bench"))
+    logs.mkdir(parents=True, exist_ok=True)
+    database_url = scratch_database()
+    provider_port, relay_port, pantheon_port = free_port(), free_port(), free_port()
+    env = pantheon_env(database_url, provider_port)
+    users = prepare_database(env, users=20)
+    processes = []
+    try:
+        provider = uvicorn("bench.fake_provider:app", provider_port, {}, logs / "provider.log")
+        relay = uvicorn("bench.bare_relay:app", relay_port,
+                        {"BENCH_UPSTREAM": f"http://{HOST}:{provider_port}/api/v1/chat/completions"},
+                        logs / "relay.log")
+        pantheon = uvicorn("pantheon.asgi:application", pantheon_port, env, logs / "pantheon.log")
+        processes = [provider, relay, pantheon]
+        for port, process, name in ((provider_port, provider, "provider"), (relay_port, relay, "relay"),
+                                    (pantheon_port, pantheon, "pantheon")):
+            wait_listening(port, process, logs / f"{name}.log")
+        asyncio.run(run(args, provider_port, relay_port, pantheon_port, pantheon.pid, users),
+                    loop_factory=loop_factory())
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pantheon_pid: int,
+              users: list[tuple[str, str]]) -> None:
+    direct = Front("provider, direct", provider_port, "/api/v1/chat/completions", b'"content": "p')
+    relay = Front("bare relay", relay_port, "/api/v1/chat/completions", b'"content": "p')
+
+    def pantheon_front(session_id: str) -> Front:
+        return Front("Pantheon", pantheon_port, f"/api/v1/sessions/{session_id}/turns/stream", b"event: chunk")
+
+    def upstream_body(model: str) -> dict:
+        return {"model": model, "stream": True, "messages": [{"role": "user", "content": "bench"}]}
+
+    def pantheon_request(user: int, model: str) -> tuple[Front, bytes]:
+        key, session_id = users[user]
+        front = pantheon_front(session_id)
+        return front, front.request({"content": "bench", "model": model}, key)
+
+    # Warm every front door (connections, imports, caches).
+    for _ in range(5):
+        await stream_once(direct, direct.request(upstream_body("bench/instant")))
+        await stream_once(relay, relay.request(upstream_body("bench/instant")))
+        await stream_once(*pantheon_request(0, "bench/instant"))
+
+    # Sequential, interleaved: the added latency over the provider itself.
+    rows: dict[str, list[Result]] = {"provider, direct": [], "bare relay": [], "Pantheon": []}
+    for i in range(args.sequential):
+        rows["provider, direct"].append(await stream_once(direct, direct.request(upstream_body("bench/instant"))))
+        rows["bare relay"].append(await stream_once(relay, relay.request(upstream_body("bench/instant"))))
+        rows["Pantheon"].append(await stream_once(*pantheon_request(i % len(users), "bench/instant")))
+    base_ttfc = statistics.median(r.ttfc for r in rows["provider, direct"])
+    base_total = statistics.median(r.total for r in rows["provider, direct"])
+    added = {name: (statistics.median(r.ttfc for r in results) - base_ttfc,
+                    statistics.median(r.total for r in results) - base_total)
+             for name, results in rows.items()}
+    print(f"\nSequential, {args.sequential} interleaved rounds (a 20-piece answer streamed at once)")
+    print(f"  provider direct: TTFC p50 {base_ttfc * 1000:.1f} ms, total p50 {base_total * 1000:.1f} ms")
+    print(f"  {'front door':<12} {'added TTFC p50':>15} {'added total p50':>16}  failures")
+    for name in ("bare relay", "Pantheon"):
+        failures = sum(not r.ok for r in rows[name])
+        print(f"  {name:<12} {added[name][0] * 1000:>12.1f} ms {added[name][1] * 1000:>13.1f} ms  {failures}")
+
+    # Load: concurrent one-second streams.
+    n = args.streams
+    load: dict[str, tuple[float, list[Result]]] = {}
+    load["bare relay"] = await concurrent_mixed([(relay, relay.request(upstream_body("bench/1s")))] * n)
+    pairs = [pantheon_request(i % len(users), "bench/1s") for i in range(n)]
+    load["Pantheon, 20 users"] = await concurrent_mixed(pairs)
+    pairs = [pantheon_request(0, "bench/1s") for _ in range(n)]
+    load["Pantheon, 1 user"] = await concurrent_mixed(pairs)
+    print(f"\n{n} concurrent one-second streams")
+    print(f"  {'front door':<20} {'wall':>7} {'TTFC p50':>9} {'TTFC p99':>9}  failures")
+    for name, (wall, results) in load.items():
+        ttfcs = [r.ttfc for r in results if r.ok]
+        p50, p99 = (quantile(ttfcs, 0.5), quantile(ttfcs, 0.99)) if ttfcs else (float("nan"),) * 2
+        print(f"  {name:<20} {wall:>6.2f}s {p50:>8.2f}s {p99:>8.2f}s  {sum(not r.ok for r in results)}")
+
+    big = None
+    if not args.skip_1000:
+        before = vm_hwm_kb(pantheon_pid)
+        pairs = [pantheon_request(i % len(users), "bench/1s") for i in range(args.big)]
+        wall, results = await concurrent_mixed(pairs)
+        after = vm_hwm_kb(pantheon_pid)
+        completed = sum(r.ok for r in results)
+        per_stream = (after - before) / args.big
+        big = (completed, per_stream, wall)
+        print(f"\n{args.big} concurrent one-second streams on one Pantheon worker")
+        print(f"  completed {completed}/{args.big} in {wall:.2f}s; VmHWM {before} -> {after} kB: "
+              f"{per_stream:.1f} kB per open stream")
+
+    relay_wall, relay_results = load["bare relay"]
+    relay_p99 = quantile([r.ttfc for r in relay_results if r.ok], 0.99)
+    checks = [
+        ("added TTFC p50 <= 3x the relay's", added["Pantheon"][0] <= 3 * added["bare relay"][0]),
+        ("added total p50 <= 3x the relay's", added["Pantheon"][1] <= 3 * added["bare relay"][1]),
+        (f"{n} streams, 20 users: wall <= 1.5x the relay's", load["Pantheon, 20 users"][0] <= 1.5 * relay_wall),
+        (f"{n} streams, 20 users: TTFC p99 <= 2x the relay's",
+         quantile([r.ttfc for r in load["Pantheon, 20 users"][1] if r.ok] or [float("inf")], 0.99)
+         <= 2 * relay_p99),
+        (f"{n} streams, 1 user: wall <= 2x the relay's", load["Pantheon, 1 user"][0] <= 2 * relay_wall),
+        ("no failures under load", all(r.ok for _, rs in load.values() for r in rs)),
+    ]
+    if big is not None:
+        checks += [(f"{args.big} streams all complete", big[0] == args.big),
+                   ("memory per open stream <= 100 kB", big[1] <= 100)]
+    print("\nTargets")
+    for label, met in checks:
+        print(f"  [{'met' if met else 'NOT met'}] {label}")
+
+
+async def concurrent_mixed(pairs: list[tuple[Front, bytes]]) -> tuple[float, list[Result]]:
+    start = time.perf_counter()
+    results = await asyncio.gather(*[stream_once(front, request) for front, request in pairs],
+                                   return_exceptions=True)
+    wall = time.perf_counter() - start
+    return wall, [r if isinstance(r, Result) else Result(float("nan"), wall, False) for r in results]
+
+
+def loop_factory():
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+if __name__ == "__main__":
+    main()
