@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=1000, help="concurrent streams of the memory run")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no 1000-stream run")
     parser.add_argument("--skip-1000", action="store_true")
+    parser.add_argument("--sequential-only", action="store_true", help="only the latency run (for profiling)")
+    parser.add_argument("--profile", metavar="FILE", help="record Pantheon with py-spy (collapsed stacks) into FILE")
     args = parser.parse_args()
     if args.quick:
         args.sequential, args.skip_1000 = 20, True
@@ -205,11 +207,17 @@ def main() -> None:
         for port, process, name in ((provider_port, provider, "provider"), (relay_port, relay, "relay"),
                                     (pantheon_port, pantheon, "pantheon")):
             wait_listening(port, process, logs / f"{name}.log")
+        if args.profile:
+            processes.append(subprocess.Popen(["py-spy", "record", "--pid", str(pantheon.pid), "--format", "raw",
+                                               "--output", args.profile, "--rate", "250", "--threads"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         asyncio.run(run(args, provider_port, relay_port, pantheon_port, pantheon.pid, users),
                     loop_factory=loop_factory())
     finally:
-        for process in processes:
-            process.terminate()
+        for process in reversed(processes):  # py-spy first, so it writes its profile
+            process.send_signal(2 if process.args[0] == "py-spy" else 15)
+            if process.args[0] == "py-spy":
+                process.wait(timeout=30)
         for process in processes:
             try:
                 process.wait(timeout=10)
@@ -257,6 +265,8 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
         failures = sum(not r.ok for r in rows[name])
         print(f"  {name:<12} {added[name][0] * 1000:>12.1f} ms {added[name][1] * 1000:>13.1f} ms  {failures}")
 
+    if args.sequential_only:
+        return
     # Load: concurrent one-second streams.
     n = args.streams
     load: dict[str, tuple[float, list[Result]]] = {}
