@@ -11,12 +11,18 @@ MONEY = {"max_digits": 20, "decimal_places": 6}
 
 
 class Wallet(models.Model):
-    """One per user. `balance` is a cache of the ledger's sum, written only by services."""
+    """One per user. `balance` is a cache of the ledger's sum and `held` of the open holds'
+    sum, both written only by billing_app.services, so a hold is one conditional UPDATE of
+    this row (`balance - held >= amount`) instead of a lock held over an aggregate."""
 
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="wallet")
     balance = models.DecimalField(**MONEY, default=Decimal("0"))
+    held = models.DecimalField(**MONEY, default=Decimal("0"))
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(held__gte=0), name="wallet_held_not_negative")]
 
     def __str__(self) -> str:
         return f"Wallet of {self.user} ({self.balance})"

@@ -25,8 +25,7 @@ def current_balance(*, user_id: int) -> Decimal:
 
 def wallet_summary(*, user_id: int) -> WalletSummary:
     wallet = Wallet.objects.filter(user_id=user_id).first()
-    balance = wallet.balance if wallet else Decimal("0")
-    held = CreditHold.objects.filter(user_id=user_id).open().aggregate(t=Sum("amount"))["t"] or Decimal("0")
+    balance, held = (wallet.balance, wallet.held) if wallet else (Decimal("0"), Decimal("0"))
     return WalletSummary(balance=balance, held=held, available=balance - held,
                          enforcement=settings.PANTHEON_CREDIT_ENFORCEMENT)
 
@@ -34,7 +33,8 @@ def wallet_summary(*, user_id: int) -> WalletSummary:
 def ledger_problems(*, user_ids: list[int] | None = None, allow_open_holds: bool = True) -> list[str]:
     """The ledger invariant, as a list of violations (empty when all is well).
 
-    - each wallet's balance equals the sum of its ledger entries;
+    - each wallet's balance equals the sum of its ledger entries, and its `held` the sum of
+      its open holds;
     - the newest entry's `balance_after` equals the balance;
     - no hold stays open for a turn that was debited;
     - with `allow_open_holds=False`, no hold is open at all (use once every turn ended).
@@ -52,6 +52,9 @@ def ledger_problems(*, user_ids: list[int] | None = None, allow_open_holds: bool
         if last and last.balance_after != wallet.balance:
             problems.append(f"wallet {wallet.pk}: newest balance_after {last.balance_after} != {wallet.balance}")
         open_holds = CreditHold.objects.filter(wallet=wallet, released_at__isnull=True)
+        held = open_holds.aggregate(t=Sum("amount"))["t"] or Decimal("0")
+        if held != wallet.held:
+            problems.append(f"wallet {wallet.pk}: held {wallet.held} != open holds {held}")
         debited = LedgerEntry.objects.filter(wallet=wallet, kind=LedgerEntry.Kind.DEBIT).values("turn_id")
         for h in open_holds.filter(turn_id__in=debited):
             problems.append(f"hold {h.pk} still open after turn {h.turn_id} was debited")

@@ -14,11 +14,12 @@ import uuid
 from decimal import ROUND_FLOOR, Decimal
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Sum
+from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from billing_app.models import CreditHold, LedgerEntry, ModelPrice, Wallet
+from core import sql
 from core.money import format_money, quantize_money
 from llm_gateway import Usage
 from llm_gateway.tokens import estimate_tokens
@@ -120,57 +121,94 @@ def tool_turn_prompt_tokens(prompt_tokens: int, *, rounds: int, tool_output_char
     return rounds * (prompt_tokens + tool_output) + earlier_outputs
 
 
+# The SQL of the hot path (core.sql): written once for PostgreSQL and SQLite.
+_WALLET = sql.table(Wallet)
+_HOLD = sql.table(CreditHold)
+_LEDGER = sql.table(LedgerEntry)
+# Money parameters are CAST (SQLite compares an expression with a text parameter as text)
+# and sums ROUNDed to 6 places (exact on PostgreSQL; SQLite keeps decimals as floats).
+_RESERVE = (f"UPDATE {_WALLET} SET held = ROUND(held + CAST(%(amount)s AS NUMERIC), 6), updated_at = %(now)s "
+            f"WHERE user_id = %(user)s AND ROUND(balance - held, 6) >= CAST(%(amount)s AS NUMERIC) RETURNING id")
+_SNAPSHOT = f"SELECT balance, held FROM {_WALLET} WHERE user_id = %s"
+
+
+def wallet_snapshot(user_id: int, *, lock: bool = False) -> tuple[Decimal, Decimal] | None:
+    """(balance, held) of the user's wallet, or None if there is none; `lock` takes the row
+    lock until the transaction ends (PostgreSQL; SQLite's writers are serialised anyway)."""
+    query = _SNAPSHOT + (" FOR UPDATE" if lock and connection.features.has_select_for_update else "")
+    row = sql.fetch_one(query, [user_id])
+    return None if row is None else (sql.as_money(row[0]), sql.as_money(row[1]))
+
+
+def _size_hold(available: Decimal, *, price: ModelPrice, prompt_tokens: int, cap: int, minimum: int,
+               rounds: int) -> tuple[int, Decimal] | str:
+    """(output tokens granted, amount to hold), or the refusal."""
+    def cost_of(output_tokens: int) -> Decimal:
+        return compute_cost(prompt_tokens=prompt_tokens, completion_tokens=output_tokens * rounds, price=price)
+
+    if available <= 0:
+        return f"Your wallet has no available credits ({format_money(available)})."
+    if price.completion_price_per_mtok == 0:
+        granted = cap
+    else:
+        left = available - cost_of(0)
+        affordable = int((max(left, Decimal(0)) * PER_MTOK / (price.completion_price_per_mtok * rounds))
+                         .to_integral_value(ROUND_FLOOR))
+        granted = min(cap, affordable)
+    # Rounding half-up may push the total one unit over; step down until it fits.
+    while granted > 0 and cost_of(granted) > available:
+        granted -= 1
+    if granted < minimum or cost_of(0) > available:
+        return (f"This turn needs {format_money(cost_of(minimum))} credits (its prompt and {minimum} "
+                f"output tokens); {format_money(available)} are available.")
+    return granted, cost_of(granted)
+
+
 def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
-         max_tokens: int | None = None, rounds: int = 1, price: ModelPrice | None = None) -> HoldDecision:
+         max_tokens: int | None = None, rounds: int = 1, price: ModelPrice | None = None,
+         wallet: tuple[Decimal, Decimal] | None = None) -> HoldDecision:
     """The credit preflight: reserve the most this turn can cost, or refuse with 402.
 
     `prompt_tokens` is a conservative estimate of every prompt the turn sends (all tool
     rounds together); the hold covers it plus `rounds` x `max_tokens` output tokens, with
     `max_tokens` capped to what the wallet can still afford. The turn needs at least
     PANTHEON_MIN_OUTPUT_TOKENS, or what the client asked for if that is fewer.
+
+    The reservation is one conditional UPDATE (`held += amount` where `balance - held >=
+    amount`), sized from `wallet` (a `(balance, held)` the caller already read) or a fresh
+    read; if a concurrent turn took the credits meanwhile, it is sized again under the row
+    lock. So the row is locked only from that UPDATE to the commit, never across a read.
     The hold counts against `available` until its turn settles (see `settle`): it has no
-    clock of its own, so a long stream can never lose it; the turn's lease, which the sweep
-    enforces, is its expiry. `price` saves the lookup when the caller has it.
+    clock of its own; the turn's lease, which the sweep enforces, is its expiry.
     """
     price = price or get_price(model)
     cap = min(max_tokens or settings.PANTHEON_MAX_OUTPUT_TOKENS, settings.PANTHEON_MAX_OUTPUT_TOKENS)
     if not settings.PANTHEON_CREDIT_ENFORCEMENT:
         return HoldDecision(max_tokens=cap, hold_id=None, amount=Decimal("0"))
     minimum = min(settings.PANTHEON_MIN_OUTPUT_TOKENS, cap)
-
+    now = timezone.now()
     # A refusal is raised after the block, not from inside it: an exception leaving an
     # atomic(savepoint=False) would doom the caller's whole transaction.
-    refusal = ""
+    outcome: tuple[int, Decimal] | str = ""
     with transaction.atomic(savepoint=False):
-        wallet = _locked_wallet(user_id)
-        held = wallet.holds.open().aggregate(total=Sum("amount"))["total"] or Decimal("0")
-        available = wallet.balance - held
-
-        def cost_of(output_tokens: int) -> Decimal:
-            return compute_cost(prompt_tokens=prompt_tokens, completion_tokens=output_tokens * rounds, price=price)
-
-        if price.completion_price_per_mtok == 0:
-            granted = cap
-        else:
-            left = available - cost_of(0)
-            affordable = int((max(left, Decimal(0)) * PER_MTOK / (price.completion_price_per_mtok * rounds))
-                             .to_integral_value(ROUND_FLOOR))
-            granted = min(cap, affordable)
-        # Rounding half-up may push the total one unit over; step down until it fits.
-        while granted > 0 and cost_of(granted) > available:
-            granted -= 1
-        if available <= 0:
-            refusal = f"Your wallet has no available credits ({format_money(available)})."
-        elif granted < minimum or cost_of(0) > available:
-            refusal = (f"This turn needs {format_money(cost_of(minimum))} credits (its prompt and {minimum} "
-                       f"output tokens); {format_money(available)} are available.")
-        else:
-            amount = cost_of(granted)
-            held_row = CreditHold.objects.create(wallet=wallet, user_id=user_id, turn_id=turn_id, model=model,
-                                                 amount=amount, max_tokens=granted)
-    if refusal:
-        raise InsufficientCredits(refusal)
-    return HoldDecision(max_tokens=granted, hold_id=held_row.id, amount=amount)
+        snapshot = wallet if wallet is not None else wallet_snapshot(user_id)
+        for locked in (False, True):
+            if locked:
+                snapshot = wallet_snapshot(user_id, lock=True)
+            outcome = "Your wallet has no available credits." if snapshot is None else _size_hold(
+                snapshot[0] - snapshot[1], price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
+                rounds=rounds)
+            if isinstance(outcome, str):
+                break
+            granted, amount = outcome
+            reserved = sql.fetch_one(_RESERVE, {"amount": amount, "now": now, "user": user_id})
+            if reserved is not None:
+                hold_id = uuid.uuid4()
+                sql.insert(CreditHold, [{"id": hold_id, "wallet_id": reserved[0], "user_id": user_id,
+                                         "turn_id": turn_id, "model": model, "amount": amount,
+                                         "max_tokens": granted, "created_at": now, "released_at": None}])
+                return HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
+    raise InsufficientCredits(outcome or "Your wallet has no available credits.")
 
 
 def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, output_cap: int,
@@ -198,27 +236,57 @@ def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, ou
     return Usage(prompt_tokens=prompt_estimate, completion_tokens=completion, estimated=True)
 
 
+# Lock order, here and in release_holds_without_turn: the hold rows, then the wallet row.
+_RELEASE = (f"UPDATE {_HOLD} SET released_at = %(now)s WHERE turn_id = %(turn)s AND released_at IS NULL "
+            f"RETURNING amount")
+_CHARGE = (f"UPDATE {_WALLET} SET balance = ROUND(balance - CASE WHEN EXISTS "
+           f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit') THEN 0 "
+           f"ELSE CAST(%(cost)s AS NUMERIC) END, 6), "
+           f"held = ROUND(held - CAST(%(released)s AS NUMERIC), 6), updated_at = %(now)s WHERE user_id = %(user)s")
+_DEBIT = (f"INSERT INTO {_LEDGER} (id, wallet_id, user_id, kind, amount, balance_after, turn_id, note, created_at) "
+          f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, %(now)s FROM {_WALLET} "
+          f"WHERE user_id = %(user)s AND NOT EXISTS "
+          f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit')")
+
+
 def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -> Decimal:
     """Debit the actual cost of a turn and release its hold. Returns the new balance.
 
     Idempotent by turn id: a second call neither debits nor fails (and the ledger's unique
     constraint refuses a second debit whatever happens). Callers that store the turn call
-    this inside their own `atomic` so both commit together.
+    this inside their own `atomic` so both commit together. `held` goes down by exactly
+    what this call released, and balance and ledger change together under the row lock.
     """
     if cost < 0:
         raise InvalidAmount("A cost cannot be negative.")
+    now = timezone.now()
+    params = {"turn": sql.value(LedgerEntry, "turn_id", turn_id), "cost": cost, "now": now, "user": user_id,
+              "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
     with transaction.atomic(savepoint=False):
-        wallet = _locked_wallet(user_id)
-        CreditHold.objects.filter(turn_id=turn_id, released_at__isnull=True).update(released_at=timezone.now())
-        already = LedgerEntry.objects.filter(turn_id=turn_id, kind=LedgerEntry.Kind.DEBIT).exists()
-        if cost > 0 and not already:
-            _append_entry(wallet, kind=LedgerEntry.Kind.DEBIT, amount=-cost, turn_id=turn_id, note=note)
-        return wallet.balance
+        params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)), Decimal(0))
+        if sql.execute(_CHARGE, params) == 0:
+            # No wallet yet (credit enforcement off, nothing ever granted): make one, again.
+            Wallet.objects.get_or_create(user_id=user_id)
+            sql.execute(_CHARGE, params)
+        if cost > 0:
+            sql.execute(_DEBIT, params)
+        row = wallet_snapshot(user_id)
+    return row[0] if row else Decimal("0")
 
 
 def release_holds_without_turn(*, live_turn_ids, created_before) -> int:
     """Release open holds older than `created_before` whose turn is not among
     `live_turn_ids` (a queryset of running turn ids): holds no settlement will ever release
     (taken by an older version, or by a caller that never made a turn)."""
-    stale = CreditHold.objects.open().filter(created_at__lt=created_before).exclude(turn_id__in=live_turn_ids)
-    return stale.update(released_at=timezone.now())
+    stale = list(CreditHold.objects.open().filter(created_at__lt=created_before)
+                 .exclude(turn_id__in=live_turn_ids).values_list("id", flat=True)[:1000])
+    released = 0
+    for hold_id in stale:
+        with transaction.atomic():
+            # Released only if still open; `held` follows exactly what was released.
+            row = sql.fetch_one(f"UPDATE {_HOLD} SET released_at = %s WHERE id = %s AND released_at IS NULL "
+                                f"RETURNING wallet_id, amount", [timezone.now(), sql.value(CreditHold, "id", hold_id)])
+            if row is not None:
+                Wallet.objects.filter(pk=row[0]).update(held=F("held") - sql.as_money(row[1]))
+                released += 1
+    return released

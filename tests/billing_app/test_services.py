@@ -233,4 +233,5 @@ def test_concurrent_holds_never_overdraw(make_user, price, settings):
     assert sum(results) == 3
     summary = wallet_summary(user_id=user.pk)
     assert summary.available >= 0
-    CreditHold.objects.update(released_at=timezone.now())
+    for turn_id in CreditHold.objects.values_list("turn_id", flat=True):
+        services.settle(user_id=user.pk, turn_id=turn_id, cost=Decimal("0"))
