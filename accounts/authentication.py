@@ -25,6 +25,15 @@ def parse_bearer(header: str) -> str | None:
     return value.strip()
 
 
+def request_key_hash(request) -> str | None:
+    """The hash of the request's Bearer key ("" when the header names no key), or None
+    when the request has no Bearer header (a browser session, maybe)."""
+    raw = parse_bearer(request.META.get("HTTP_AUTHORIZATION", ""))
+    if raw is None:
+        return None
+    return hash_key(raw) if raw else ""
+
+
 def user_for_key(raw_key: str):
     """The active user owning an unrevoked key, or None."""
     if not raw_key:

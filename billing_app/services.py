@@ -201,7 +201,8 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
             if isinstance(outcome, str):
                 break
             granted, amount = outcome
-            reserved = sql.fetch_one(_RESERVE, {"amount": amount, "now": now, "user": user_id})
+            reserved = sql.fetch_one(_RESERVE, {"amount": amount, "now": sql.value(Wallet, "updated_at", now),
+                                                "user": user_id})
             if reserved is not None:
                 hold_id = uuid.uuid4()
                 sql.insert(CreditHold, [{"id": hold_id, "wallet_id": reserved[0], "user_id": user_id,
@@ -260,7 +261,8 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
     if cost < 0:
         raise InvalidAmount("A cost cannot be negative.")
     now = timezone.now()
-    params = {"turn": sql.value(LedgerEntry, "turn_id", turn_id), "cost": cost, "now": now, "user": user_id,
+    params = {"turn": sql.value(LedgerEntry, "turn_id", turn_id), "cost": cost,
+              "now": sql.value(LedgerEntry, "created_at", now), "user": user_id,
               "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
     with transaction.atomic(savepoint=False):
         params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)), Decimal(0))
@@ -285,7 +287,8 @@ def release_holds_without_turn(*, live_turn_ids, created_before) -> int:
         with transaction.atomic():
             # Released only if still open; `held` follows exactly what was released.
             row = sql.fetch_one(f"UPDATE {_HOLD} SET released_at = %s WHERE id = %s AND released_at IS NULL "
-                                f"RETURNING wallet_id, amount", [timezone.now(), sql.value(CreditHold, "id", hold_id)])
+                                f"RETURNING wallet_id, amount", [sql.value(CreditHold, "released_at", timezone.now()),
+                                                                 sql.value(CreditHold, "id", hold_id)])
             if row is not None:
                 Wallet.objects.filter(pk=row[0]).update(held=F("held") - sql.as_money(row[1]))
                 released += 1

@@ -1,16 +1,35 @@
 import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import AsyncToSync, sync_to_async
+from django.conf import settings
 from django.db import close_old_connections, connection
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _database_threads() -> ThreadPoolExecutor:
+    """One pool of threads for every db_call of the process, as many as the connection
+    pool has connections: a call never waits for a connection, and no request makes a
+    thread of its own (Django's default gives each request one, created for it)."""
+    global _executor
+    if _executor is None:
+        pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool") or {}
+        size = pool.get("max_size", 20) if isinstance(pool, dict) else 20
+        _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="db_call")
+    return _executor
 
 
 def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`sync_to_async` for one unit of database work from async code.
 
     The connection goes back (to the pool) as soon as the work is done, so a stream that
-    lasts a minute does not hold a database connection for that minute.
+    lasts a minute does not hold a database connection for that minute. The work runs on
+    the process's database threads, unless a sync caller is waiting on this event loop
+    (Django's test client, a sync middleware): then in that caller's thread, so what it
+    holds (a test's transaction) stays visible.
     """
 
     @functools.wraps(fn)
@@ -22,4 +41,12 @@ def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
             if not connection.in_atomic_block:
                 close_old_connections()
 
-    return sync_to_async(run)
+    in_caller_thread = sync_to_async(run)
+
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        if getattr(AsyncToSync.executors, "current", None) is not None:
+            return await in_caller_thread(*args, **kwargs)
+        return await sync_to_async(run, thread_sensitive=False, executor=_database_threads())(*args, **kwargs)
+
+    return call

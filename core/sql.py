@@ -16,10 +16,13 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from django.db import connection, models
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 
 def table(model: type[models.Model]) -> str:
@@ -44,9 +47,25 @@ def insert(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> None:
         return
     names = tuple(rows[0])
     fields = [model._meta.get_field(name) for name in names]
-    params = [field.get_db_prep_save(row[name], connection) for row in rows for name, field in zip(names, fields)]
+    params = [field.get_db_prep_save(row[name], connection) for row in rows
+              for name, field in zip(names, fields, strict=True)]
     with connection.cursor() as cursor:
         cursor.execute(_insert_sql(model, names, len(rows), connection.vendor), params)
+
+
+@functools.cache
+def _update_sql(model: type[models.Model], fields: tuple[str, ...], vendor: str) -> str:
+    assignments = ", ".join(f"{column(model, name)} = %s" for name in fields)
+    return f"UPDATE {table(model)} SET {assignments} WHERE {column(model, model._meta.pk.name)} = %s"
+
+
+def update(model: type[models.Model], pk: Any, values: dict[str, Any], *, count: bool = True) -> int:
+    """UPDATE one row by primary key, values prepared by the fields; returns the rows
+    changed (-1 with `count=False`, which does not wait for the answer: see `execute`)."""
+    names = tuple(values)
+    params = [model._meta.get_field(name).get_db_prep_save(values[name], connection) for name in names]
+    params.append(model._meta.pk.get_db_prep_value(pk, connection))
+    return execute(_update_sql(model, names, connection.vendor), params, count=count)
 
 
 def value(model: type[models.Model], field: str, python_value: Any) -> Any:
@@ -66,16 +85,41 @@ def fetch_all(sql: str, params: Sequence[Any] | dict[str, Any]) -> list[tuple]:
         return cursor.fetchall()
 
 
-def execute(sql: str, params: Sequence[Any] | dict[str, Any]) -> int:
-    """Run one statement; returns the number of rows it changed."""
+def execute(sql: str, params: Sequence[Any] | dict[str, Any], *, count: bool = True) -> int:
+    """Run one statement; returns the number of rows it changed. With `count=False` the
+    answer is not waited for (inside `pipeline()`, the statement joins the next round trip)
+    and -1 is returned."""
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return cursor.rowcount
+        return cursor.rowcount if count else -1
+
+
+def fetch_together(queries: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[list[tuple]]:
+    """Run independent reads in one round trip (pipelined on PostgreSQL): their rows, in order."""
+    cursors = []
+    try:
+        with pipeline():
+            for query, params in queries:
+                cursor = connection.cursor()
+                cursors.append(cursor)
+                cursor.execute(query, params)
+        return [cursor.fetchall() for cursor in cursors]
+    finally:
+        for cursor in cursors:
+            cursor.close()
 
 
 def as_uuid(raw: Any) -> uuid.UUID:
     """A UUID column read back (PostgreSQL gives a UUID, SQLite its hex)."""
     return raw if isinstance(raw, uuid.UUID) else uuid.UUID(str(raw))
+
+
+def as_datetime(raw: Any) -> datetime | None:
+    """A datetime column read back (SQLite gives its text), timezone-aware."""
+    if raw is None or isinstance(raw, datetime):
+        return raw
+    parsed = parse_datetime(str(raw))
+    return parsed if parsed is None or timezone.is_aware(parsed) else timezone.make_aware(parsed, UTC)
 
 
 def as_money(raw: Any) -> Decimal:

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext
 from django.conf import settings
 from django.db import DatabaseError
 
@@ -48,29 +47,18 @@ class PersistenceFailed(Exception):
 def in_background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
     """Run `coro` as its own task, held until it ends: awaiting the result under
     `asyncio.shield` lets it finish even if the awaiting request is cancelled."""
-    task = asyncio.ensure_future(_with_own_thread_context(coro))
+    task = asyncio.ensure_future(coro)
     _background.add(task)
     task.add_done_callback(_background.discard)
     return task
 
-
-async def _with_own_thread_context(coro: Coroutine[Any, Any, Any]) -> Any:
-    # Django runs each request's sync work in a thread that ends with the request; a task
-    # that may outlive it (a close after the client left) gets a thread context of its own,
-    # else its db_calls would fail once the request is over.
-    async with ThreadSensitiveContext():
-        return await coro
 
 
 async def start_turn(begin: Callable[[], Awaitable[PreparedTurn]]) -> PreparedTurn:
     """Await the preflight `begin()` (a `db_call`). If the client goes away meanwhile, the
     preflight's thread runs on and may still commit a `running` turn: it is then closed as
     `cancelled` (nothing reached the provider, so it costs nothing) before re-raising."""
-    # The preflight's thread starts at once, inside the request: no thread context of its
-    # own is needed (unlike the close, which may start after the request is over).
-    task = asyncio.ensure_future(begin())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    task = in_background(begin())
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

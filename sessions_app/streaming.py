@@ -38,25 +38,52 @@ from sessions_app.turns import PreparedTurn, TurnOutcome
 _END = object()
 
 
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 async def with_heartbeat(chunks: AsyncIterator[str], seconds: float) -> AsyncIterator[str | None]:
-    """The deltas of `chunks`, and None each time `seconds` pass without one."""
-    iterator = chunks.__aiter__()
-    pending: asyncio.Future | None = None
+    """The deltas of `chunks`, and None each time `seconds` pass without one.
+
+    One reader task and one timer per stream, not a task per chunk: the reader puts the
+    deltas in a queue, and the timer puts a None there when the stream was silent for
+    `seconds`, so a delta costs one put and one get.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    last = loop.time()
+
+    async def read() -> None:
+        try:
+            async for item in chunks:
+                queue.put_nowait(item)
+            queue.put_nowait(_END)
+        except Exception as exc:  # a GatewayError: raised to the consumer, in order
+            queue.put_nowait(_Failed(exc))
+
+    def tick() -> None:
+        nonlocal last, timer
+        if loop.time() - last >= seconds * 0.999:
+            last = loop.time()
+            queue.put_nowait(None)
+        timer = loop.call_at(last + seconds, tick)
+
+    reader = asyncio.ensure_future(read())
+    timer = loop.call_at(last + seconds, tick)
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(iterator, _END))
-            done, _ = await asyncio.wait((pending,), timeout=seconds)
-            if not done:
-                yield None
-                continue
-            item, pending = pending.result(), None
+            item = await queue.get()
             if item is _END:
                 return
+            if isinstance(item, _Failed):
+                raise item.error
+            if item is not None:
+                last = loop.time()
             yield item
     finally:
-        if pending is not None:
-            pending.cancel()
+        timer.cancel()
+        reader.cancel()
 
 
 def _provider_model(ctx: StreamingContext) -> str:

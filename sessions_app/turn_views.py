@@ -18,7 +18,7 @@ from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from accounts.authentication import authenticate_request
+from accounts.authentication import authenticate_request, request_key_hash
 from core.db import db_call
 from core.errors import AuthFailure, error_response
 from core.json_body import InvalidJson, load_json
@@ -30,7 +30,7 @@ from sessions_app.live_turn import LeaseKeeper, PersistenceFailed, finish_turn, 
 from sessions_app.models import Turn
 from sessions_app.serializers import MessageSerializer, turn_data, turn_usage
 from sessions_app.streaming import Relay, TurnStreamResponse
-from sessions_app.turns import PreparedTurn, TurnInput, TurnOutcome, TurnRejected, begin_turn, owned_session
+from sessions_app.turns import PreparedTurn, TurnInput, TurnOutcome, TurnRejected, begin_turn, load_preflight
 from sessions_app.views import SessionTurnsView
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,24 @@ def parse_turn_input(body: bytes) -> TurnInput:
 def _preflight(request: HttpRequest, session_id: uuid.UUID, streamed: bool) -> PreparedTurn:
     """Everything before the model call, in one database call and in this order: 401, 404,
     400, 422, 402. Raises AuthFailure or TurnRejected."""
-    user = authenticate_request(request)
-    session = owned_session(user=user, session_id=session_id)
-    return begin_turn(user=user, session=session, request=parse_turn_input(request.body), streamed=streamed)
+    try:
+        data, problem = parse_turn_input(request.body), None
+    except TurnRejected as exc:  # reported after 401 and 404
+        data, problem = None, exc
+    model = data.model if data is not None else None
+    key_hash = request_key_hash(request)
+    if key_hash is None:  # no key: the browser session (CSRF-checked)
+        user = authenticate_request(request)
+        preflight = load_preflight(session_id=session_id, model=model, user_id=user.pk)
+    else:
+        preflight = load_preflight(session_id=session_id, model=model, key_hash=key_hash) if key_hash else None
+        if preflight is None:
+            raise AuthFailure("Invalid or revoked API key.", code="authentication_failed")
+    if preflight.session is None:
+        raise TurnRejected("not_found", "Not found.")
+    if problem is not None:
+        raise problem
+    return begin_turn(preflight, data, streamed=streamed)
 
 
 async def _prepare(request: HttpRequest, session_id: uuid.UUID, *, streamed: bool) -> PreparedTurn | HttpResponse:

@@ -10,7 +10,9 @@ endpoint) goes through these, and nothing here knows of HTTP:
     sweep_lapsed_turns()  closes turns whose lease lapsed (their process died) as
                           `interrupted`, through close_turn()
 
-All are sync; async callers use `core.db.db_call` (sessions_app.live_turn does).
+All are sync; async callers use `core.db.db_call` (sessions_app.live_turn does). The hot
+statements are plain SQL (core.sql), PostgreSQL's pipelined: a preflight is three round
+trips, a checkpoint one, a close one transaction of four, whatever the history length.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.contrib.auth import get_user_model
+from django.db import connection, transaction
 from django.db.models import Model
 from django.utils import timezone
 
+from accounts.authentication import LAST_USED_RESOLUTION
+from accounts.models import ApiKey
 from billing_app import selectors
 from billing_app import services as billing
-from billing_app.models import ModelPrice, UsageRecord
+from billing_app.models import ModelPrice, UsageRecord, Wallet
+from core import sql
 from core.text import clean_text
 from files_app.services import FILE_READ_TOOL, ready_files_for
 from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
@@ -38,6 +44,7 @@ from llm_gateway.tokens import estimate_prompt_tokens
 from sessions_app.models import ChatSession, LlmEvent, Message, Turn
 
 logger = logging.getLogger(__name__)
+User = get_user_model()
 
 # Most earlier messages looked at when building the context (the budget trims further).
 HISTORY_LIMIT = 200
@@ -63,32 +70,86 @@ class TurnInput:
     max_tokens: int | None = None
 
 
-def owned_session(*, user, session_id: uuid.UUID) -> ChatSession:
-    """The user's session, or TurnRejected("not_found") (someone else's is missing too)."""
-    session = ChatSession.objects.filter(pk=session_id, user=user).first()
-    if session is None:
-        raise TurnRejected("not_found", "Not found.")
-    return session
+@dataclasses.dataclass(frozen=True)
+class SessionFacts:
+    id: uuid.UUID
+    model: str
+    system_prompt: str
 
 
-def build_context(session: ChatSession, content: str, *, extra_system: str = "") -> list[ChatMessage]:
-    """The messages sent upstream: system prompt, earlier messages (oldest dropped first to
-    fit PANTHEON_CONTEXT_BUDGET_TOKENS), then the new user message. One query."""
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    """What one read found for a turn request: its user, the session (None if it is not
+    theirs), the price of the model asked for, the wallet and the recent history."""
+
+    user_id: int
+    key_id: uuid.UUID | None  # the API key, when it should be marked used
+    session: SessionFacts | None
+    price: ModelPrice | None
+    wallet: tuple[Decimal, Decimal] | None  # (balance, held)
+    history: list[tuple[str, str]]  # (role, content), newest first
+
+
+def _preflight_sql(by_key: bool) -> str:
+    key, user, session = sql.table(ApiKey), sql.table(User), sql.table(ChatSession)
+    price, wallet = sql.table(ModelPrice), sql.table(Wallet)
+    joins = (f"LEFT JOIN {session} s ON s.id = %(session)s AND s.user_id = u.id "
+             f"LEFT JOIN {price} p ON p.model = COALESCE(%(model)s, s.model) "
+             f"LEFT JOIN {wallet} w ON w.user_id = u.id ")
+    columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, "
+               "p.id, p.model, p.prompt_price_per_mtok, p.completion_price_per_mtok, w.balance, w.held ")
+    if by_key:
+        return (columns.format(key_columns="k.id, (k.last_used_at IS NULL OR k.last_used_at < %(stale)s)")
+                + f"FROM {key} k JOIN {user} u ON u.id = k.user_id AND u.is_active = %(true)s " + joins
+                + "WHERE k.key_hash = %(hash)s AND k.revoked_at IS NULL")
+    return columns.format(key_columns="NULL, NULL") + f"FROM {user} u " + joins + "WHERE u.id = %(user)s"
+
+
+def _history_sql() -> str:
+    return (f"SELECT role, content FROM {sql.table(Message)} WHERE session_id = %s AND role IN ('user', 'assistant') "
+            f"AND content <> '' ORDER BY created_at DESC, position DESC LIMIT {HISTORY_LIMIT}")
+
+
+def load_preflight(*, session_id: uuid.UUID, model: str | None, key_hash: str | None = None,
+                   user_id: int | None = None) -> Preflight | None:
+    """Everything a turn request needs to know, in one round trip (two reads, pipelined on
+    PostgreSQL): by API key (`key_hash`; None when no active key of an active user has that
+    hash) or by a user already authenticated (`user_id`). The history is read whoever owns
+    the session and dropped unless the requester does."""
+    stale = timezone.now() - LAST_USED_RESOLUTION
+    params = {"session": sql.value(ChatSession, "id", session_id), "model": model, "true": True,
+              "hash": key_hash, "user": user_id, "stale": sql.value(ApiKey, "last_used_at", stale)}
+    found, history = sql.fetch_together([(_preflight_sql(key_hash is not None), params),
+                                         (_history_sql(), [params["session"]])])
+    if not found:
+        return None
+    (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
+     balance, held) = found[0]
+    return Preflight(
+        user_id=user,
+        key_id=sql.as_uuid(key_id) if key_id is not None and touch else None,
+        session=SessionFacts(id=sql.as_uuid(session), model=session_model, system_prompt=prompt or "")
+        if session is not None else None,
+        price=ModelPrice(id=price_id, model=price_model, prompt_price_per_mtok=sql.as_money(prompt_price),
+                         completion_price_per_mtok=sql.as_money(completion_price)) if price_id is not None else None,
+        wallet=(sql.as_money(balance), sql.as_money(held)) if balance is not None else None,
+        history=list(history) if session is not None else [],
+    )
+
+
+def build_context(system_prompt: str, history: list[tuple[str, str]], content: str, *,
+                  extra_system: str = "") -> list[ChatMessage]:
+    """The messages sent upstream: system prompt, earlier messages (`history`, newest first;
+    the oldest dropped first to fit PANTHEON_CONTEXT_BUDGET_TOKENS), then the new user message."""
     head: list[ChatMessage] = []
-    if session.system_prompt:
-        head.append({"role": "system", "content": session.system_prompt})
+    if system_prompt:
+        head.append({"role": "system", "content": system_prompt})
     if extra_system:
         head.append({"role": "system", "content": extra_system})
     tail: list[ChatMessage] = [{"role": "user", "content": content}]
     budget = settings.PANTHEON_CONTEXT_BUDGET_TOKENS - estimate_prompt_tokens(head + tail)
     earlier: list[ChatMessage] = []
-    recent = (
-        Message.objects.filter(session=session, role__in=[Message.Role.USER, Message.Role.ASSISTANT])
-        .exclude(content="")
-        .order_by("-created_at", "-position")
-        .values_list("role", "content")[:HISTORY_LIMIT]
-    )
-    for role, text in recent:  # newest first, so the oldest are the ones left out
+    for role, text in history:  # newest first, so the oldest are the ones left out
         cost = estimate_prompt_tokens([{"role": role, "content": text}])
         if cost > budget:
             break
@@ -112,6 +173,12 @@ class PreparedTurn:
     tools: list[dict[str, Any]] | None
 
 
+_RENEW = f"UPDATE {sql.table(Turn)} SET lease_until = %s WHERE id = %s AND status = 'running'"
+_RENEW_WITH_CHECKPOINT = (f"UPDATE {sql.table(Turn)} SET lease_until = %s, checkpoint = %s "
+                          f"WHERE id = %s AND status = 'running'")
+_TOUCH_KEY = f"UPDATE {sql.table(ApiKey)} SET last_used_at = %s WHERE id = %s"
+
+
 def _tool_system_message(files: list[dict[str, Any]]) -> str:
     if not files:
         return "You can call file_read to read the user's uploaded files, but the user has no ready files."
@@ -129,48 +196,60 @@ def _lease_from(now: datetime) -> datetime:
     return now + timedelta(seconds=settings.PANTHEON_TURN_LEASE_SECONDS)
 
 
-def begin_turn(*, user, session: ChatSession, request: TurnInput, streamed: bool) -> PreparedTurn:
-    """The preflight after authentication and the session lookup: 422, 400, then 402.
+def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> PreparedTurn:
+    """The preflight after authentication and the session check: 422, 400, then 402.
 
     One transaction takes the hold and creates the `running` turn (with its lease) and the
     user message, so from here on the turn cannot be lost: whoever ends it, and the sweep
     if nobody does, goes through close_turn(). Raises TurnRejected.
     """
+    session = preflight.session
+    if session is None:
+        raise TurnRejected("not_found", "Not found.")
     if streamed and request.tools_enabled:
         raise TurnRejected("tools_not_supported_in_stream",
                            "Tools are not supported in streamed turns; use POST .../turns.")
     model = request.model or session.model
-    try:
-        price = billing.get_price(model)
-    except billing.UnknownModel as exc:
-        raise TurnRejected("unknown_model", str(exc)) from None
+    price = preflight.price
+    if price is None:
+        raise TurnRejected("unknown_model", f"Model {model!r} is not in the price list.")
 
     rounds, extra_system, tools = _rounds(request.tools_enabled), "", None
     if request.tools_enabled:
-        extra_system = _tool_system_message(ready_files_for(user.pk))
+        extra_system = _tool_system_message(ready_files_for(preflight.user_id))
         tools = [FILE_READ_TOOL]
-    messages = build_context(session, request.content, extra_system=extra_system)
+    messages = build_context(session.system_prompt, preflight.history, request.content, extra_system=extra_system)
     prompt_estimate = estimate_prompt_tokens(messages, tools)
     held_prompt = billing.tool_turn_prompt_tokens(prompt_estimate, rounds=rounds,
                                                   tool_output_chars=TOOL_OUTPUT_BUDGET_CHARS)
     turn_id = uuid.uuid4()
     now = timezone.now()
     try:
-        with transaction.atomic():
-            decision = billing.hold(user_id=user.pk, turn_id=turn_id, model=model, prompt_tokens=held_prompt,
-                                    max_tokens=request.max_tokens, rounds=rounds, price=price)
-            turn = Turn.objects.create(
-                id=turn_id, session=session, user=user, status=Turn.Status.RUNNING, model=model,
-                streamed=streamed, tools_enabled=request.tools_enabled, max_tokens=decision.max_tokens,
-                prompt_tokens=prompt_estimate, usage_estimated=True, lease_until=_lease_from(now),
-                created_at=now,
-            )
-            Message.objects.create(session=session, turn=turn, user=user, role=Message.Role.USER,
-                                   content=request.content, position=0, created_at=now)
+        # Pipelined: the hold's UPDATE is one round trip, the inserts and the commit another.
+        with sql.pipeline(), transaction.atomic():
+            decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
+                                    prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
+                                    price=price, wallet=preflight.wallet)
+            sql.insert(Turn, [{
+                "id": turn_id, "session_id": session.id, "user_id": preflight.user_id, "status": Turn.Status.RUNNING,
+                "model": model, "provider_model": "", "streamed": streamed, "tools_enabled": request.tools_enabled,
+                "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
+                "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
+                "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "created_at": now,
+                "finished_at": None,
+            }])
+            sql.insert(Message, [{
+                "id": uuid.uuid4(), "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
+                "role": Message.Role.USER, "content": request.content, "tool_calls": None, "tool_call_id": "",
+                "position": 0, "created_at": now,
+            }])
+            if preflight.key_id is not None:  # at most once a minute per key
+                sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
+                                         sql.value(ApiKey, "id", preflight.key_id)], count=False)
     except billing.InsufficientCredits as exc:
         raise TurnRejected("insufficient_credits", str(exc)) from None
     return PreparedTurn(
-        turn_id=turn_id, user_id=user.pk, session_id=session.pk, model=model, messages=messages,
+        turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools,
     )
 
@@ -178,10 +257,10 @@ def begin_turn(*, user, session: ChatSession, request: TurnInput, streamed: bool
 def renew_turn(turn_id: uuid.UUID, *, checkpoint: str | None = None) -> bool:
     """Extend a running turn's lease (its hold lives as long) and, if given, save the partial
     answer. One UPDATE. False when the turn is no longer running (someone else closed it)."""
-    fields: dict[str, Any] = {"lease_until": _lease_from(timezone.now())}
-    if checkpoint is not None:
-        fields["checkpoint"] = checkpoint
-    return Turn.objects.filter(pk=turn_id, status=Turn.Status.RUNNING).update(**fields) == 1
+    lease, turn = sql.value(Turn, "lease_until", _lease_from(timezone.now())), sql.value(Turn, "id", turn_id)
+    if checkpoint is None:
+        return sql.execute(_RENEW, [lease, turn]) == 1
+    return sql.execute(_RENEW_WITH_CHECKPOINT, [lease, checkpoint, turn]) == 1
 
 
 @dataclasses.dataclass
@@ -221,27 +300,68 @@ def _fit(model: type[Model], field: str, value: str) -> str:
     return value[:limit] if limit else value
 
 
-def _stored_result(turn: Turn) -> TurnResult:
+def _stored_result(turn_id: uuid.UUID) -> TurnResult:
+    turn = Turn.objects.get(pk=turn_id)
     message = turn.messages.filter(role=Message.Role.ASSISTANT).order_by("-position").first()
     return TurnResult(turn=turn, message=message, balance=selectors.current_balance(user_id=turn.user_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class LockedTurn:
+    """A turn row as close_turn locked it."""
+
+    id: uuid.UUID
+    status: str
+    user_id: int
+    session_id: uuid.UUID
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    tools_enabled: bool
+    streamed: bool
+    checkpoint: str
+    created_at: datetime
+
+
+_LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
+                  "streamed", "checkpoint", "created_at")
+
+
+def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> LockedTurn | None:
+    """Lock the turn row until the transaction ends (PostgreSQL; SQLite's writers are
+    serialised). With `lapsed_before`, only a running turn whose lease lapsed, skipping one
+    that another sweeper holds."""
+    query = (f"SELECT {', '.join(sql.column(Turn, name) for name in _LOCKED_FIELDS)} FROM {sql.table(Turn)} "
+             f"WHERE id = %(turn)s")
+    if lapsed_before is not None:
+        query += " AND status = 'running' AND lease_until < %(lapsed)s"
+    if connection.features.has_select_for_update:
+        query += " FOR UPDATE SKIP LOCKED" if lapsed_before is not None else " FOR UPDATE"
+    row = sql.fetch_one(query, {"turn": sql.value(Turn, "id", turn_id),
+                                "lapsed": sql.value(Turn, "lease_until", lapsed_before)})
+    if row is None:
+        return None
+    return LockedTurn(id=sql.as_uuid(row[0]), status=row[1], user_id=row[2], session_id=sql.as_uuid(row[3]),
+                      model=row[4], prompt_tokens=row[5], max_tokens=row[6], tools_enabled=bool(row[7]),
+                      streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]))
 
 
 def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
     """End a turn and pay for it, all in one transaction. Idempotent: a turn that is no
     longer running (closed by another process, the sweep, a retry) is returned as stored.
 
-    Lock order everywhere: the turn row, then the wallet row.
+    Lock order everywhere: the turn row, then (in settle) the hold rows and the wallet row.
     """
-    with transaction.atomic():
-        turn = Turn.objects.select_for_update().filter(pk=turn_id).first()
+    with sql.pipeline(), transaction.atomic():
+        turn = _lock_turn(turn_id)
         if turn is None:
             raise Turn.DoesNotExist(f"no turn {turn_id}")
-        if turn.status != Turn.Status.RUNNING:
-            return _stored_result(turn)
-        return _close_locked(turn, outcome, price=price)
+        if turn.status == Turn.Status.RUNNING:
+            return _close_locked(turn, outcome, price=price)
+    return _stored_result(turn_id)
 
 
-def _close_locked(turn: Turn, outcome: TurnOutcome, *, price: ModelPrice | None) -> TurnResult:
+def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice | None) -> TurnResult:
     price = price or billing.get_price(turn.model)
     content = clean_text(outcome.content)
     usage = billing.usage_to_bill(reported=outcome.usage, text=content, prompt_estimate=turn.prompt_tokens,
@@ -250,53 +370,51 @@ def _close_locked(turn: Turn, outcome: TurnOutcome, *, price: ModelPrice | None)
     cost = billing.compute_cost(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                                 price=price)
     now = timezone.now()
-    provider_model = _fit(Turn, "provider_model", outcome.provider_model)
-    turn.status = outcome.status
-    turn.provider_model = provider_model
-    turn.prompt_tokens, turn.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-    turn.usage_estimated = usage.estimated
-    turn.cost = cost
-    turn.finish_reason = _fit(Turn, "finish_reason", outcome.finish_reason)
-    turn.error_code = _fit(Turn, "error_code", outcome.error_code)
-    turn.error_message = clean_text(outcome.error_message)
-    turn.lease_until = None
-    turn.checkpoint = ""
-    turn.finished_at = now
-    turn.save()
-
-    common = {"session_id": turn.session_id, "turn": turn, "user_id": turn.user_id, "created_at": now}
-    rows = []
-    for extra in outcome.tool_messages:
-        rows.append(Message(role=extra["role"], content=clean_text(extra.get("content") or ""),
-                            tool_calls=extra.get("tool_calls"),
-                            tool_call_id=_fit(Message, "tool_call_id", extra.get("tool_call_id", "")),
-                            position=len(rows) + 1, **common))
-    assistant = Message(role=Message.Role.ASSISTANT, content=content, position=len(rows) + 1, **common)
-    rows.append(assistant)
-    Message.objects.bulk_create(rows)
+    ended = {
+        "status": outcome.status, "provider_model": _fit(Turn, "provider_model", outcome.provider_model),
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+        "usage_estimated": usage.estimated, "cost": cost, "finish_reason": _fit(Turn, "finish_reason",
+                                                                                 outcome.finish_reason),
+        "error_code": _fit(Turn, "error_code", outcome.error_code), "error_message": clean_text(outcome.error_message),
+        "lease_until": None, "checkpoint": "", "finished_at": now,
+    }
+    # None of these waits for an answer: on PostgreSQL they go out with settle's first read.
+    sql.update(Turn, turn.id, ended, count=False)
+    common = {"session_id": turn.session_id, "turn_id": turn.id, "user_id": turn.user_id, "created_at": now}
+    rows = [{**common, "id": uuid.uuid4(), "role": extra["role"], "content": clean_text(extra.get("content") or ""),
+             "tool_calls": extra.get("tool_calls"),
+             "tool_call_id": _fit(Message, "tool_call_id", extra.get("tool_call_id", "")), "position": position}
+            for position, extra in enumerate(outcome.tool_messages, start=1)]
+    assistant = {**common, "id": uuid.uuid4(), "role": Message.Role.ASSISTANT, "content": content,
+                 "tool_calls": None, "tool_call_id": "", "position": len(rows) + 1}
+    sql.insert(Message, [*rows, assistant])
     if usage.total_tokens:
-        UsageRecord.objects.create(
-            user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.id, model=turn.model,
-            provider_model=provider_model, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, total_tokens=usage.total_tokens,
-            estimated=usage.estimated, cost=cost, created_at=now,
-        )
-    LlmEvent.objects.bulk_create([_event_row(record, turn) for record in outcome.records])
-    ChatSession.objects.filter(pk=turn.session_id).update(updated_at=now)
+        sql.insert(UsageRecord, [{
+            "id": uuid.uuid4(), "user_id": turn.user_id, "session_id": turn.session_id, "turn_id": turn.id,
+            "model": turn.model, "provider_model": ended["provider_model"], "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
+            "estimated": usage.estimated, "cost": cost, "created_at": now,
+        }])
+    sql.insert(LlmEvent, [_event_row(record, turn, now) for record in outcome.records])
+    sql.update(ChatSession, turn.session_id, {"updated_at": now}, count=False)
     balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost, note=f"{outcome.status} turn")
-    return TurnResult(turn=turn, message=assistant, balance=balance)
+    stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, model=turn.model,
+                  streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
+                  created_at=turn.created_at, **ended)
+    return TurnResult(turn=stored, message=Message(**assistant), balance=balance)
 
 
-def _event_row(record: CallRecord, turn: Turn) -> LlmEvent:
-    return LlmEvent(
-        user_id=turn.user_id, turn=turn, requested_model=_fit(LlmEvent, "requested_model", record.requested_model),
-        provider_model=_fit(LlmEvent, "provider_model", record.provider_model),
-        provider=_fit(LlmEvent, "provider", record.provider), status=_fit(LlmEvent, "status", record.status),
-        http_status=record.http_status, streamed=record.stream, latency_ms=record.latency_ms,
-        ttft_ms=record.ttft_ms, prompt_tokens=record.usage.prompt_tokens if record.usage else None,
-        completion_tokens=record.usage.completion_tokens if record.usage else None,
-        error=clean_text(record.error),
-    )
+def _event_row(record: CallRecord, turn: LockedTurn, now: datetime) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(), "user_id": turn.user_id, "turn_id": turn.id,
+        "requested_model": _fit(LlmEvent, "requested_model", record.requested_model),
+        "provider_model": _fit(LlmEvent, "provider_model", record.provider_model),
+        "provider": _fit(LlmEvent, "provider", record.provider), "status": _fit(LlmEvent, "status", record.status),
+        "http_status": record.http_status, "streamed": record.stream, "latency_ms": record.latency_ms,
+        "ttft_ms": record.ttft_ms, "prompt_tokens": record.usage.prompt_tokens if record.usage else None,
+        "completion_tokens": record.usage.completion_tokens if record.usage else None,
+        "error": clean_text(record.error), "created_at": now,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,8 +439,8 @@ def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
         closed_before = interrupted
         for turn_id in ids:
             try:
-                with transaction.atomic():
-                    turn = lapsed.select_for_update(skip_locked=True).filter(pk=turn_id).first()
+                with sql.pipeline(), transaction.atomic():
+                    turn = _lock_turn(turn_id, lapsed_before=now)
                     if turn is None:  # closed meanwhile, or another sweeper has it
                         continue
                     _close_locked(turn, TurnOutcome(

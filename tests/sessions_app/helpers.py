@@ -9,12 +9,13 @@ import httpx
 
 from llm_gateway.sse import SSEDecoder
 from sessions_app.models import Turn
-from sessions_app.turns import PreparedTurn, TurnInput, begin_turn
+from sessions_app.turns import PreparedTurn, TurnInput, begin_turn, load_preflight
 
 
 def begun_turn(user, session, content: str = "q", **fields) -> PreparedTurn:
     """A turn that passed its preflight: `running`, with its hold and user message."""
-    return begin_turn(user=user, session=session, request=TurnInput(content=content, **fields), streamed=False)
+    preflight = load_preflight(session_id=session.pk, model=fields.get("model"), user_id=user.pk)
+    return begin_turn(preflight, TurnInput(content=content, **fields), streamed=False)
 
 
 def wait_until_closed(timeout: float = 10.0, **filters) -> Turn:

@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from billing_app.models import CreditHold, LedgerEntry, UsageRecord, Wallet
 from billing_app.selectors import ledger_problems
 from sessions_app.models import LlmEvent, Message, Turn
-from sessions_app.turns import TurnOutcome, build_context, close_turn
+from sessions_app.turns import TurnOutcome, build_context, close_turn, load_preflight
 from tests.conftest import MODEL, client_for
 from tests.sessions_app.helpers import begun_turn, wait_until_closed
 
@@ -159,7 +159,8 @@ def test_context_sends_system_prompt_and_history_oldest_dropped_first(alice, ali
                                     {"role": "user", "content": "question 3"}])
     one = estimate_prompt_tokens([{"role": "user", "content": "question 2"}])
     settings.PANTHEON_CONTEXT_BUDGET_TOKENS = fixed + 2 * one
-    context = build_context(session, "question 3")
+    history = load_preflight(session_id=session.pk, model=None, user_id=alice.pk).history
+    context = build_context(session.system_prompt, history, "question 3")
     assert context == [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "question 2"}, {"role": "assistant", "content": "answer 2"},
