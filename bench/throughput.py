@@ -46,8 +46,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def uvicorn(app: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
-    command = [PYTHON, "-m", "uvicorn", app, "--host", HOST, "--port", str(port), "--no-access-log",
+def uvicorn(app: str, port: int, env: dict[str, str], log: Path, *, cprofile: str = "") -> subprocess.Popen:
+    runner = [str(ROOT / "bench" / "cprofiled_uvicorn.py")] if cprofile else ["-m", "uvicorn"]
+    if cprofile:
+        env = {**env, "PROFILE_OUT": cprofile}
+    command = [PYTHON, *runner, app, "--host", HOST, "--port", str(port), "--no-access-log",
                "--log-level", "warning", "--lifespan", "off", "--backlog", "4096", "--timeout-keep-alive", "30"]
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
@@ -63,6 +66,13 @@ def wait_listening(port: int, process: subprocess.Popen, log: Path) -> None:
                 return
         time.sleep(0.05)
     sys.exit(f"a server did not start:\n{log.read_text()[-3000:]}")
+
+
+def cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
+    """User + system CPU time the process (or only its main thread: the event loop) used."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def vm_hwm_kb(pid: int) -> int:
@@ -185,7 +195,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no 1000-stream run")
     parser.add_argument("--skip-1000", action="store_true")
     parser.add_argument("--sequential-only", action="store_true", help="only the latency run (for profiling)")
+    parser.add_argument("--load-only", action="store_true", help="only the 200-stream runs (for profiling)")
     parser.add_argument("--profile", metavar="FILE", help="record Pantheon with py-spy (collapsed stacks) into FILE")
+    parser.add_argument("--cprofile", metavar="FILE", help="run Pantheon under cProfile (all threads) into FILE")
     args = parser.parse_args()
     if args.quick:
         args.sequential, args.skip_1000 = 20, True
@@ -202,16 +214,17 @@ def main() -> None:
         relay = uvicorn("bench.bare_relay:app", relay_port,
                         {"BENCH_UPSTREAM": f"http://{HOST}:{provider_port}/api/v1/chat/completions"},
                         logs / "relay.log")
-        pantheon = uvicorn("pantheon.asgi:application", pantheon_port, env, logs / "pantheon.log")
+        pantheon = uvicorn("pantheon.asgi:application", pantheon_port, env, logs / "pantheon.log",
+                           cprofile=args.cprofile or "")
         processes = [provider, relay, pantheon]
         for port, process, name in ((provider_port, provider, "provider"), (relay_port, relay, "relay"),
                                     (pantheon_port, pantheon, "pantheon")):
             wait_listening(port, process, logs / f"{name}.log")
         if args.profile:
             processes.append(subprocess.Popen(["py-spy", "record", "--pid", str(pantheon.pid), "--format", "raw",
-                                               "--output", args.profile, "--rate", "250", "--threads"],
+                                               "--output", args.profile, "--rate", "100", "--threads", "--gil"],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        asyncio.run(run(args, provider_port, relay_port, pantheon_port, pantheon.pid, users),
+        asyncio.run(run(args, provider_port, relay_port, pantheon_port, pantheon.pid, users, relay.pid),
                     loop_factory=loop_factory())
     finally:
         for process in reversed(processes):  # py-spy first, so it writes its profile
@@ -226,7 +239,7 @@ def main() -> None:
 
 
 async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pantheon_pid: int,
-              users: list[tuple[str, str]]) -> None:
+              users: list[tuple[str, str]], relay_pid: int) -> None:
     direct = Front("provider, direct", provider_port, "/api/v1/chat/completions", b'"content": "p')
     relay = Front("bare relay", relay_port, "/api/v1/chat/completions", b'"content": "p')
 
@@ -249,7 +262,7 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
 
     # Sequential, interleaved: the added latency over the provider itself.
     rows: dict[str, list[Result]] = {"provider, direct": [], "bare relay": [], "Pantheon": []}
-    for i in range(args.sequential):
+    for i in range(1 if args.load_only else args.sequential):
         rows["provider, direct"].append(await stream_once(direct, direct.request(upstream_body("bench/instant"))))
         rows["bare relay"].append(await stream_once(relay, relay.request(upstream_body("bench/instant"))))
         rows["Pantheon"].append(await stream_once(*pantheon_request(i % len(users), "bench/instant")))
@@ -270,17 +283,28 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
     # Load: concurrent one-second streams.
     n = args.streams
     load: dict[str, tuple[float, list[Result]]] = {}
-    load["bare relay"] = await concurrent_mixed([(relay, relay.request(upstream_body("bench/1s")))] * n)
-    pairs = [pantheon_request(i % len(users), "bench/1s") for i in range(n)]
-    load["Pantheon, 20 users"] = await concurrent_mixed(pairs)
-    pairs = [pantheon_request(0, "bench/1s") for _ in range(n)]
-    load["Pantheon, 1 user"] = await concurrent_mixed(pairs)
+    cpu: dict[str, float] = {}
+
+    loop_cpu: dict[str, float] = {}
+
+    async def measured(name: str, pid: int, pairs: list[tuple[Front, bytes]]) -> None:
+        before, loop_before = cpu_seconds(pid), cpu_seconds(pid, main_thread=True)
+        load[name] = await concurrent_mixed(pairs)
+        cpu[name] = (cpu_seconds(pid) - before) / len(pairs)
+        loop_cpu[name] = (cpu_seconds(pid, main_thread=True) - loop_before) / len(pairs)
+
+    await measured("bare relay", relay_pid, [(relay, relay.request(upstream_body("bench/1s")))] * n)
+    await measured("Pantheon, 20 users", pantheon_pid,
+                   [pantheon_request(i % len(users), "bench/1s") for i in range(n)])
+    await measured("Pantheon, 1 user", pantheon_pid, [pantheon_request(0, "bench/1s") for _ in range(n)])
     print(f"\n{n} concurrent one-second streams")
-    print(f"  {'front door':<20} {'wall':>7} {'TTFC p50':>9} {'TTFC p99':>9}  failures")
+    print(f"  {'front door':<20} {'wall':>7} {'TTFC p50':>9} {'TTFC p99':>9} {'CPU/stream':>11} "
+          f"{'of it, loop':>11}  failures")
     for name, (wall, results) in load.items():
         ttfcs = [r.ttfc for r in results if r.ok]
         p50, p99 = (quantile(ttfcs, 0.5), quantile(ttfcs, 0.99)) if ttfcs else (float("nan"),) * 2
-        print(f"  {name:<20} {wall:>6.2f}s {p50:>8.2f}s {p99:>8.2f}s  {sum(not r.ok for r in results)}")
+        print(f"  {name:<20} {wall:>6.2f}s {p50:>8.2f}s {p99:>8.2f}s {cpu[name] * 1000:>8.1f} ms"
+              f" {loop_cpu[name] * 1000:>8.1f} ms  {sum(not r.ok for r in results)}")
 
     big = None
     if not args.skip_1000:

@@ -190,7 +190,7 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     # A refusal is raised after the block, not from inside it: an exception leaving an
     # atomic(savepoint=False) would doom the caller's whole transaction.
     outcome: tuple[int, Decimal] | str = ""
-    with transaction.atomic(savepoint=False):
+    with sql.transaction():
         snapshot = wallet if wallet is not None else wallet_snapshot(user_id)
         for locked in (False, True):
             if locked:
@@ -264,14 +264,14 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
     params = {"turn": sql.value(LedgerEntry, "turn_id", turn_id), "cost": cost,
               "now": sql.value(LedgerEntry, "created_at", now), "user": user_id,
               "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
-    with transaction.atomic(savepoint=False):
+    with sql.transaction():
         params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)), Decimal(0))
-        if sql.execute(_CHARGE, params) == 0:
-            # No wallet yet (credit enforcement off, nothing ever granted): make one, again.
-            Wallet.objects.get_or_create(user_id=user_id)
-            sql.execute(_CHARGE, params)
+        # A user with no wallet yet (credit enforcement off, nothing granted) gets one here.
+        sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
+                             "updated_at": now}], ignore_conflicts=True)
+        sql.execute(_CHARGE, params, count=False)
         if cost > 0:
-            sql.execute(_DEBIT, params)
+            sql.execute(_DEBIT, params, count=False)
         row = wallet_snapshot(user_id)
     return row[0] if row else Decimal("0")
 

@@ -7,13 +7,15 @@ taken from the models and values prepared by the models' own fields, so the sche
 Django's (migrations, admin, the ORM everywhere else).
 
 `pipeline()` sends what runs inside it to PostgreSQL without waiting for each answer (one
-round trip for many statements); on SQLite it does nothing.
+round trip for many statements); on SQLite it does nothing. `transaction()` is one
+transaction whose statements travel that way too, BEGIN and COMMIT included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import connection, models
+from django.db import transaction as django_transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -34,23 +37,25 @@ def column(model: type[models.Model], field: str) -> str:
 
 
 @functools.cache
-def _insert_sql(model: type[models.Model], fields: tuple[str, ...], rows: int, vendor: str) -> str:
+def _insert_sql(model: type[models.Model], fields: tuple[str, ...], rows: int, vendor: str,
+                ignore_conflicts: bool) -> str:
     columns = ", ".join(column(model, name) for name in fields)
     one = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    return f"INSERT INTO {table(model)} ({columns}) VALUES " + ", ".join([one] * rows)
+    return (f"INSERT INTO {table(model)} ({columns}) VALUES " + ", ".join([one] * rows)
+            + (" ON CONFLICT DO NOTHING" if ignore_conflicts else ""))
 
 
-def insert(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> None:
+def insert(model: type[models.Model], rows: Sequence[dict[str, Any]], *, ignore_conflicts: bool = False) -> None:
     """INSERT `rows` (dicts of field name to value, all with the same keys) in one statement.
-    Values go through each field's `get_db_prep_save`, as the ORM would send them."""
+    Values go through each field's `get_db_prep_save`, as the ORM would send them. The
+    statement does not wait for its answer (see `execute`)."""
     if not rows:
         return
     names = tuple(rows[0])
     fields = [model._meta.get_field(name) for name in names]
     params = [field.get_db_prep_save(row[name], connection) for row in rows
               for name, field in zip(names, fields, strict=True)]
-    with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(model, names, len(rows), connection.vendor), params)
+    execute(_insert_sql(model, names, len(rows), connection.vendor, ignore_conflicts), params, count=False)
 
 
 @functools.cache
@@ -115,10 +120,10 @@ def as_uuid(raw: Any) -> uuid.UUID:
 
 
 def as_datetime(raw: Any) -> datetime | None:
-    """A datetime column read back (SQLite gives its text), timezone-aware."""
-    if raw is None or isinstance(raw, datetime):
-        return raw
-    parsed = parse_datetime(str(raw))
+    """A datetime column read back (SQLite gives a naive one, or its text), timezone-aware."""
+    if raw is None:
+        return None
+    parsed = raw if isinstance(raw, datetime) else parse_datetime(str(raw))
     return parsed if parsed is None or timezone.is_aware(parsed) else timezone.make_aware(parsed, UTC)
 
 
@@ -137,3 +142,54 @@ def pipeline() -> Iterator[None]:
     connection.ensure_connection()
     with connection.connection.pipeline():
         yield
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def transaction() -> Iterator[None]:
+    """One transaction for the statements inside; a nested call joins the outer one.
+
+    On PostgreSQL, outside any Django `atomic` block, BEGIN and COMMIT are sent as plain
+    statements in pipeline mode: whatever inside does not wait for an answer goes out with
+    the COMMIT, in one round trip (psycopg's own transactions in pipeline mode add two).
+    If anything fails the transaction is rolled back. Code inside must not open a Django
+    `atomic` block (it would try to leave autocommit mid-transaction); the ORM's plain
+    queries are fine. Elsewhere (SQLite, or inside a caller's or a test's `atomic`) it is
+    Django's `atomic` (a savepoint inside an enclosing one, so a refusal raised through it
+    leaves the enclosing transaction usable).
+    """
+    if getattr(_state, "depth", 0):
+        _state.depth += 1
+        try:
+            yield
+        finally:
+            _state.depth -= 1
+        return
+    if connection.vendor != "postgresql" or connection.in_atomic_block or not connection.get_autocommit():
+        with django_transaction.atomic():
+            _state.depth = 1
+            try:
+                yield
+            finally:
+                _state.depth = 0
+        return
+    connection.ensure_connection()
+    raw = connection.connection
+    _state.depth = 1
+    try:
+        # Errors surface at the pipeline's sync points: Django's wrapper makes them Django's.
+        with connection.wrap_database_errors, raw.pipeline():
+            execute("BEGIN", [], count=False)
+            yield
+            execute("COMMIT", [], count=False)
+    except BaseException:
+        if raw.info.transaction_status != _IDLE:
+            raw.execute("ROLLBACK")
+        raise
+    finally:
+        _state.depth = 0
+
+
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (imported lazily: SQLite installs need no psycopg)

@@ -26,7 +26,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Model
 from django.utils import timezone
 
@@ -226,7 +226,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     now = timezone.now()
     try:
         # Pipelined: the hold's UPDATE is one round trip, the inserts and the commit another.
-        with sql.pipeline(), transaction.atomic():
+        with sql.transaction():
             decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
                                     prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
                                     price=price, wallet=preflight.wallet)
@@ -352,7 +352,7 @@ def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | 
 
     Lock order everywhere: the turn row, then (in settle) the hold rows and the wallet row.
     """
-    with sql.pipeline(), transaction.atomic():
+    with sql.transaction():
         turn = _lock_turn(turn_id)
         if turn is None:
             raise Turn.DoesNotExist(f"no turn {turn_id}")
@@ -439,7 +439,7 @@ def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
         closed_before = interrupted
         for turn_id in ids:
             try:
-                with sql.pipeline(), transaction.atomic():
+                with sql.transaction():
                     turn = _lock_turn(turn_id, lapsed_before=now)
                     if turn is None:  # closed meanwhile, or another sweeper has it
                         continue

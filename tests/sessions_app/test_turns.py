@@ -243,3 +243,21 @@ def test_a_body_over_the_request_size_limit_is_a_json_400(alice, alice_api, sess
     response = alice_api.post(f"/api/v1/sessions/{session_of(alice).id}/turns", {"content": "x" * 5000},
                               format="json")
     assert response.status_code == 400 and response.json()["code"] == "bad_request"
+
+
+@pytest.mark.open_holds_ok
+def test_the_preflight_uses_a_fixed_number_of_queries(alice, session_of):
+    """Whatever the history's length (a joined read, the history, the hold, the inserts)."""
+    from llm_gateway import Usage
+
+    session = session_of(alice)
+    counts = []
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            prepared = begun_turn(alice, session)
+        counts.append(len(queries))
+        close_turn(prepared.turn_id, TurnOutcome(status="completed", content="a", usage=Usage(1, 1)))
+        Message.objects.bulk_create([
+            Message(session=session, turn_id=prepared.turn_id, user=alice, role="assistant", content=f"m{i}",
+                    position=10 + i) for i in range(150)])
+    assert counts[0] == counts[1], counts
