@@ -53,7 +53,6 @@ def in_background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
     return task
 
 
-
 async def start_turn(begin: Callable[[], Awaitable[PreparedTurn]]) -> PreparedTurn:
     """Await the preflight `begin()` (a `db_call`). If the client goes away meanwhile, the
     preflight's thread runs on and may still commit a `running` turn: it is then closed as
@@ -102,8 +101,8 @@ class LeaseKeeper:
     the partial answer if it grew, and renews the lease whenever the next write would
     otherwise come too late: one UPDATE each time, from its own task, so the relay never
     waits on the database. If the turn turns out to be closed already (the sweep closed it
-    after renewals kept failing), `lost` is set and `on_lost` called, so the caller stops
-    generating what nobody will pay for.
+    after renewals kept failing), `on_lost` is called, so the caller stops generating what
+    nobody will pay for.
     """
 
     def __init__(self, turn_id: uuid.UUID, *, partial: Callable[[], str] | None = None,
@@ -111,7 +110,6 @@ class LeaseKeeper:
         self.turn_id = turn_id
         self.partial = partial
         self.on_lost = on_lost
-        self.lost = False
         lease = settings.PANTHEON_TURN_LEASE_SECONDS
         self.renew_every = lease / 3
         self.period = min(settings.PANTHEON_CHECKPOINT_SECONDS, self.renew_every)
@@ -127,12 +125,6 @@ class LeaseKeeper:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    async def __aenter__(self) -> LeaseKeeper:
-        return self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _run(self) -> None:
         last_write = time.monotonic()
@@ -150,7 +142,6 @@ class LeaseKeeper:
                 logger.warning("turn %s: lease renewal failed (%s)", self.turn_id, exc)
                 continue
             if not alive:
-                self.lost = True
                 logger.warning("turn %s was closed by someone else while running", self.turn_id)
                 if self.on_lost is not None:
                     await self.on_lost()

@@ -573,3 +573,28 @@ def test_a_provider_ignoring_max_tokens_cannot_take_the_wallet_below_zero(make_u
     assert response.status_code == 201
     assert response.json()["usage"]["completion_tokens"] == 100
     assert Wallet.objects.get(user=user).balance >= 0
+
+
+def test_a_stream_whose_turn_was_closed_elsewhere_stops_and_reports_the_stored_ending(alice, alice_stream,
+                                                                                     fake_openrouter, short_lease):
+    """The sweep closed the turn (its renewals had failed): the relay's next renewal notices,
+    closes the upstream, and `done` says what was stored; one debit."""
+    from sessions_app.turns import TurnOutcome, close_turn
+
+    base, session, headers = alice_stream
+    fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=200, delay=0.05))
+    events: list = []
+    reader = threading.Thread(target=lambda: events.extend(read_stream(base, session, headers)[1]))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while not Turn.objects.filter(checkpoint__startswith="w0").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    turn = Turn.objects.get()
+    close_turn(turn.id, TurnOutcome(status="interrupted", content="w0 "))
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    assert fake_openrouter.disconnected.wait(5)
+    assert events[-1][0] == "done" and events[-1][1]["status"] == "interrupted"
+    assert len([e for e in events if e[0] == "chunk"]) < 200
+    assert LedgerEntry.objects.filter(turn_id=turn.id, kind="debit").count() == 1
