@@ -7,18 +7,36 @@ from asgiref.sync import AsyncToSync, sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+
+class _DatabaseThreads(ThreadPoolExecutor):
+    """Threads that hand their database connection back (to the pool) after every piece of
+    work, as Django does at the end of a request (CONN_MAX_AGE = 0 under ASGI)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_closing_connections, fn, *args, **kwargs)
+
+
+def _closing_connections(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if not connection.in_atomic_block:
+            close_old_connections()
+
+
 _executor: ThreadPoolExecutor | None = None
 
 
-def _database_threads() -> ThreadPoolExecutor:
-    """One pool of threads for every db_call of the process, as many as the connection
-    pool has connections: a call never waits for a connection, and no request makes a
-    thread of its own (Django's default gives each request one, created for it)."""
+def database_threads() -> ThreadPoolExecutor:
+    """One pool of threads for the sync work of the process (every db_call, and through
+    core.asgi.SharedThreads Django's sync parts of each request), as many as the connection
+    pool has connections: a thread never waits for a connection, and no request makes a
+    thread of its own (Django's default creates one per request, and another to join it)."""
     global _executor
     if _executor is None:
         pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool") or {}
         size = pool.get("max_size", 20) if isinstance(pool, dict) else 20
-        _executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="db_call")
+        _executor = _DatabaseThreads(max_workers=size, thread_name_prefix="db_call")
     return _executor
 
 
@@ -47,6 +65,6 @@ def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     async def call(*args: Any, **kwargs: Any) -> Any:
         if getattr(AsyncToSync.executors, "current", None) is not None:
             return await in_caller_thread(*args, **kwargs)
-        return await sync_to_async(run, thread_sensitive=False, executor=_database_threads())(*args, **kwargs)
+        return await sync_to_async(run, thread_sensitive=False, executor=database_threads())(*args, **kwargs)
 
     return call

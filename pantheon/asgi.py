@@ -2,6 +2,7 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from core.asgi import SharedThreads
 from files_app.asgi import UploadSizeLimit
 from web.asgi import ContentTypeGuard, StaticFiles
 
@@ -16,5 +17,6 @@ django_application = get_asgi_application()
 # streamed responses (SSE) pass straight through. A reverse proxy that serves STATIC_ROOT
 # (after `manage.py collectstatic`) itself simply never reaches it.
 # UploadSizeLimit answers 413 for an oversized upload before Django spools its body to disk;
-# ContentTypeGuard answers 400 for a Content-Type Django would turn into a 500.
-application = UploadSizeLimit(ContentTypeGuard(StaticFiles(django_application)))
+# ContentTypeGuard answers 400 for a Content-Type Django would turn into a 500; SharedThreads
+# runs each request's sync work on the process's database threads (core/asgi.py).
+application = UploadSizeLimit(ContentTypeGuard(SharedThreads(StaticFiles(django_application))))

@@ -29,6 +29,19 @@ def _fast_password_hashing():
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _close_connection_pools(django_db_setup, django_db_blocker):
+    """Close PostgreSQL's connection pool before the test database is dropped: its idle
+    connections (and the server threads') would keep the database in use."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        for conn in connections.all():
+            if hasattr(conn, "close_pool"):
+                conn.close_pool()
+
+
 @pytest.fixture(autouse=True)
 def _ledger_invariant(request):
     """After every test that used the database: the ledger sums to every balance and no

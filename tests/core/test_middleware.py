@@ -1,7 +1,7 @@
 """Django's middleware without a thread hop per hook (core/middleware.py)."""
 
+import httpx
 import pytest
-from django.test import AsyncClient
 
 from core import middleware
 from tests.conftest import client_for
@@ -25,27 +25,22 @@ def hops(monkeypatch):
     return calls
 
 
-@pytest.mark.django_db(transaction=True)
-async def test_an_api_request_runs_every_middleware_hook_inline(alice, hops):
-    from asgiref.sync import sync_to_async
-
-    key = await sync_to_async(lambda: client_for(alice).raw_key)()
-    response = await AsyncClient().get("/api/v1/wallet", headers={"Authorization": f"Bearer {key}"})
-    assert response.status_code == 200
-    response = await AsyncClient().post("/api/v1/sessions/00000000-0000-0000-0000-000000000000/turns/stream",
-                                        {"content": "hi"}, content_type="application/json",
-                                        headers={"Authorization": f"Bearer {key}"})
-    assert response.status_code == 404
+def test_an_api_request_runs_every_middleware_hook_inline(alice, live_server_url, hops):
+    headers = {"Authorization": f"Bearer {client_for(alice).raw_key}"}
+    with httpx.Client(base_url=live_server_url, headers=headers) as http:
+        assert http.get("/api/v1/wallet").status_code == 200
+        response = http.post("/api/v1/sessions/00000000-0000-0000-0000-000000000000/turns/stream",
+                             json={"content": "hi"})
+        assert response.status_code == 404
     assert hops == []
 
 
-@pytest.mark.django_db(transaction=True)
-async def test_a_login_still_saves_its_session_in_a_thread(alice, hops):
-    client = AsyncClient()
-    page = await client.get("/accounts/login/")
-    assert page.status_code == 200
-    response = await client.post("/accounts/login/", {"username": "alice", "password": "pw",
-                                                      "csrfmiddlewaretoken": page.cookies["csrftoken"].value})
-    assert response.status_code == 302 and "sessionid" in response.cookies
+def test_a_login_still_saves_its_session_in_a_thread(alice, live_server_url, hops):
+    with httpx.Client(base_url=live_server_url) as http:
+        page = http.get("/accounts/login/")
+        assert page.status_code == 200
+        response = http.post("/accounts/login/", data={"username": "alice", "password": "pw",
+                                                       "csrfmiddlewaretoken": http.cookies["csrftoken"]})
+        assert response.status_code == 302 and "sessionid" in http.cookies
     assert any("process_response" in name for name in hops)  # the session was saved
     assert any("process_view" in name for name in hops)  # the form's CSRF token was checked

@@ -83,7 +83,7 @@ def test_asgi_application_serves_static_files_and_hands_the_rest_to_django():
 
     assert isinstance(application, UploadSizeLimit)
     assert isinstance(application.app, ContentTypeGuard)
-    static = application.app.app
+    static = application.app.app.app
     assert isinstance(static, ASGIStaticFilesHandler)
     assert static.base_url.path == "/static/"
     assert type(static.application) is ASGIHandler

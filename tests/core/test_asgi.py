@@ -1,0 +1,29 @@
+"""core.asgi.SharedThreads: no thread created per request."""
+
+import threading
+
+import httpx
+
+from tests.conftest import client_for
+
+
+def test_requests_create_no_threads(alice, live_server_url, monkeypatch):
+    key = client_for(alice).raw_key
+    with httpx.Client(base_url=live_server_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        stream = "/api/v1/sessions/00000000-0000-0000-0000-000000000000/turns/stream"
+        for _ in range(3):  # warm up: the database threads, and the loop's own, start once
+            assert http.get("/api/v1/wallet").status_code == 200
+            assert http.post(stream, json={"content": "hi"}).status_code == 404
+        started = []
+        real_start = threading.Thread.start
+
+        def counting_start(thread):
+            started.append(thread.name)
+            return real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+        for _ in range(10):
+            assert http.get("/api/v1/wallet").status_code == 200  # a sync DRF view
+            assert http.post(stream, json={"content": "hi"}).status_code == 404
+    # Django alone makes two per request (its thread-sensitive context and the join at its end).
+    assert [name for name in started if not name.startswith("db_call")] == [], started
