@@ -1,8 +1,8 @@
 """The `file_read` executor a tool turn hands to the gateway."""
 
 import pytest
-from asgiref.sync import sync_to_async
 
+from core.db import db_call
 from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS, make_file_read_executor
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -11,8 +11,8 @@ TEXT = "".join(f"line {i:05d}\n" for i in range(5000))  # 55,000 characters: mor
 
 
 async def test_reads_only_the_users_ready_files_within_the_turn_budget(alice, bob, make_file):
-    mine = await sync_to_async(make_file)(alice, "long.txt", TEXT.encode())
-    bobs = await sync_to_async(make_file)(bob, "bob.txt", b"BOB'S SECRET")
+    mine = await db_call(make_file)(alice, "long.txt", TEXT.encode())
+    bobs = await db_call(make_file)(bob, "bob.txt", b"BOB'S SECRET")
     execute = make_file_read_executor(alice.pk)
 
     assert (await execute("shell", {"cmd": "ls"})).startswith("error: unknown tool")

@@ -177,6 +177,8 @@ def run_sql(statements: list[str]) -> None:
     with connection.cursor() as cursor:
         for statement in statements:
             cursor.execute(statement)
+    if threading.current_thread() is not threading.main_thread():
+        connection.close()  # a timer's thread: leave no connection behind
 
 
 @pytest.fixture
@@ -301,12 +303,10 @@ async def test_a_preflight_that_commits_after_the_client_left_is_closed_cancelle
     closed as soon as it commits."""
     import asyncio
 
-    from asgiref.sync import sync_to_async
-
     from core.db import db_call
     from tests.sessions_app.helpers import begun_turn
 
-    session = await sync_to_async(session_of)(alice)
+    session = await db_call(session_of)(alice)
 
     @db_call
     def slow_preflight():
@@ -318,7 +318,7 @@ async def test_a_preflight_that_commits_after_the_client_left_is_closed_cancelle
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    turn = await sync_to_async(wait_until_closed, thread_sensitive=False)()
+    turn = await db_call(wait_until_closed)()
     assert turn.status == "cancelled" and turn.cost == 0
 
 
@@ -328,17 +328,18 @@ async def test_a_stream_response_closed_before_its_body_started_closes_the_turn(
     still calls close(), which closes the upstream and the turn."""
     from asgiref.sync import sync_to_async
 
+    from core.db import db_call
     from llm_gateway import FakeGateway
     from sessions_app.streaming import Relay, TurnStreamResponse
     from tests.sessions_app.helpers import begun_turn
 
-    session = await sync_to_async(session_of)(alice)
-    prepared = await sync_to_async(begun_turn)(alice, session)
+    session = await db_call(session_of)(alice)
+    prepared = await db_call(begun_turn)(alice, session)
     ctx = await FakeGateway(chunk_delay_seconds=0.05).stream(model="fake/echo", messages=prepared.messages,
                                                              max_tokens=50)
     response = TurnStreamResponse(Relay(prepared, ctx, deadline=float("inf")))
     await sync_to_async(response.close)()
-    turn = await sync_to_async(wait_until_closed, thread_sensitive=False)()
+    turn = await db_call(wait_until_closed)()
     assert turn.status == "cancelled"
     assert ctx.record.status == "cancelled"  # the upstream was closed
 
