@@ -60,6 +60,17 @@ def token_count(value: Any) -> int | None:
     return None
 
 
+def content_text(content: Any, *, separator: str = "") -> str:
+    """The text of an OpenAI message `content`: the string itself, or the `text` of its
+    content parts joined by `separator`; "" for anything else."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return separator.join(part["text"] for part in content
+                              if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
 @dataclasses.dataclass(frozen=True)
 class Usage:
     """Token counts; always ints in [0, MAX_TOKEN_COUNT] (clamped on construction, sums too)."""

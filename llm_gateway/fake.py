@@ -52,6 +52,7 @@ from .base import (
     UpstreamError,
     UpstreamTimeout,
     Usage,
+    content_text,
 )
 from .tokens import BYTES_PER_TOKEN, estimate_prompt_tokens, estimate_tokens
 
@@ -75,11 +76,7 @@ def split_pieces(text: str) -> list[str]:
 
 
 def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
+    return content_text(content, separator=" ")
 
 
 def _truncate(text: str, max_tokens: int) -> tuple[str, bool]:

@@ -35,6 +35,7 @@ from .base import (
     UpstreamError,
     UpstreamTimeout,
     Usage,
+    content_text,
     token_count,
 )
 from .sse import SSEDecoder, SSEEvent, SSEEventTooLarge
@@ -186,14 +187,9 @@ def _error_message_from_body(body: bytes, status: int) -> str:
     return f"upstream returned HTTP {status}"
 
 
-def _content_text(content: Any) -> str:
+def _cleaned_content(content: Any) -> str:
     """A message's text, cleaned (it is stored and shown)."""
-    if isinstance(content, str):
-        return clean_text(content)
-    if isinstance(content, list):  # content parts
-        return clean_text("".join(p.get("text", "") for p in content if isinstance(p, dict)
-                                  and isinstance(p.get("text"), str)))
-    return ""
+    return clean_text(content_text(content))
 
 
 def _parse_tool_calls(raw: Any, round_no: int) -> list[ToolCall]:
@@ -446,7 +442,7 @@ class OpenRouterGateway(LlmGateway):
             raise fail("the model provider's answer has no choices", None, reported)
         choice = choices[0]
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        content = _content_text(message.get("content"))
+        content = _cleaned_content(message.get("content"))
         tool_calls = _parse_tool_calls(message.get("tool_calls"), round_no)
         finish_reason = _label(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS) or ""
         if finish_reason == "error":
@@ -700,7 +696,7 @@ class _UpstreamStream:
             raise self._with_records(UpstreamError(message, status=code, usage=self.usage), records)
         message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
         self.finish_reason = _label(choices[0].get("finish_reason"), MAX_FINISH_REASON_CHARS)
-        text = _content_text(message.get("content"))  # cleaned
+        text = _cleaned_content(message.get("content"))  # cleaned
 
         async def one_piece() -> AsyncIterator[str]:
             try:

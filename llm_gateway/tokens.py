@@ -26,19 +26,13 @@ def estimate_tokens(text: str) -> int:
 
 
 def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                parts.append(json.dumps(part, ensure_ascii=False, default=str))
-        return "\n".join(parts)
-    return json.dumps(content, ensure_ascii=False, default=str)
+    """What a message's content weighs. Unlike `base.content_text` (the text a model wrote),
+    non-text parts (images, odd values) count too, as JSON: an estimate must err high."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = content if isinstance(content, list) else [content]
+    return "\n".join(part["text"] if isinstance(part, dict) and isinstance(part.get("text"), str)
+                     else json.dumps(part, ensure_ascii=False, default=str) for part in parts)
 
 
 def estimate_prompt_tokens(messages: list[dict[str, Any]],
