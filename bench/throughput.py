@@ -46,12 +46,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def uvicorn(app: str, port: int, env: dict[str, str], log: Path, *, cprofile: str = "") -> subprocess.Popen:
+def uvicorn(app: str, port: int, env: dict[str, str], log: Path, *, cprofile: str = "",
+            workers: int = 1) -> subprocess.Popen:
     runner = [str(ROOT / "bench" / "cprofiled_uvicorn.py")] if cprofile else ["-m", "uvicorn"]
     if cprofile:
         env = {**env, "PROFILE_OUT": cprofile}
     command = [PYTHON, *runner, app, "--host", HOST, "--port", str(port), "--no-access-log",
-               "--log-level", "warning", "--lifespan", "off", "--backlog", "4096", "--timeout-keep-alive", "30"]
+               "--log-level", "warning", "--lifespan", "off", "--backlog", "4096", "--timeout-keep-alive", "30",
+               *(["--workers", str(workers)] if workers > 1 else [])]
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
 
@@ -68,18 +70,39 @@ def wait_listening(port: int, process: subprocess.Popen, log: Path) -> None:
     sys.exit(f"a server did not start:\n{log.read_text()[-3000:]}")
 
 
+def family(pid: int) -> list[int]:
+    """The process and its children (uvicorn --workers N forks N workers)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                children.append(int(entry.name))
+    return [pid, *children]
+
+
 def cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
-    """User + system CPU time the process (or only its main thread: the event loop) used."""
-    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time the process and its children (or only their main threads:
+    the event loops) used."""
+    total = 0
+    for member in family(pid):
+        path = f"/proc/{member}/task/{member}/stat" if main_thread else f"/proc/{member}/stat"
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def vm_hwm_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+    """The peak resident memory of the process and its children, summed."""
+    total = 0
+    for member in family(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total
 
 
 def pantheon_env(database_url: str, provider_port: int) -> dict[str, str]:
@@ -198,6 +221,7 @@ def main() -> None:
     parser.add_argument("--load-only", action="store_true", help="only the 200-stream runs (for profiling)")
     parser.add_argument("--profile", metavar="FILE", help="record Pantheon with py-spy (collapsed stacks) into FILE")
     parser.add_argument("--cprofile", metavar="FILE", help="run Pantheon under cProfile (all threads) into FILE")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers for Pantheon (and the relay)")
     args = parser.parse_args()
     if args.quick:
         args.sequential, args.skip_1000 = 20, True
@@ -213,9 +237,9 @@ def main() -> None:
         provider = uvicorn("bench.fake_provider:app", provider_port, {}, logs / "provider.log")
         relay = uvicorn("bench.bare_relay:app", relay_port,
                         {"BENCH_UPSTREAM": f"http://{HOST}:{provider_port}/api/v1/chat/completions"},
-                        logs / "relay.log")
+                        logs / "relay.log", workers=args.workers)
         pantheon = uvicorn("pantheon.asgi:application", pantheon_port, env, logs / "pantheon.log",
-                           cprofile=args.cprofile or "")
+                           cprofile=args.cprofile or "", workers=args.workers)
         processes = [provider, relay, pantheon]
         for port, process, name in ((provider_port, provider, "provider"), (relay_port, relay, "relay"),
                                     (pantheon_port, pantheon, "pantheon")):
