@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 # An OpenAI-format chat message: {"role": ..., "content": ..., "tool_calls"?: ..., "tool_call_id"?: ...}
@@ -170,36 +173,178 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
-class StreamingContext:
-    """A stream opened upstream. `chunks` yields text deltas.
+@dataclasses.dataclass(frozen=True)
+class StreamEnding:
+    """How a stream ended: what the caller stores and bills, read once it has ended."""
 
-    `usage_future` and `provider_model_future` resolve when the upstream finishes
-    (usage may resolve to None if the provider never reported it). Iterating `chunks`
-    raises a `GatewayError` for an error chunk or a truncated stream. `aclose()` closes
-    the upstream connection at once (client went away); it is safe to call twice.
-    `record` is filled in as the stream goes and is final after the stream ends or closes.
-    `prior_records` are the failed attempts retried before the stream opened (usually
-    empty); `records` is all of them plus `record`, in order: store each as an LLM event.
+    status: str  # the record's: "ok" | "error" | "cancelled"
+    # As the provider reported it; None if it never did (or the stream was cut first).
+    usage: Usage | None
+    provider_model: str  # "" if the provider never named one
+    finish_reason: str  # as the provider reported it; "" if it never did
+    records: list[CallRecord]  # `prior_records`, then the stream's own record
+
+
+def ms_since(start: float) -> int:
+    """Milliseconds since the `time.monotonic()` value `start`."""
+    return int((time.monotonic() - start) * 1000)
+
+
+class StreamingContext(abc.ABC):
+    """A stream opened upstream, and its lifecycle, which is written here once for every
+    gateway.
+
+    `chunks` yields text deltas; iterating it raises a `GatewayError` for an error chunk or
+    a truncated stream. `aclose()` closes the upstream at once (client went away); it is
+    safe to call twice, and while another task iterates `chunks` (that task then stops
+    quietly, as it does for whatever the source raises after `aclose()`).
+
+    The stream ends exactly once, with the first of: the chunks exhausted (status "ok"), an
+    error raised ("error"), `aclose()`, the reader cancelled or `chunks` closed
+    ("cancelled"). From then on `ending` says how, and `record` is final (it is filled in as
+    the stream goes). `prior_records` are the failed attempts retried before the stream
+    opened (usually empty); `records` is all of them plus `record`, in order: store each as
+    an LLM event.
+
+    A gateway subclasses this and writes `_chunks()`: an async generator whose whole body
+    runs in `async with self._running():`, which yields each delta through `self._sent()`,
+    sets `_usage`, `_provider_model`, `_provider` and `_finish_reason` as the provider
+    reports them, and returns once the provider finished; and `_disconnect()`, which drops the
+    source. It may override `_failure()` (what an exception of the source means).
     """
 
-    def __init__(self, *, chunks: AsyncIterator[str], record: CallRecord,
-                 aclose: Callable[[], Awaitable[None]],
+    def __init__(self, *, record: CallRecord, started: float,
                  prior_records: list[CallRecord] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        self.chunks = chunks
         self.record = record
         self.prior_records: list[CallRecord] = list(prior_records or [])
-        self.finish_reason: str | None = None  # as the provider reported it, once known
-        self.usage_future: asyncio.Future[Usage | None] = loop.create_future()
-        self.provider_model_future: asyncio.Future[str | None] = loop.create_future()
-        self._aclose = aclose
+        self._started = started  # time.monotonic() when the call was sent
+        # What the provider reported so far; the ending takes them as they are when it comes.
+        self._usage: Usage | None = None
+        self._provider_model: str | None = None
+        self._provider: str | None = None
+        self._finish_reason: str | None = None
+        self._ending: StreamEnding | None = None
+        self._closing = False  # aclose() was called
+        self.chunks: AsyncGenerator[str, None] = self._chunks()
 
     @property
     def records(self) -> list[CallRecord]:
         return [*self.prior_records, self.record]
 
+    @property
+    def ending(self) -> StreamEnding:
+        """How the stream ended. Raises RuntimeError before it has (while `chunks` can still
+        yield and `aclose()` was not called)."""
+        if self._ending is None:
+            raise RuntimeError("the stream has not ended yet")
+        return self._ending
+
     async def aclose(self) -> None:
-        await self._aclose()
+        if self._closing:
+            return
+        self._closing = True
+        self._end("cancelled", "closed before the stream ended")
+        await self._disconnect()
+        # Runs the generator's cleanup now; if another task is inside it, that task wakes up
+        # on the disconnected source and stops by itself.
+        with contextlib.suppress(RuntimeError):
+            await self.chunks.aclose()
+
+    # -- for the gateways ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _chunks(self) -> AsyncGenerator[str, None]:
+        """The deltas (see the class docstring); created once, as `chunks`."""
+
+    @abc.abstractmethod
+    async def _disconnect(self) -> None:
+        """Drop the source at once. Called by `aclose()` and when the chunks end: it must be
+        idempotent and must not raise."""
+
+    def _failure(self, exc: Exception) -> tuple[GatewayError, str] | None:
+        """What `exc` (raised by the source, not a GatewayError) means: the error to raise
+        instead and the text for the record ("" for its message); None lets `exc` through,
+        and the stream ends as cancelled."""
+        return None
+
+    def _running(self) -> _Running:
+        """Wraps the body of `_chunks()`: ends the stream however the body stops."""
+        return _Running(self)
+
+    def _sent(self, delta: str) -> str:
+        """`delta`, about to be yielded: the first one sets the time to first token."""
+        if self.record.ttft_ms is None:
+            self.record.ttft_ms = ms_since(self._started)
+        return delta
+
+    def _end(self, status: str, error: str = "") -> None:
+        """Finalize the record and the ending; only the first call counts."""
+        if self._ending is not None:
+            return
+        record = self.record
+        record.status = status
+        record.error = error
+        record.latency_ms = ms_since(self._started)
+        record.usage = self._usage
+        record.provider_model = self._provider_model or ""
+        record.provider = self._provider or ""
+        self._ending = StreamEnding(status=status, usage=self._usage, provider_model=record.provider_model,
+                                    finish_reason=self._finish_reason or "", records=self.records)
+
+    def _fail(self, exc: GatewayError, detail: str = "") -> GatewayError:
+        """End the stream with `exc` (the record's error is `detail`, or else its message), and
+        give `exc` the records and the usage reported so far, unless it carries its own."""
+        if exc.usage is None:
+            exc.usage = self._usage
+        else:
+            self._usage = exc.usage
+        self._end("error", detail or exc.message)
+        exc.records = self.records
+        return exc
+
+    def _stopped(self, exc: BaseException | None) -> bool:
+        """End the stream as the body of `_chunks()` stopped; True swallows `exc`."""
+        if exc is None:
+            self._end("ok")
+        elif isinstance(exc, asyncio.CancelledError):
+            self._end("cancelled", "cancelled")
+        elif isinstance(exc, GeneratorExit):
+            self._end("cancelled", "closed by the consumer")
+        elif isinstance(exc, Exception):
+            if self._closing:
+                # aclose() pulled the source from under this read: stop quietly (the
+                # stream already ended as cancelled).
+                return True
+            if isinstance(exc, GatewayError):
+                self._fail(exc)
+                return False
+            failure = self._failure(exc)
+            if failure is not None:
+                error, detail = failure
+                raise self._fail(error, detail) from exc
+        return False
+
+
+class _Running:
+    """`async with` around a stream's body: one context per stream, nothing per chunk."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: StreamingContext) -> None:
+        self.stream = stream
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        stream = self.stream
+        try:
+            return stream._stopped(exc)
+        finally:
+            await stream._disconnect()
+            # Whatever else stopped it (KeyboardInterrupt, an exception let through).
+            stream._end("cancelled", "closed before the stream ended")
 
 
 class LlmGateway(abc.ABC):

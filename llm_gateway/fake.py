@@ -19,12 +19,14 @@ Failure models, for tests:
 - ``fake/error``: raises `UpstreamError` (status 502) at once, from `generate()` and from
   `stream()` (before the stream opens).
 - ``fake/timeout``: raises `UpstreamTimeout` at once, likewise.
-- ``fake/error-mid``: the stream yields two pieces, then raises `UpstreamError`; the usage
-  future resolves to the usage of what was sent. `generate()` raises `UpstreamError`.
-- ``fake/no-usage``: answers normally but reports no usage: the stream's `usage_future`
-  resolves to None, and `generate()` returns an estimate (`estimated=True`).
+- ``fake/error-mid``: the stream yields two pieces, then raises `UpstreamError` carrying the
+  usage of what was sent, which is also the stream's `ending.usage`. `generate()` raises
+  `UpstreamError`.
+- ``fake/no-usage``: answers normally but reports no usage: the stream's `ending.usage` is
+  None, and `generate()` returns an estimate (`estimated=True`).
 A stream closed early (`aclose()`, cancellation) reports no usage either, like a real
-provider whose connection was cut.
+provider whose connection was cut, and no finish reason; its `ending.provider_model` is
+still the fake's.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from core.text import clean_text
@@ -44,7 +46,6 @@ from .base import (
     CallRecord,
     ChatMessage,
     Completion,
-    GatewayError,
     LlmGateway,
     StreamingContext,
     ToolCall,
@@ -53,6 +54,7 @@ from .base import (
     UpstreamTimeout,
     Usage,
     content_text,
+    ms_since,
 )
 from .tokens import BYTES_PER_TOKEN, estimate_prompt_tokens, estimate_tokens
 
@@ -115,10 +117,6 @@ def _find_file_id(messages: list[ChatMessage]) -> str | None:
     return None
 
 
-def _ms_since(start: float) -> int:
-    return int((time.monotonic() - start) * 1000)
-
-
 class FakeGateway(LlmGateway):
     name = "fake"
 
@@ -144,7 +142,7 @@ class FakeGateway(LlmGateway):
                 status: str = "ok", error: str = "", http_status: int | None = 200) -> CallRecord:
         return CallRecord(requested_model=model, provider_model=self.provider_model_for(model),
                           provider=PROVIDER, status=status, http_status=http_status,
-                          latency_ms=_ms_since(started), usage=usage, error=error, stream=stream)
+                          latency_ms=ms_since(started), usage=usage, error=error, stream=stream)
 
     def _fail_at_once(self, model: str, *, stream: bool, records: list[CallRecord],
                       usage: Usage | None = None) -> None:
@@ -218,9 +216,8 @@ class FakeGateway(LlmGateway):
         self._fail_at_once(model, stream=True, records=[])
         started = time.monotonic()
         text, truncated = _truncate(self.reply_for(messages), max_tokens)
-        fake = _FakeStream(
+        return _FakeStream(
             pieces=split_pieces(text),
-            record=CallRecord(requested_model=model, provider=PROVIDER, http_status=200, stream=True),
             model=model,
             provider_model=self.provider_model_for(model),
             prompt_tokens=estimate_prompt_tokens(messages),
@@ -228,49 +225,27 @@ class FakeGateway(LlmGateway):
             started=started,
             finish_reason="length" if truncated else "stop",
         )
-        chunks = fake.chunks()
-        ctx = StreamingContext(chunks=chunks, record=fake.record, aclose=fake.aclose)
-        fake.attach(ctx, chunks)
-        return ctx
 
 
-class _FakeStream:
-    def __init__(self, *, pieces: list[str], record: CallRecord, model: str, provider_model: str,
-                 prompt_tokens: int, delay: float, started: float, finish_reason: str) -> None:
+class _FakeStream(StreamingContext):
+    """The reply's pieces with a delay between them (cut short at once by aclose()), and the
+    failure models. The lifecycle is `StreamingContext`'s."""
+
+    def __init__(self, *, pieces: list[str], model: str, provider_model: str, prompt_tokens: int,
+                 delay: float, started: float, finish_reason: str) -> None:
         self.pieces = pieces
-        self.record = record
         self.model = model
-        self.provider_model = provider_model
         self.prompt_tokens = prompt_tokens
         self.delay = delay
-        self.started = started
-        self.finish_reason = finish_reason
-        self.sent = ""
-        self.ctx: StreamingContext | None = None
-        self._gen: Any = None
+        self._reason = finish_reason  # reported with the last piece, like a provider's
         self._closed = asyncio.Event()
-        self._finished = False
+        record = CallRecord(requested_model=model, provider=PROVIDER, http_status=200, stream=True)
+        super().__init__(record=record, started=started)
+        self._provider_model = provider_model
+        self._provider = PROVIDER
 
-    def attach(self, ctx: StreamingContext, gen: AsyncIterator[str]) -> None:
-        self.ctx = ctx
-        self._gen = gen
-
-    def _finish(self, status: str, error: str = "", usage: Usage | None = None) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self.record.status = status
-        self.record.error = error
-        self.record.usage = usage
-        self.record.provider_model = self.provider_model
-        self.record.latency_ms = _ms_since(self.started)
-        assert self.ctx is not None
-        if status == "ok":
-            self.ctx.finish_reason = self.finish_reason
-        for future, value in ((self.ctx.usage_future, usage), (self.ctx.provider_model_future, self.provider_model)):
-            if not future.done():
-                with contextlib.suppress(RuntimeError):  # loop already closed
-                    future.set_result(value)
+    async def _disconnect(self) -> None:
+        self._closed.set()
 
     async def _pause(self) -> bool:
         """Wait one chunk delay; True if aclose() came meanwhile."""
@@ -281,41 +256,20 @@ class _FakeStream:
                 await asyncio.wait_for(self._closed.wait(), self.delay)
         return self._closed.is_set()
 
-    async def chunks(self) -> AsyncIterator[str]:
-        try:
+    async def _chunks(self) -> AsyncGenerator[str, None]:
+        async with self._running():
+            sent = ""
             for index, piece in enumerate(self.pieces):
                 if index and await self._pause():
                     return
                 if self.model == FAIL_MID_STREAM and index == 2:
                     break
-                if self.record.ttft_ms is None:
-                    self.record.ttft_ms = _ms_since(self.started)
-                self.sent += piece
-                yield piece
+                sent += piece
+                yield self._sent(piece)
+            usage = Usage(self.prompt_tokens, estimate_tokens(sent))
             if self.model == FAIL_MID_STREAM:
-                usage = Usage(self.prompt_tokens, estimate_tokens(self.sent))
                 raise UpstreamError("the fake provider failed mid-stream (model fake/error-mid)",
                                     status=502, usage=usage)
-            usage = Usage(self.prompt_tokens, estimate_tokens(self.sent))
-            self._finish("ok", usage=None if self.model == NO_USAGE else usage)
-        except asyncio.CancelledError:
-            self._finish("cancelled", "cancelled")
-            raise
-        except GeneratorExit:
-            self._finish("cancelled", "closed by the consumer")
-            raise
-        except GatewayError as exc:
-            self._finish("error", exc.message, usage=exc.usage)
-            assert self.ctx is not None
-            exc.records = self.ctx.records
-            raise
-        finally:
-            self._finish("cancelled", "closed before the stream ended")
-
-    async def aclose(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._finish("cancelled", "closed before the stream ended")
-        with contextlib.suppress(RuntimeError):  # being iterated by another task: it stops itself
-            await self._gen.aclose()
+            # Cut short (aclose(), cancellation), the stream reports none of these.
+            self._usage = None if self.model == NO_USAGE else usage
+            self._finish_reason = self._reason

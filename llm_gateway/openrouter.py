@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ from .base import (
     UpstreamTimeout,
     Usage,
     content_text,
+    ms_since,
     token_count,
 )
 from .sse import SSEDecoder, SSEEvent, SSEEventTooLarge
@@ -94,10 +95,6 @@ async def aclose_shared_client() -> None:
         client = _clients.pop(loop, None)
     if client is not None:
         await client.aclose()
-
-
-def _ms_since(start: float) -> int:
-    return int((time.monotonic() - start) * 1000)
 
 
 def _parse_usage(raw: Any) -> Usage | None:
@@ -352,7 +349,7 @@ class OpenRouterGateway(LlmGateway):
     def _fail(record: CallRecord, started: float, message: str) -> None:
         record.status = "error"
         record.error = message
-        record.latency_ms = _ms_since(started)
+        record.latency_ms = ms_since(started)
 
     # -- non-streaming -------------------------------------------------------------------
 
@@ -416,7 +413,7 @@ class OpenRouterGateway(LlmGateway):
                                 usage=usage) from exc
         finally:
             await response.aclose()
-        record.latency_ms = _ms_since(started)
+        record.latency_ms = ms_since(started)
 
         def fail(message: str, status: int | None, reported: Usage | None = None) -> UpstreamError:
             record.status = "error"
@@ -473,75 +470,35 @@ class OpenRouterGateway(LlmGateway):
         }
         records: list[CallRecord] = []
         response, record, started = await self._open(payload, stream=True, records=records, usage=None)
-        upstream = _UpstreamStream(response, record, started)
-        content_type = response.headers.get("content-type", "")
-        if content_type.startswith("application/json"):
+        upstream = _UpstreamStream(response, record, started, prior_records=records)
+        if response.headers.get("content-type", "").startswith("application/json"):
             # A server that ignored "stream": read the whole answer now, so an error in it
             # still raises before anything went downstream.
-            chunks = await upstream.json_chunks(records)
-        else:
-            chunks = upstream.sse_chunks()
-        ctx = StreamingContext(chunks=chunks, record=record, aclose=upstream.aclose, prior_records=records)
-        upstream.attach(ctx, chunks)
-        return ctx
+            await upstream.read_json()
+        return upstream
 
 
 _DONE = object()
 
 
-class _UpstreamStream:
-    """State of one open upstream stream: reads it, fills the record, resolves the futures."""
+class _UpstreamStream(StreamingContext):
+    """One open upstream stream over httpx: SSE read as it comes, or a whole JSON answer
+    (`read_json()`) handed out as one piece. The lifecycle is `StreamingContext`'s."""
 
-    def __init__(self, response: httpx.Response, record: CallRecord, started: float) -> None:
+    def __init__(self, response: httpx.Response, record: CallRecord, started: float,
+                 prior_records: list[CallRecord]) -> None:
         self.response = response
-        self.record = record
-        self.started = started
-        self.usage: Usage | None = None
-        self.provider_model: str | None = None
-        self.provider: str | None = None
-        self.finish_reason: str | None = None
-        self.ctx: StreamingContext | None = None
         # The raw values last seen, so a label repeated in every chunk is cleaned only once.
         self._raw_model: Any = None
         self._raw_provider: Any = None
         # A high surrogate that ended the last delta, kept back in case the next delta starts
         # with its low half (a server slicing UTF-16 code units splits pairs across events).
         self._held = ""
-        self._gen: AsyncIterator[str] | None = None
-        self._finished = False
-        self._closing = False  # aclose() was called
+        self._answer: str | None = None  # the text of a JSON answer, once read
         self._response_closed = False
+        super().__init__(record=record, started=started, prior_records=prior_records)
 
-    def attach(self, ctx: StreamingContext, gen: AsyncIterator[str]) -> None:
-        self.ctx = ctx
-        self._gen = gen
-
-    def _records(self) -> list[CallRecord]:
-        return self.ctx.records if self.ctx is not None else [self.record]
-
-    def _finish(self, status: str, error: str = "") -> None:
-        """Finalize the record and resolve the futures; only the first call counts."""
-        if self._finished:
-            return
-        self._finished = True
-        record = self.record
-        record.status = status
-        record.error = error
-        record.latency_ms = _ms_since(self.started)
-        record.usage = self.usage
-        record.provider_model = self.provider_model or ""
-        record.provider = self.provider or ""
-        ctx = self.ctx
-        if ctx is None:
-            return
-        ctx.finish_reason = self.finish_reason
-        for future, value in ((ctx.usage_future, self.usage), (ctx.provider_model_future, self.provider_model)):
-            if not future.done():
-                # The loop may already be closed if the generator is finalized very late.
-                with contextlib.suppress(RuntimeError):
-                    future.set_result(value)
-
-    async def _close_response(self) -> None:
+    async def _disconnect(self) -> None:
         if self._response_closed:
             return
         self._response_closed = True
@@ -550,71 +507,37 @@ class _UpstreamStream:
         with contextlib.suppress(Exception):
             await self.response.aclose()
 
-    async def aclose(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._finish("cancelled", "closed before the stream ended")
-        await self._close_response()
-        if self._gen is not None and hasattr(self._gen, "aclose"):
-            # Runs the generator's cleanup now; if another task is inside it, that task
-            # wakes up on the closed connection and stops by itself.
-            with contextlib.suppress(RuntimeError):
-                await self._gen.aclose()  # type: ignore[attr-defined]
+    def _failure(self, exc: Exception) -> tuple[GatewayError, str]:
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeout("the model provider stopped sending (read timeout)"), ""
+        # httpx errors, or whatever the transport raises.
+        error = UpstreamError("truncated stream (connection lost)")
+        return error, f"{error.message}: {exc!r}"
 
-    def _error(self, exc: GatewayError) -> GatewayError:
-        self._finish("error", exc.message)
-        exc.records = self._records()
-        if exc.usage is None:
-            exc.usage = self.usage
-        return exc
-
-    async def sse_chunks(self) -> AsyncIterator[str]:
-        decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
-        try:
+    async def _chunks(self) -> AsyncGenerator[str, None]:
+        async with self._running():
+            if self._answer is not None:
+                if self._answer:
+                    yield self._sent(self._answer)
+                return
+            decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
             async for raw in self.response.aiter_bytes():
                 try:
                     events = decoder.feed(raw)
                 except SSEEventTooLarge:
-                    raise UpstreamError("the model provider sent a stream event that is too large",
-                                        usage=self.usage) from None
+                    raise UpstreamError("the model provider sent a stream event that is too large") from None
                 for event in events:
                     delta = self._handle(event)
                     if delta is _DONE:
                         if self._held:  # a high surrogate nothing paired: it stands for U+FFFD
                             self._held = ""
-                            yield self._first_token(REPLACEMENT)
-                        self._finish("ok")
+                            yield self._sent(REPLACEMENT)
                         return
                     if delta:
-                        yield self._first_token(delta)
-            if self._closing:
-                return
+                        yield self._sent(delta)
+            # The body ended without [DONE]. (After aclose() the reader stops quietly instead.)
             decoder.finish()
             raise UpstreamError("truncated stream")
-        except asyncio.CancelledError:
-            self._finish("cancelled", "cancelled")
-            raise
-        except GeneratorExit:
-            self._finish("cancelled", "closed by the consumer")
-            raise
-        except GatewayError as exc:
-            raise self._error(exc) from None
-        except httpx.TimeoutException as exc:
-            if self._closing:
-                return
-            raise self._error(UpstreamTimeout("the model provider stopped sending (read timeout)")) from exc
-        except Exception as exc:
-            # httpx errors, or whatever the transport raises when aclose() pulled the
-            # connection from under this read.
-            if self._closing:
-                return
-            error = self._error(UpstreamError("truncated stream (connection lost)"))
-            self.record.error = f"{error.message}: {exc!r}"
-            raise error from exc
-        finally:
-            await self._close_response()
-            self._finish("cancelled", "closed before the stream ended")
 
     def _clean_delta(self, text: str) -> str:
         """`text` fit to send and store; the common clean delta costs one regex search."""
@@ -625,11 +548,6 @@ class _UpstreamStream:
         if "\ud800" <= text[-1] <= "\udbff":
             text, self._held = text[:-1], text[-1]
         return clean_text(_join_surrogate_pairs(text))
-
-    def _first_token(self, delta: str) -> str:
-        if self.record.ttft_ms is None:
-            self.record.ttft_ms = _ms_since(self.started)
-        return delta
 
     def _handle(self, event: SSEEvent) -> Any:
         """One SSE event -> a text delta, None, or _DONE. Raises UpstreamError for error chunks."""
@@ -646,25 +564,26 @@ class _UpstreamStream:
         model, provider = chunk.get("model"), chunk.get("provider")
         if model != self._raw_model:
             self._raw_model = model
-            self.provider_model = _label(model, MAX_MODEL_CHARS) or self.provider_model
+            self._provider_model = _label(model, MAX_MODEL_CHARS) or self._provider_model
         if provider != self._raw_provider:
             self._raw_provider = provider
-            self.provider = _label(provider, MAX_PROVIDER_CHARS) or self.provider
+            self._provider = _label(provider, MAX_PROVIDER_CHARS) or self._provider
         usage = _parse_usage(chunk.get("usage"))
         if usage is not None:
-            self.usage = usage
+            self._usage = usage
+        # Errors raised here carry the usage reported so far (StreamingContext._fail).
         if chunk.get("error") or event.event == "error":
             message, code = _error_text(chunk.get("error"))
-            raise UpstreamError(message, status=code, usage=self.usage)
+            raise UpstreamError(message, status=code)
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return None  # e.g. the usage chunk
         choice = choices[0]
         finish_reason = _label(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS)
         if finish_reason:
-            self.finish_reason = finish_reason
+            self._finish_reason = finish_reason
             if finish_reason == "error":
-                raise UpstreamError("the model provider ended the stream with an error", usage=self.usage)
+                raise UpstreamError("the model provider ended the stream with an error")
         delta = choice.get("delta")
         if isinstance(delta, dict):
             content = delta.get("content")
@@ -672,45 +591,29 @@ class _UpstreamStream:
                 return self._clean_delta(content)
         return None
 
-    async def json_chunks(self, records: list[CallRecord]) -> AsyncIterator[str]:
-        """Read a non-streamed JSON answer now; return a one-piece chunk iterator."""
+    async def read_json(self) -> None:
+        """Read a non-streamed JSON answer now (errors end the stream and raise here);
+        `chunks` then hands out its text as one piece."""
         try:
             body, too_large = await _read_body(self.response, MAX_BODY_BYTES)
         except httpx.TimeoutException as exc:
-            raise self._with_records(UpstreamTimeout("the model provider timed out"), records) from exc
+            raise self._fail(UpstreamTimeout("the model provider timed out")) from exc
         except httpx.HTTPError as exc:
-            raise self._with_records(UpstreamError("the model provider's answer was cut off"), records) from exc
+            raise self._fail(UpstreamError("the model provider's answer was cut off")) from exc
         finally:
-            await self._close_response()
+            await self._disconnect()
         if too_large:
-            raise self._with_records(UpstreamError("the model provider's answer is too large"), records)
+            raise self._fail(UpstreamError("the model provider's answer is too large"))
         data = _loads(body)
         if not isinstance(data, dict):
-            raise self._with_records(UpstreamError("the model provider sent invalid JSON"), records)
-        self.provider_model = _label(data.get("model"), MAX_MODEL_CHARS)
-        self.provider = _label(data.get("provider"), MAX_PROVIDER_CHARS)
-        self.usage = _parse_usage(data.get("usage"))
+            raise self._fail(UpstreamError("the model provider sent invalid JSON"))
+        self._provider_model = _label(data.get("model"), MAX_MODEL_CHARS)
+        self._provider = _label(data.get("provider"), MAX_PROVIDER_CHARS)
+        self._usage = _parse_usage(data.get("usage"))
         choices = data.get("choices")
         if data.get("error") or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             message, code = _error_text(data.get("error")) if data.get("error") else ("no choices", None)
-            raise self._with_records(UpstreamError(message, status=code, usage=self.usage), records)
+            raise self._fail(UpstreamError(message, status=code))
         message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
-        self.finish_reason = _label(choices[0].get("finish_reason"), MAX_FINISH_REASON_CHARS)
-        text = _cleaned_content(message.get("content"))  # cleaned
-
-        async def one_piece() -> AsyncIterator[str]:
-            try:
-                if text and not self._closing:
-                    yield self._first_token(text)
-                self._finish("ok")
-            finally:
-                self._finish("cancelled", "closed before the stream ended")
-
-        return one_piece()
-
-    def _with_records(self, exc: GatewayError, records: list[CallRecord]) -> GatewayError:
-        self._finish("error", exc.message)
-        exc.records = [*records, self.record]
-        if exc.usage is None:
-            exc.usage = self.usage
-        return exc
+        self._finish_reason = _label(choices[0].get("finish_reason"), MAX_FINISH_REASON_CHARS)
+        self._answer = _cleaned_content(message.get("content"))  # cleaned

@@ -86,21 +86,13 @@ async def with_heartbeat(chunks: AsyncIterator[str], seconds: float) -> AsyncIte
         reader.cancel()
 
 
-def _provider_model(ctx: StreamingContext) -> str:
-    done = ctx.provider_model_future.done() and not ctx.provider_model_future.cancelled()
-    return (ctx.provider_model_future.result() if done else None) or ctx.record.provider_model or ""
-
-
-def _reported_usage(ctx: StreamingContext):
-    done = ctx.usage_future.done() and not ctx.usage_future.cancelled()
-    return ctx.usage_future.result() if done else None
-
-
 def cancelled_outcome(ctx: StreamingContext, content: str) -> TurnOutcome:
-    """The client went away while the upstream stream was open."""
-    return TurnOutcome(status=Turn.Status.CANCELLED, content=content, usage=_reported_usage(ctx),
-                       provider_model=_provider_model(ctx), records=ctx.records,
-                       finish_reason=ctx.finish_reason or "", prompt_processed=True)
+    """The client went away while the upstream stream was open (called after `ctx.aclose()`,
+    so the stream has ended)."""
+    ending = ctx.ending
+    return TurnOutcome(status=Turn.Status.CANCELLED, content=content, usage=ending.usage,
+                       provider_model=ending.provider_model, records=ending.records,
+                       finish_reason=ending.finish_reason, prompt_processed=True)
 
 
 class Relay:
@@ -136,9 +128,10 @@ class Relay:
                     # connection alive must not hold the turn (and its credits) forever.
                     with contextlib.suppress(Exception):
                         await ctx.aclose()
+                    ending = ctx.ending
                     outcome = TurnOutcome(
-                        status=Turn.Status.FAILED, content="".join(parts), usage=_reported_usage(ctx),
-                        provider_model=_provider_model(ctx), records=ctx.records, error_code="upstream_timeout",
+                        status=Turn.Status.FAILED, content="".join(parts), usage=ending.usage,
+                        provider_model=ending.provider_model, records=ending.records, error_code="upstream_timeout",
                         error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.",
                         prompt_processed=True,
                     )
@@ -149,14 +142,17 @@ class Relay:
                 parts.append(delta)
                 yield encode_event("chunk", {"delta": delta}, next(ids))
             else:
-                    outcome = TurnOutcome(
-                    status=Turn.Status.COMPLETED, content="".join(parts), usage=await ctx.usage_future,
-                    provider_model=_provider_model(ctx), records=ctx.records, finish_reason=ctx.finish_reason or "",
-                    prompt_processed=True,
+                # The chunks are exhausted, so the stream has ended.
+                ending = ctx.ending
+                outcome = TurnOutcome(
+                    status=Turn.Status.COMPLETED, content="".join(parts), usage=ending.usage,
+                    provider_model=ending.provider_model, records=ending.records,
+                    finish_reason=ending.finish_reason, prompt_processed=True,
                 )
         except GatewayError as exc:
+            # Raised by the chunks, so the stream has ended (and `exc` has its records).
             outcome = TurnOutcome.from_error(exc, content="".join(parts))
-            outcome.finish_reason = ctx.finish_reason or ""
+            outcome.finish_reason = ctx.ending.finish_reason
         finally:
             await keeper.stop()
             if outcome is None:

@@ -91,7 +91,7 @@ async def test_error_chunk_message_is_cleaned(gateway: OpenRouterGateway, fake_o
     assert received == ["a" + FFFD]
     assert info.value.message == "Provider\ufffd broke \ufffd"
     assert ctx.record.error == info.value.message
-    assert await ctx.provider_model_future == "x/y" + FFFD
+    assert ctx.ending.provider_model == "x/y" + FFFD
 
 
 async def test_stream_model_and_provider_are_cleaned(gateway: OpenRouterGateway,
@@ -100,7 +100,7 @@ async def test_stream_model_and_provider_are_cleaned(gateway: OpenRouterGateway,
                                                        provider="Open\x00AI"))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["hi"]
-    assert await ctx.provider_model_future == "openai/gpt\ufffd-4o\ufffd"
+    assert ctx.ending.provider_model == "openai/gpt\ufffd-4o\ufffd"
     assert ctx.record.provider_model == "openai/gpt\ufffd-4o\ufffd"
     assert ctx.record.provider == "Open\ufffdAI"
 
@@ -110,7 +110,7 @@ async def test_json_answer_to_a_stream_request_is_cleaned(gateway: OpenRouterGat
     fake_openrouter.enqueue(completion("All\x00 at \ud800once", model="m\x00", provider="p\udc00"))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["All\ufffd at \ufffdonce"]
-    assert await ctx.provider_model_future == "m" + FFFD
+    assert ctx.ending.provider_model == "m" + FFFD
     assert ctx.record.provider == "p" + FFFD
 
 

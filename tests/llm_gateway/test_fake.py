@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import llm_gateway
-from llm_gateway import FakeGateway, OpenRouterGateway, UpstreamError, UpstreamTimeout, Usage
+from llm_gateway import FakeGateway, OpenRouterGateway, StreamEnding, UpstreamError, UpstreamTimeout, Usage
 from llm_gateway.fake import split_pieces
 from llm_gateway.tokens import estimate_prompt_tokens, estimate_tokens
 
@@ -50,7 +50,7 @@ async def test_provider_model_always_starts_with_fake(fake: FakeGateway) -> None
     assert result.provider_model == "fake/echo"
     ctx = await fake.stream(model="fake/other", messages=MESSAGES, max_tokens=100)
     _ = [d async for d in ctx.chunks]
-    assert await ctx.provider_model_future == "fake/other"
+    assert ctx.ending.provider_model == "fake/other"
 
 
 async def test_stream_concatenates_to_the_generate_text(fake: FakeGateway) -> None:
@@ -60,9 +60,9 @@ async def test_stream_concatenates_to_the_generate_text(fake: FakeGateway) -> No
     pieces = [d async for d in ctx.chunks]
     assert len(pieces) > 5 and all(pieces)
     assert "".join(pieces) == expected
-    assert await ctx.usage_future == Usage(estimate_prompt_tokens(messages), estimate_tokens(expected))
-    assert await ctx.provider_model_future == "fake/echo"
-    assert ctx.finish_reason == "stop"
+    assert ctx.ending.usage == Usage(estimate_prompt_tokens(messages), estimate_tokens(expected))
+    assert ctx.ending.provider_model == "fake/echo"
+    assert ctx.ending.finish_reason == "stop"
     assert (ctx.record.status, ctx.record.stream, ctx.record.provider) == ("ok", True, "fake")
     assert ctx.record.ttft_ms is not None and ctx.records == [ctx.record]
 
@@ -90,9 +90,9 @@ async def test_max_tokens_is_honoured(fake: FakeGateway, max_tokens: int) -> Non
     assert result.finish_reason == "length"
     ctx = await fake.stream(model="fake/echo", messages=messages, max_tokens=max_tokens)
     assert "".join([d async for d in ctx.chunks]) == result.content
-    usage = await ctx.usage_future
+    usage = ctx.ending.usage
     assert usage is not None and usage.completion_tokens <= max_tokens
-    assert ctx.finish_reason == "length"
+    assert ctx.ending.finish_reason == "length"
 
 
 async def test_file_read_tool_with_uuid_in_user_message(fake: FakeGateway) -> None:
@@ -161,7 +161,8 @@ async def test_error_mid_stream(fake: FakeGateway) -> None:
             received.append(delta)
     assert received == ["You", " said:"]
     assert info.value.records == [ctx.record] and ctx.record.status == "error"
-    usage = await ctx.usage_future
+    assert (ctx.ending.status, ctx.ending.records, ctx.ending.finish_reason) == ("error", [ctx.record], "")
+    usage = ctx.ending.usage
     assert usage == Usage(estimate_prompt_tokens(MESSAGES), estimate_tokens("You said:"))
     assert info.value.usage == usage
 
@@ -171,7 +172,7 @@ async def test_no_usage_model(fake: FakeGateway) -> None:
     assert result.usage.estimated is True and result.records[0].usage is None
     ctx = await fake.stream(model="fake/no-usage", messages=MESSAGES, max_tokens=100)
     assert "".join([d async for d in ctx.chunks]) == result.content
-    assert await ctx.usage_future is None
+    assert ctx.ending.usage is None
 
 
 async def test_aclose_stops_the_stream() -> None:
@@ -191,12 +192,30 @@ async def test_aclose_stops_the_stream() -> None:
     assert time.monotonic() - started < 0.3  # did not wait out the chunk delay
     assert received == ["You"]
     assert ctx.record.status == "cancelled"
-    assert await asyncio.wait_for(ctx.usage_future, 1) is None
-    assert await asyncio.wait_for(ctx.provider_model_future, 1) == "fake/echo"
+    assert ctx.ending.usage is None
+    assert ctx.ending.provider_model == "fake/echo"
     await ctx.aclose()
 
 
-async def test_cancelled_reader_resolves_futures() -> None:
+async def test_the_ending_exists_once_the_stream_ended_and_only_then() -> None:
+    fake = FakeGateway(chunk_delay_seconds=0.5)
+    ctx = await fake.stream(model="fake/echo", messages=MESSAGES, max_tokens=100)
+    with pytest.raises(RuntimeError):
+        ctx.ending  # noqa: B018
+    assert await anext(ctx.chunks) == "You"
+    with pytest.raises(RuntimeError):
+        ctx.ending  # noqa: B018
+    await ctx.aclose()
+    ending = ctx.ending
+    assert ending == StreamEnding(status="cancelled", usage=None, provider_model="fake/echo", finish_reason="",
+                                  records=[ctx.record])
+    assert ctx.record.error == "closed before the stream ended"
+    await ctx.aclose()
+    assert [d async for d in ctx.chunks] == []
+    assert ctx.ending is ending  # it ends once
+
+
+async def test_cancelled_reader_ends_the_stream() -> None:
     fake = FakeGateway(chunk_delay_seconds=0.5)
     ctx = await fake.stream(model="fake/echo", messages=MESSAGES, max_tokens=100)
     task = asyncio.create_task(anext(ctx.chunks))  # type: ignore[arg-type]
@@ -207,7 +226,7 @@ async def test_cancelled_reader_resolves_futures() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert ctx.record.status == "cancelled"
-    assert await asyncio.wait_for(ctx.usage_future, 1) is None
+    assert ctx.ending.usage is None
 
 
 # -- tokens --------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ async def test_weird_stream_usage(gateway: OpenRouterGateway, fake_openrouter: F
         content_event("hi"), sse_data({"choices": [], "usage": raw}), b"data: [DONE]\n\n"]))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["hi"]
-    assert await ctx.usage_future == expected
+    assert ctx.ending.usage == expected
     assert ctx.record.status == "ok"
 
 
@@ -98,7 +98,7 @@ async def test_non_finite_token_counts(gateway: OpenRouterGateway, fake_openrout
                                                         b"data: [DONE]\n\n"]))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["hi"]
-    got = await ctx.usage_future
+    got = ctx.ending.usage
     assert got is not None and got.prompt_tokens == 4 and 0 <= got.completion_tokens <= MAX_TOKEN_COUNT
     assert ctx.record.status == "ok"
 
@@ -133,7 +133,7 @@ async def test_model_that_is_a_number_or_object(gateway: OpenRouterGateway, fake
     fake_openrouter.enqueue(fake_openrouter.sse_stream(["a"], model=12345, provider=["x"]))  # type: ignore[arg-type]
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["a"]
-    assert await ctx.provider_model_future is None
+    assert ctx.ending.provider_model == ""
     assert (ctx.record.provider_model, ctx.record.provider) == ("", "")
 
     fake_openrouter.enqueue(completion("b", model=12345, provider={"a": 1}))  # type: ignore[arg-type]
@@ -150,7 +150,7 @@ async def test_long_model_and_provider_fit_their_columns(gateway: OpenRouterGate
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     await collect(ctx)
     assert ctx.record.provider_model == "m" * 200 and ctx.record.provider == "p" * 100
-    assert await ctx.provider_model_future == "m" * 200
+    assert ctx.ending.provider_model == "m" * 200
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=8)
     assert result.provider_model == "m" * 200 and result.records[0].provider == "p" * 100
 
@@ -173,7 +173,7 @@ async def test_weird_finish_reason(gateway: OpenRouterGateway, fake_openrouter: 
     fake_openrouter.enqueue(fake_openrouter.sse_stream(["a"], finish_reason="x" * 10_000 + "\x00"))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["a"]
-    assert ctx.finish_reason is not None and len(ctx.finish_reason) <= 64
+    assert 0 < len(ctx.ending.finish_reason) <= 64
 
     fake_openrouter.enqueue(completion("b", finish_reason={"odd": True}))  # type: ignore[arg-type]
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=8)
@@ -216,7 +216,7 @@ async def test_invalid_utf8_in_a_stream(gateway: OpenRouterGateway, fake_openrou
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     deltas = await collect(ctx)
     assert deltas == ["a\ufffdb\ufffd\ufffd\ufffdc"]
-    assert await ctx.provider_model_future == "m\ufffd"
+    assert ctx.ending.provider_model == "m\ufffd"
 
 
 async def test_invalid_utf8_in_a_completion(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRouter) -> None:

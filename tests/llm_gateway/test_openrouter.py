@@ -17,6 +17,7 @@ import pytest
 from llm_gateway import (
     CallRecord,
     OpenRouterGateway,
+    StreamEnding,
     UpstreamError,
     UpstreamTimeout,
     Usage,
@@ -318,14 +319,16 @@ async def test_stream(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRoute
                                                        model="openai/gpt-4o-mini-2024-07-18"))
     ctx = await gateway.stream(model="openai/gpt-4o-mini", messages=MESSAGES, max_tokens=64)
     assert await collect(ctx) == pieces
-    assert await ctx.usage_future == Usage(12, 6, estimated=False)
-    assert await ctx.provider_model_future == "openai/gpt-4o-mini-2024-07-18"
-    assert ctx.finish_reason == "stop"
+    assert ctx.ending.usage == Usage(12, 6, estimated=False)
+    assert ctx.ending.provider_model == "openai/gpt-4o-mini-2024-07-18"
+    assert ctx.ending.finish_reason == "stop"
     record = ctx.record
     assert (record.status, record.http_status, record.stream, record.error) == ("ok", 200, True, "")
     assert record.provider == "OpenAI" and record.usage == Usage(12, 6)
     assert record.ttft_ms is not None and 0 <= record.ttft_ms <= record.latency_ms
     assert ctx.records == [record]
+    assert ctx.ending == StreamEnding(status="ok", usage=Usage(12, 6), provider_model="openai/gpt-4o-mini-2024-07-18",
+                                      finish_reason="stop", records=[record])
 
     body = fake_openrouter.requests[0].body
     assert body["stream"] is True and body["max_tokens"] == 64
@@ -339,8 +342,8 @@ async def test_stream_without_usage(gateway: OpenRouterGateway, fake_openrouter:
     fake_openrouter.enqueue(fake_openrouter.sse_stream(["a", "b"], usage=None))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert "".join(await collect(ctx)) == "ab"
-    assert await ctx.usage_future is None
-    assert await ctx.provider_model_future == DEFAULT_MODEL
+    assert ctx.ending.usage is None
+    assert ctx.ending.provider_model == DEFAULT_MODEL
 
 
 @pytest.mark.parametrize(("code", "status"), [("server_error", None), (502, 502)])
@@ -358,8 +361,8 @@ async def test_error_chunk_mid_stream(gateway: OpenRouterGateway, fake_openroute
     assert info.value.status == status
     assert info.value.usage == Usage(9, 2)
     assert info.value.records == [ctx.record]
-    assert await ctx.usage_future == Usage(9, 2)
-    assert await ctx.provider_model_future == DEFAULT_MODEL
+    assert ctx.ending.usage == Usage(9, 2)
+    assert ctx.ending.provider_model == DEFAULT_MODEL
     assert (ctx.record.status, ctx.record.error) == ("error", "Provider disconnected unexpectedly")
 
 
@@ -369,7 +372,7 @@ async def test_error_chunk_before_any_content(gateway: OpenRouterGateway,
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     with pytest.raises(UpstreamError):
         await collect(ctx)
-    assert ctx.record.ttft_ms is None and await ctx.usage_future is None
+    assert ctx.record.ttft_ms is None and ctx.ending.usage is None
 
 
 @pytest.mark.parametrize("how", ["no_done", "dropped_connection", "unframed_eof"])
@@ -392,9 +395,9 @@ async def test_truncated_stream_raises(gateway: OpenRouterGateway, fake_openrout
     assert received == ["a", "b"]
     assert "truncated stream" in info.value.message
     assert ctx.record.status == "error"
-    assert await ctx.provider_model_future in (DEFAULT_MODEL, None)
+    assert ctx.ending.provider_model in (DEFAULT_MODEL, "")
     if how == "no_done":
-        assert await ctx.usage_future == Usage(10, 5)  # usage came, only [DONE] is missing
+        assert ctx.ending.usage == Usage(10, 5)  # usage came, only [DONE] is missing
 
 
 async def test_non_200_at_stream_open_raises_before_returning(gateway: OpenRouterGateway,
@@ -413,6 +416,27 @@ async def test_stream_open_is_retried(gateway: OpenRouterGateway, fake_openroute
     assert await collect(ctx) == ["ok"]
     assert [(r.status, r.http_status) for r in ctx.records] == [("error", 503), ("ok", 200)]
     assert ctx.prior_records == ctx.records[:1]
+    assert ctx.ending.records == ctx.records and ctx.ending.status == "ok"
+
+
+async def test_a_retried_stream_that_fails_reports_every_attempt(gateway: OpenRouterGateway,
+                                                                 fake_openrouter: FakeOpenRouter) -> None:
+    fake_openrouter.enqueue(fake_openrouter.http_error(503, "No provider", retry_after=0),
+                            fake_openrouter.sse_stream(["one ", "two"], error_after=1, error_usage=(9, 2)))
+    ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
+    with pytest.raises(UpstreamError) as info:
+        await collect(ctx)
+    assert [(r.status, r.http_status) for r in info.value.records] == [("error", 503), ("error", 200)]
+    assert ctx.ending.records == info.value.records and ctx.ending.usage == info.value.usage == Usage(9, 2)
+    assert ctx.ending.status == "error"
+
+    # A JSON answer is read when the stream opens: its error raises there, every attempt with it.
+    fake_openrouter.enqueue(fake_openrouter.http_error(503, "No provider", retry_after=0),
+                            fake_openrouter.raw_json(b'{"error": {"message": "bad", "code": 400}}'))
+    with pytest.raises(UpstreamError) as info:
+        await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
+    assert [(r.status, r.http_status) for r in info.value.records] == [("error", 503), ("error", 200)]
+    assert info.value.message == "bad"
 
 
 async def test_hostile_framing_through_the_real_server(gateway: OpenRouterGateway,
@@ -435,8 +459,8 @@ async def test_hostile_framing_through_the_real_server(gateway: OpenRouterGatewa
     fake_openrouter.enqueue(fake_openrouter.raw_stream(writes, delay=0.02))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["h\u00e9llo", " w\u2028rld", "!"]
-    assert await ctx.usage_future == Usage(7, 4)
-    assert await ctx.provider_model_future == "x/y"
+    assert ctx.ending.usage == Usage(7, 4)
+    assert ctx.ending.provider_model == "x/y"
     assert ctx.record.status == "ok"
 
 
@@ -457,7 +481,7 @@ async def test_stream_read_timeout(fake_openrouter: FakeOpenRouter) -> None:
         async for delta in ctx.chunks:
             received.append(delta)
     assert received == ["a"]
-    assert ctx.record.status == "error" and await ctx.usage_future is None
+    assert ctx.record.status == "error" and ctx.ending.usage is None
     await aclose_shared_client()
 
 
@@ -467,7 +491,7 @@ async def test_json_answer_to_a_stream_request(gateway: OpenRouterGateway,
     fake_openrouter.enqueue(completion("All at once", usage=(3, 2)))
     ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
     assert await collect(ctx) == ["All at once"]
-    assert await ctx.usage_future == Usage(3, 2)
+    assert ctx.ending.usage == Usage(3, 2)
     assert ctx.record.status == "ok"
 
 
@@ -489,8 +513,8 @@ async def test_aclose_mid_stream_disconnects_upstream(gateway: OpenRouterGateway
     assert time.monotonic() - closed_at < 1.0
     assert received == ["w0 ", "w1 ", "w2 "]
     assert ctx.record.status == "cancelled" and ctx.record.ttft_ms is not None
-    assert await asyncio.wait_for(ctx.usage_future, 1) is None
-    assert await asyncio.wait_for(ctx.provider_model_future, 1) == DEFAULT_MODEL
+    assert ctx.ending.usage is None
+    assert ctx.ending.provider_model == DEFAULT_MODEL
     await ctx.aclose()  # idempotent
     assert ctx.record.status == "cancelled"
 
@@ -514,7 +538,7 @@ async def test_aclose_while_another_task_reads(gateway: OpenRouterGateway,
     await asyncio.wait_for(task, 1)  # the reader stops by itself, quietly
     assert await asyncio.to_thread(fake_openrouter.disconnected.wait, 1.0)
     assert ctx.record.status == "cancelled"
-    assert await asyncio.wait_for(ctx.usage_future, 1) is None
+    assert ctx.ending.usage is None
 
 
 async def test_cancelling_the_reader_closes_upstream(gateway: OpenRouterGateway,
@@ -528,7 +552,7 @@ async def test_cancelling_the_reader_closes_upstream(gateway: OpenRouterGateway,
         await task
     assert await asyncio.to_thread(fake_openrouter.disconnected.wait, 1.0)
     assert ctx.record.status == "cancelled"
-    assert await asyncio.wait_for(ctx.usage_future, 1) is None
+    assert ctx.ending.usage is None
 
 
 async def test_aclose_before_reading(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRouter) -> None:
@@ -538,8 +562,8 @@ async def test_aclose_before_reading(gateway: OpenRouterGateway, fake_openrouter
     assert await asyncio.to_thread(fake_openrouter.disconnected.wait, 1.0)
     assert await collect(ctx) == []
     assert ctx.record.status == "cancelled"
-    assert await asyncio.wait_for(ctx.usage_future, 1) is None
-    assert await asyncio.wait_for(ctx.provider_model_future, 1) is None
+    assert ctx.ending.usage is None
+    assert ctx.ending.provider_model == ""
 
 
 async def test_closing_the_chunk_iterator_marks_cancelled(gateway: OpenRouterGateway,
@@ -551,7 +575,7 @@ async def test_closing_the_chunk_iterator_marks_cancelled(gateway: OpenRouterGat
             break
     assert ctx.record.status == "cancelled"
     assert await asyncio.to_thread(fake_openrouter.disconnected.wait, 1.0)
-    assert await asyncio.wait_for(ctx.usage_future, 1) is None
+    assert ctx.ending.usage is None
 
 
 def test_records_are_plain_call_records() -> None:

@@ -2,6 +2,7 @@
 write and the lease keeper are replaced by stand-ins)."""
 
 import asyncio
+import time
 import uuid
 from decimal import Decimal
 from types import SimpleNamespace
@@ -17,25 +18,35 @@ def prepared():
     return SimpleNamespace(turn_id=uuid.uuid4(), session_id=uuid.uuid4(), model="m")
 
 
+class Scripted(StreamingContext):
+    """A stream with the gateways' lifecycle and a scripted source: `pieces`, then a wait for
+    `gate` if given, then an error if `fail`. Usage and provider model are known up front."""
+
+    def __init__(self, pieces, *, fail: bool = False, gate: asyncio.Event | None = None):
+        self.pieces, self.fail, self.gate = pieces, fail, gate
+        self.closed = []  # one entry per aclose()
+        super().__init__(record=CallRecord(requested_model="m"), started=time.monotonic())
+        self._usage, self._provider_model = Usage(3, 4), "p/m"
+
+    async def _chunks(self):
+        async with self._running():
+            for piece in self.pieces:
+                yield self._sent(piece)
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail:
+                raise UpstreamError("boom", usage=Usage(1, 1))
+
+    async def _disconnect(self):
+        pass
+
+    async def aclose(self):
+        self.closed.append(True)
+        await super().aclose()
+
+
 def context(pieces, *, fail: bool = False, gate: asyncio.Event | None = None):
-    closed = []
-
-    async def chunks():
-        for piece in pieces:
-            yield piece
-        if gate is not None:
-            await gate.wait()
-        if fail:
-            raise UpstreamError("boom", usage=Usage(1, 1))
-
-    async def aclose():
-        closed.append(True)
-
-    ctx = StreamingContext(chunks=chunks(), record=CallRecord(requested_model="m"), aclose=aclose)
-    ctx.usage_future.set_result(Usage(3, 4))
-    ctx.provider_model_future.set_result("p/m")
-    ctx.closed = closed
-    return ctx
+    return Scripted(pieces, fail=fail, gate=gate)
 
 
 class Recorder:
@@ -76,9 +87,12 @@ def relay(prepared, ctx, record):
 
 
 async def test_completed_records_once_before_done(record):
-    frames = [f async for f in relay(prepared(), context(["a", "b"]), record)]
+    ctx = context(["a", "b"])
+    frames = [f async for f in relay(prepared(), ctx, record)]
     assert [o.status for o in record.calls] == ["completed"]
     assert record.calls[0].content == "ab" and record.calls[0].usage == Usage(3, 4)
+    assert record.calls[0].provider_model == "p/m" and record.calls[0].records == [ctx.record]
+    assert ctx.record.status == "ok"
     assert b"event: done" in frames[-1]
 
 
@@ -98,7 +112,7 @@ async def test_late_close_of_a_parked_generator_still_records_cancelled(record):
     assert b'"a"' in await anext(stream)
     await stream.aclose()
     assert [(o.status, o.content) for o in record.calls] == [("cancelled", "a")]
-    assert ctx.closed == [True]
+    assert ctx.closed == [True] and ctx.record.status == "cancelled"
 
 
 async def test_cancellation_while_waiting_for_the_upstream_records_cancelled(record):
