@@ -8,6 +8,8 @@ import os
 
 import httpx
 
+from bench.asgi_body import read_body
+
 UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:9/v1/chat/completions")
 _client: httpx.AsyncClient | None = None
 
@@ -23,12 +25,7 @@ def client() -> httpx.AsyncClient:
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     request = client().build_request("POST", UPSTREAM, content=body,
                                      headers={"content-type": "application/json", "accept-encoding": "identity"})
     upstream = await client().send(request, stream=True)

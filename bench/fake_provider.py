@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from bench.asgi_body import read_body
+
 CHUNKS = 20
 
 
@@ -33,12 +35,7 @@ TAIL = (_event({"id": "gen-bench", "model": "bench/upstream", "choices": [{"inde
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     try:
         model = json.loads(body).get("model", "")
     except ValueError:

@@ -1,10 +1,11 @@
 """Every write of money happens here: grants, holds (the preflight) and settlement, and
 the billing policy: how big a hold is, and what a turn that ended early costs.
 
-Each write is synchronous and runs in one `transaction.atomic` with the wallet row locked
-(`select_for_update`), so concurrent turns of one user serialise on that row. Called inside
-a caller's `atomic` (the turn's preflight or close), it joins that transaction without a
-savepoint, so the turn row and the money commit together. Async callers use `core.db.db_call`.
+Each write is synchronous and runs in one transaction that changes the wallet row under
+its row lock, so concurrent turns of one user serialise on that row only for the moment of
+the write. `hold` and `settle` are plain SQL (core.sql) and join a caller's
+`core.sql.transaction()` (the turn's preflight or close), so the turn row and the money
+commit together; `grant` is the ORM. Async callers use `core.db.db_call`.
 """
 
 from __future__ import annotations
@@ -187,20 +188,17 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
         return HoldDecision(max_tokens=cap, hold_id=None, amount=Decimal("0"))
     minimum = min(settings.PANTHEON_MIN_OUTPUT_TOKENS, cap)
     now = timezone.now()
-    # A refusal is raised after the block, not from inside it: an exception leaving an
-    # atomic(savepoint=False) would doom the caller's whole transaction.
-    outcome: tuple[int, Decimal] | str = ""
     with sql.transaction():
         snapshot = wallet if wallet is not None else wallet_snapshot(user_id)
         for locked in (False, True):
-            if locked:
+            if locked:  # a concurrent turn took credits since the snapshot: size again, locked
                 snapshot = wallet_snapshot(user_id, lock=True)
-            outcome = "Your wallet has no available credits." if snapshot is None else _size_hold(
-                snapshot[0] - snapshot[1], price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
-                rounds=rounds)
-            if isinstance(outcome, str):
-                break
-            granted, amount = outcome
+            balance, held = snapshot or (Decimal(0), Decimal(0))
+            sized = _size_hold(balance - held, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
+                               rounds=rounds)
+            if isinstance(sized, str):
+                raise InsufficientCredits(sized)
+            granted, amount = sized
             reserved = sql.fetch_one(_RESERVE, {"amount": amount, "now": sql.value(Wallet, "updated_at", now),
                                                 "user": user_id})
             if reserved is not None:
@@ -209,7 +207,7 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
                                          "turn_id": turn_id, "model": model, "amount": amount,
                                          "max_tokens": granted, "created_at": now, "released_at": None}])
                 return HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
-    raise InsufficientCredits(outcome or "Your wallet has no available credits.")
+    raise InsufficientCredits("Your wallet has no available credits.")  # only float fuzz on SQLite
 
 
 def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, output_cap: int,
@@ -255,8 +253,9 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
 
     Idempotent by turn id: a second call neither debits nor fails (and the ledger's unique
     constraint refuses a second debit whatever happens). Callers that store the turn call
-    this inside their own `atomic` so both commit together. `held` goes down by exactly
-    what this call released, and balance and ledger change together under the row lock.
+    this inside their own `core.sql.transaction()` so both commit together. `held` goes
+    down by exactly what this call released, and balance and ledger change together under
+    the row lock.
     """
     if cost < 0:
         raise InvalidAmount("A cost cannot be negative.")
@@ -266,13 +265,16 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
               "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
     with sql.transaction():
         params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)), Decimal(0))
-        # A user with no wallet yet (credit enforcement off, nothing granted) gets one here.
-        sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
-                             "updated_at": now}], ignore_conflicts=True)
-        sql.execute(_CHARGE, params, count=False)
-        if cost > 0:
-            sql.execute(_DEBIT, params, count=False)
-        row = wallet_snapshot(user_id)
+        for first_time in (True, False):
+            sql.execute(_CHARGE, params, count=False)
+            if cost > 0:
+                sql.execute(_DEBIT, params, count=False)
+            row = wallet_snapshot(user_id)
+            if row is not None or not first_time:
+                break
+            # No wallet yet (credit enforcement off, nothing ever granted): make one, charge again.
+            sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
+                                 "updated_at": now}], ignore_conflicts=True)
     return row[0] if row else Decimal("0")
 
 

@@ -20,6 +20,7 @@ def _closing_connections(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     try:
         return fn(*args, **kwargs)
     finally:
+        # Inside an atomic block only when a test wraps everything in a transaction.
         if not connection.in_atomic_block:
             close_old_connections()
 
@@ -49,22 +50,17 @@ def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     (Django's test client, a sync middleware): then in that caller's thread, so what it
     holds (a test's transaction) stays visible.
     """
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            # Inside an atomic block only when a test wraps everything in a transaction.
-            if not connection.in_atomic_block:
-                close_old_connections()
-
-    in_caller_thread = sync_to_async(run)
+    in_caller_thread = sync_to_async(functools.partial(_closing_connections, fn))
+    on_database_threads = None  # made at the first call: the settings size the threads
 
     @functools.wraps(fn)
     async def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal on_database_threads
         if getattr(AsyncToSync.executors, "current", None) is not None:
             return await in_caller_thread(*args, **kwargs)
-        return await sync_to_async(run, thread_sensitive=False, executor=database_threads())(*args, **kwargs)
+        if on_database_threads is None:
+            # The threads hand the connection back after each call themselves.
+            on_database_threads = sync_to_async(fn, thread_sensitive=False, executor=database_threads())
+        return await on_database_threads(*args, **kwargs)
 
     return call

@@ -27,6 +27,8 @@ from django.db import transaction as django_transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from core.money import quantize_money
+
 
 def table(model: type[models.Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
@@ -129,7 +131,7 @@ def as_datetime(raw: Any) -> datetime | None:
 
 def as_money(raw: Any) -> Decimal:
     """A money column read back (SQLite keeps decimals as floats): 6 places."""
-    return Decimal(str(raw)).quantize(Decimal("0.000001"))
+    return quantize_money(Decimal(str(raw)))
 
 
 @contextlib.contextmanager
@@ -185,11 +187,10 @@ def transaction() -> Iterator[None]:
             yield
             execute("COMMIT", [], count=False)
     except BaseException:
-        if raw.info.transaction_status != _IDLE:
+        from psycopg.pq import TransactionStatus  # here: only PostgreSQL gets this far
+
+        if raw.info.transaction_status != TransactionStatus.IDLE:
             raw.execute("ROLLBACK")
         raise
     finally:
         _state.depth = 0
-
-
-_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE (imported lazily: SQLite installs need no psycopg)

@@ -86,13 +86,12 @@ async def with_heartbeat(chunks: AsyncIterator[str], seconds: float) -> AsyncIte
         reader.cancel()
 
 
-def cancelled_outcome(ctx: StreamingContext, content: str) -> TurnOutcome:
-    """The client went away while the upstream stream was open (called after `ctx.aclose()`,
-    so the stream has ended)."""
+def ended_outcome(ctx: StreamingContext, status: str, content: str, **extra) -> TurnOutcome:
+    """The turn's outcome from what the ended stream says (usage, provider model, finish
+    reason, records); the provider had the prompt."""
     ending = ctx.ending
-    return TurnOutcome(status=Turn.Status.CANCELLED, content=content, usage=ending.usage,
-                       provider_model=ending.provider_model, records=ending.records,
-                       finish_reason=ending.finish_reason, prompt_processed=True)
+    return TurnOutcome(status=status, content=content, usage=ending.usage, provider_model=ending.provider_model,
+                       records=ending.records, finish_reason=ending.finish_reason, prompt_processed=True, **extra)
 
 
 class Relay:
@@ -110,7 +109,7 @@ class Relay:
         with contextlib.suppress(Exception):
             await self.ctx.aclose()
         with contextlib.suppress(PersistenceFailed):
-            await finish_turn(self.prepared, cancelled_outcome(self.ctx, ""))
+            await finish_turn(self.prepared, ended_outcome(self.ctx, Turn.Status.CANCELLED, ""))
 
     async def frames(self) -> AsyncIterator[bytes]:
         self.started = True
@@ -128,27 +127,17 @@ class Relay:
                     # connection alive must not hold the turn (and its credits) forever.
                     with contextlib.suppress(Exception):
                         await ctx.aclose()
-                    ending = ctx.ending
-                    outcome = TurnOutcome(
-                        status=Turn.Status.FAILED, content="".join(parts), usage=ending.usage,
-                        provider_model=ending.provider_model, records=ending.records, error_code="upstream_timeout",
-                        error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.",
-                        prompt_processed=True,
-                    )
+                    outcome = ended_outcome(
+                        ctx, Turn.Status.FAILED, "".join(parts), error_code="upstream_timeout",
+                        error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.")
                     break
                 if delta is None:
                     yield encode_comment("ping")
                     continue
                 parts.append(delta)
                 yield encode_event("chunk", {"delta": delta}, next(ids))
-            else:
-                # The chunks are exhausted, so the stream has ended.
-                ending = ctx.ending
-                outcome = TurnOutcome(
-                    status=Turn.Status.COMPLETED, content="".join(parts), usage=ending.usage,
-                    provider_model=ending.provider_model, records=ending.records,
-                    finish_reason=ending.finish_reason, prompt_processed=True,
-                )
+            else:  # the chunks are exhausted, so the stream has ended
+                outcome = ended_outcome(ctx, Turn.Status.COMPLETED, "".join(parts))
         except GatewayError as exc:
             # Raised by the chunks, so the stream has ended (and `exc` has its records).
             outcome = TurnOutcome.from_error(exc, content="".join(parts))
@@ -160,7 +149,8 @@ class Relay:
                 with contextlib.suppress(Exception):
                     await ctx.aclose()
                 with contextlib.suppress(PersistenceFailed):
-                    await asyncio.shield(in_background(finish_turn(prepared, cancelled_outcome(ctx, "".join(parts)))))
+                    await asyncio.shield(in_background(finish_turn(
+                        prepared, ended_outcome(ctx, Turn.Status.CANCELLED, "".join(parts)))))
 
         try:
             result = await asyncio.shield(in_background(finish_turn(prepared, outcome)))

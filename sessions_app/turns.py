@@ -18,6 +18,7 @@ trips, a checkpoint one, a close one transaction of four, whatever the history l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import uuid
 from datetime import datetime, timedelta
@@ -90,7 +91,8 @@ class Preflight:
     history: list[tuple[str, str]]  # (role, content), newest first
 
 
-def _preflight_sql(by_key: bool) -> str:
+@functools.cache
+def _preflight_sql(by_key: bool, vendor: str) -> str:
     key, user, session = sql.table(ApiKey), sql.table(User), sql.table(ChatSession)
     price, wallet = sql.table(ModelPrice), sql.table(Wallet)
     joins = (f"LEFT JOIN {session} s ON s.id = %(session)s AND s.user_id = u.id "
@@ -105,7 +107,8 @@ def _preflight_sql(by_key: bool) -> str:
     return columns.format(key_columns="NULL, NULL") + f"FROM {user} u " + joins + "WHERE u.id = %(user)s"
 
 
-def _history_sql() -> str:
+@functools.cache
+def _history_sql(vendor: str) -> str:
     return (f"SELECT role, content FROM {sql.table(Message)} WHERE session_id = %s AND role IN ('user', 'assistant') "
             f"AND content <> '' ORDER BY created_at DESC, position DESC LIMIT {HISTORY_LIMIT}")
 
@@ -119,8 +122,8 @@ def load_preflight(*, session_id: uuid.UUID, model: str | None, key_hash: str | 
     stale = timezone.now() - LAST_USED_RESOLUTION
     params = {"session": sql.value(ChatSession, "id", session_id), "model": model, "true": True,
               "hash": key_hash, "user": user_id, "stale": sql.value(ApiKey, "last_used_at", stale)}
-    found, history = sql.fetch_together([(_preflight_sql(key_hash is not None), params),
-                                         (_history_sql(), [params["session"]])])
+    found, history = sql.fetch_together([(_preflight_sql(key_hash is not None, connection.vendor), params),
+                                         (_history_sql(connection.vendor), [params["session"]])])
     if not found:
         return None
     (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
@@ -327,18 +330,24 @@ _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "
                   "streamed", "checkpoint", "created_at")
 
 
+@functools.cache
+def _lock_sql(lapsed: bool, vendor: str) -> str:
+    query = (f"SELECT {', '.join(sql.column(Turn, name) for name in _LOCKED_FIELDS)} FROM {sql.table(Turn)} "
+             f"WHERE id = %(turn)s")
+    if lapsed:
+        query += " AND status = 'running' AND lease_until < %(lapsed)s"
+    if connection.features.has_select_for_update:
+        query += " FOR UPDATE SKIP LOCKED" if lapsed else " FOR UPDATE"
+    return query
+
+
 def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> LockedTurn | None:
     """Lock the turn row until the transaction ends (PostgreSQL; SQLite's writers are
     serialised). With `lapsed_before`, only a running turn whose lease lapsed, skipping one
     that another sweeper holds."""
-    query = (f"SELECT {', '.join(sql.column(Turn, name) for name in _LOCKED_FIELDS)} FROM {sql.table(Turn)} "
-             f"WHERE id = %(turn)s")
-    if lapsed_before is not None:
-        query += " AND status = 'running' AND lease_until < %(lapsed)s"
-    if connection.features.has_select_for_update:
-        query += " FOR UPDATE SKIP LOCKED" if lapsed_before is not None else " FOR UPDATE"
-    row = sql.fetch_one(query, {"turn": sql.value(Turn, "id", turn_id),
-                                "lapsed": sql.value(Turn, "lease_until", lapsed_before)})
+    row = sql.fetch_one(_lock_sql(lapsed_before is not None, connection.vendor),
+                        {"turn": sql.value(Turn, "id", turn_id),
+                         "lapsed": sql.value(Turn, "lease_until", lapsed_before)})
     if row is None:
         return None
     return LockedTurn(id=sql.as_uuid(row[0]), status=row[1], user_id=row[2], session_id=sql.as_uuid(row[3]),

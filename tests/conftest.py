@@ -120,6 +120,24 @@ def bob_api(bob) -> APIClient:
     return client_for(bob)
 
 
+def in_threads(fn, count: int, *, workers: int):
+    """`fn(i)` for i in range(count) on `workers` threads at once (real concurrent database
+    sessions; needs a transactional test): the results, in order. Each call closes its
+    thread's connection, so none is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    def run(i):
+        try:
+            return fn(i)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(run, range(count)))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a `manage.py` subprocess that must see the test database."""
     import os

@@ -1,5 +1,4 @@
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 
@@ -10,7 +9,7 @@ from django.utils import timezone
 from billing_app import services
 from billing_app.models import CreditHold, LedgerEntry, ModelPrice, Wallet
 from billing_app.selectors import ledger_problems, wallet_summary
-from tests.conftest import MODEL
+from tests.conftest import MODEL, in_threads
 
 
 def price_of(prompt: str, completion: str) -> ModelPrice:
@@ -216,21 +215,14 @@ def test_concurrent_holds_never_overdraw(make_user, price, settings):
     settings.PANTHEON_MAX_OUTPUT_TOKENS = 100
     settings.PANTHEON_MIN_OUTPUT_TOKENS = 100
     user = make_user("gina", "0.7")  # each hold: 10 prompt (0.01) + 100 out (0.2) -> 3 fit
-    from django.db import close_old_connections
-
     def attempt(_):
         try:
             services.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=10)
             return True
         except services.InsufficientCredits:
             return False
-        finally:
-            close_old_connections()
-            connection.close()
 
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        results = list(pool.map(attempt, range(40)))
-    assert sum(results) == 3
+    assert sum(in_threads(attempt, 40, workers=12)) == 3
     summary = wallet_summary(user_id=user.pk)
     assert summary.available >= 0
     for turn_id in CreditHold.objects.values_list("turn_id", flat=True):

@@ -8,16 +8,19 @@ def upload(api, name: str, content: bytes, content_type: str = "application/octe
                     format="multipart")
 
 
-def minimal_pdf(text: str) -> bytes:
-    """A one-page PDF showing `text` in Helvetica, with a correct cross-reference table."""
+def minimal_pdf(text: str, *, to_unicode: bytes | None = None) -> bytes:
+    """A one-page PDF showing `text` in Helvetica, with a correct cross-reference table;
+    `to_unicode` is a CMap for the font (what the text extracts as)."""
     stream = f"BT /F1 24 Tf 72 700 Td ({text}) Tj ET".encode()
+    font = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica" + (b" /ToUnicode 6 0 R" if to_unicode else b"")
     return pdf_document([
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
         b"/Resources << /Font << /F1 5 0 R >> >> >>",
         pdf_stream(stream),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        font + b" >>",
+        *([pdf_stream(to_unicode)] if to_unicode else []),
     ])
 
 

@@ -6,7 +6,7 @@ from core.text import find_unstorable
 from files_app.extraction import extract_text
 from files_app.models import UploadedFile
 from files_app.tasks import extract_file_text
-from tests.files_app.helpers import pdf_document, pdf_stream
+from tests.files_app.helpers import minimal_pdf
 
 pytestmark = pytest.mark.django_db
 
@@ -17,16 +17,7 @@ def pdf_mapping_a_to(unicode_hex: str) -> bytes:
             "1 begincodespacerange <00> <FF> endcodespacerange "
             f"2 beginbfchar <41> <{unicode_hex}> <42> <0042> endbfchar endcmap "
             "CMapName currentdict /CMap defineresource pop end end").encode()
-    stream = b"BT /F1 24 Tf 72 700 Td (ABAB) Tj ET"
-    return pdf_document([
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        pdf_stream(stream),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /ToUnicode 6 0 R >>",
-        pdf_stream(cmap),
-    ])
+    return minimal_pdf("ABAB", to_unicode=cmap)
 
 
 @pytest.mark.parametrize("unicode_hex", ["D800", "DFFF", "0000"])

@@ -12,7 +12,7 @@ from core.text import clean_text, find_unstorable
 from llm_gateway import FakeGateway, OpenRouterGateway, UpstreamError
 from llm_gateway.sse import encode_event
 from tests.fake_openrouter import FakeOpenRouter, completion, tool_call
-from tests.llm_gateway.helpers import collect
+from tests.llm_gateway.helpers import collect, recording_executor
 
 MESSAGES = [{"role": "user", "content": "Hi there"}]
 FFFD = "\ufffd"
@@ -172,11 +172,7 @@ async def test_tool_call_arguments_object_is_cleaned(gateway: OpenRouterGateway,
     # Some servers send `arguments` as a JSON object instead of a string.
     call = {"id": "c1", "type": "function", "function": {"name": "file_read", "arguments": {"file_id": "a\x00"}}}
     fake_openrouter.enqueue(completion(None, tool_calls=[call]), completion("ok"))
-    seen: list[dict[str, Any]] = []
-
-    async def executor(name: str, arguments: dict[str, Any]) -> str:
-        seen.append(arguments)
-        return "r"
+    executor, seen = recording_executor()
 
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=64, tools=[FILE_READ_TOOL],
                                     tool_executor=executor)
@@ -191,11 +187,7 @@ async def test_escapes_inside_tool_call_arguments_are_cleaned(gateway: OpenRoute
     arguments = '{"file_id": "a\\u0000b\\ud800", "k\\u0000": ["\\udfff"]}'
     call = {"id": "c1", "type": "function", "function": {"name": "file_read", "arguments": arguments}}
     fake_openrouter.enqueue(completion(None, tool_calls=[call]), completion("ok"))
-    seen: list[dict[str, Any]] = []
-
-    async def executor(name: str, arguments: dict[str, Any]) -> str:
-        seen.append(arguments)
-        return "r"
+    executor, seen = recording_executor()
 
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=64, tools=[FILE_READ_TOOL],
                                     tool_executor=executor)

@@ -16,7 +16,7 @@ from llm_gateway import openrouter as openrouter_module
 from llm_gateway.base import MAX_TOKEN_COUNT, token_count
 from llm_gateway.sse import SSEDecoder, SSEEventTooLarge
 from tests.fake_openrouter import FakeOpenRouter, completion, sse_data
-from tests.llm_gateway.helpers import collect
+from tests.llm_gateway.helpers import collect, recording_executor
 
 MESSAGES = [{"role": "user", "content": "Hi there"}]
 INT_MAX = 2**31 - 1  # PositiveIntegerField's upper bound
@@ -115,9 +115,7 @@ async def test_tool_rounds_usage_sum_stays_bounded(gateway: OpenRouterGateway,
     huge = {"prompt_tokens": 2**31, "completion_tokens": 2**31}
     call = {"id": "c", "type": "function", "function": {"name": "t", "arguments": "{}"}}
     fake_openrouter.enqueue(completion(None, tool_calls=[call], usage=huge), completion("ok", usage=huge))
-
-    async def executor(name: str, arguments: dict[str, Any]) -> str:
-        return "r"
+    executor, _ = recording_executor()
 
     tools = [{"type": "function", "function": {"name": "t", "parameters": {"type": "object"}}}]
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=8, tools=tools,
@@ -158,9 +156,7 @@ async def test_long_model_and_provider_fit_their_columns(gateway: OpenRouterGate
 async def test_long_tool_call_id_fits_its_column(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRouter) -> None:
     call = {"id": "c" * 1000, "type": "function", "function": {"name": "t", "arguments": "{}"}}
     fake_openrouter.enqueue(completion(None, tool_calls=[call]), completion("ok"))
-
-    async def executor(name: str, arguments: dict[str, Any]) -> str:
-        return "r"
+    executor, _ = recording_executor()
 
     tools = [{"type": "function", "function": {"name": "t", "parameters": {"type": "object"}}}]
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=8, tools=tools,
@@ -351,11 +347,7 @@ async def test_deeply_nested_tool_call_arguments(gateway: OpenRouterGateway, fak
         body = fake_openrouter.raw_json(('{"choices": [{"finish_reason": "tool_calls", "message": '
                                          '{"content": null, "tool_calls": [' + call + "]}}]}").encode())
     fake_openrouter.enqueue(body, completion("ok"))
-    calls: list[Any] = []
-
-    async def executor(name: str, arguments: dict[str, Any]) -> str:
-        calls.append(arguments)
-        return "r"
+    executor, calls = recording_executor()
 
     tools = [{"type": "function", "function": {"name": "t", "parameters": {"type": "object"}}}]
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=8, tools=tools,
@@ -369,11 +361,7 @@ async def test_too_many_tool_calls_in_one_answer(gateway: OpenRouterGateway, fak
     calls = [{"id": f"c{i}", "type": "function", "function": {"name": "t", "arguments": "{}"}}
              for i in range(10_000)]
     fake_openrouter.enqueue(completion(None, tool_calls=calls), completion("ok"))
-    runs: list[Any] = []
-
-    async def executor(name: str, arguments: dict[str, Any]) -> str:
-        runs.append(arguments)
-        return "r"
+    executor, runs = recording_executor()
 
     tools = [{"type": "function", "function": {"name": "t", "parameters": {"type": "object"}}}]
     result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=8, tools=tools,

@@ -433,10 +433,7 @@ def test_the_db_worker_runs_the_sweep_with_no_scheduling_step(alice, session_of,
 @postgres_only
 @pytest.mark.django_db(transaction=True)
 def test_sweeps_in_several_processes_at_once_close_each_turn_once(make_user, session_of):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from django.db import close_old_connections
-
+    from tests.conftest import in_threads
     from tests.sessions_app.helpers import begun_turn
 
     user = make_user("many", "100")
@@ -445,15 +442,7 @@ def test_sweeps_in_several_processes_at_once_close_each_turn_once(make_user, ses
         prepared = begun_turn(user, session, f"q{i}")
         Turn.objects.filter(pk=prepared.turn_id).update(lease_until=timezone.now(), checkpoint=f"answer {i}")
 
-    def sweep(_):
-        try:
-            return sweep_lapsed_turns().interrupted
-        finally:
-            close_old_connections()
-            connection.close()
-
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        closed = list(pool.map(sweep, range(6)))
+    closed = in_threads(lambda _: sweep_lapsed_turns().interrupted, 6, workers=6)
     assert sum(closed) == 30
     assert LedgerEntry.objects.filter(kind="debit").count() == 30
     assert Message.objects.filter(role="assistant").count() == 30
