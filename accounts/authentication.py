@@ -62,18 +62,12 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return 'Bearer realm="api"'
 
 
-def authenticate_request(request):
-    """The user of a plain (async) Django view: Bearer key, else the browser session
-    (CSRF-checked).
+def session_user(request):
+    """The browser session's user of a plain (async) Django view, CSRF-checked: for a
+    request without a Bearer key (those go through `request_key_hash`).
 
     Sync: call it inside the view's one `db_call` block. Raises AuthFailure.
     """
-    raw = parse_bearer(request.META.get("HTTP_AUTHORIZATION", ""))
-    if raw is not None:
-        user = user_for_key(raw)
-        if user is None:
-            raise AuthFailure("Invalid or revoked API key.", code="authentication_failed")
-        return user
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         raise AuthFailure("Authentication credentials were not provided.")

@@ -242,8 +242,13 @@ _CHARGE = (f"UPDATE {_WALLET} SET balance = ROUND(balance - CASE WHEN EXISTS "
            f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit') THEN 0 "
            f"ELSE CAST(%(cost)s AS NUMERIC) END, 6), "
            f"held = ROUND(held - CAST(%(released)s AS NUMERIC), 6), updated_at = %(now)s WHERE user_id = %(user)s")
+# On PostgreSQL the debit's time is taken by the database once the wallet row is locked
+# (its statement runs after the UPDATE that locked it), so the ledger's time order is its
+# lock order; a time taken before the lock could sort before a concurrent entry that
+# committed first. SQLite runs one writer at a time, so the caller's time is in order.
+_LOCKED_NOW = "STATEMENT_TIMESTAMP()" if connection.vendor == "postgresql" else "%(now)s"
 _DEBIT = (f"INSERT INTO {_LEDGER} (id, wallet_id, user_id, kind, amount, balance_after, turn_id, note, created_at) "
-          f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, %(now)s FROM {_WALLET} "
+          f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, {_LOCKED_NOW} FROM {_WALLET} "
           f"WHERE user_id = %(user)s AND NOT EXISTS "
           f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit')")
 

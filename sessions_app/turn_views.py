@@ -11,14 +11,13 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from accounts.authentication import authenticate_request, request_key_hash
+from accounts.authentication import request_key_hash, session_user
 from core.db import db_call
 from core.errors import AuthFailure, error_response
 from core.json_body import InvalidJson, load_json
@@ -40,16 +39,9 @@ _list_turns = db_call(SessionTurnsView.as_view())
 REJECTION_STATUS = {"not_found": 404, "insufficient_credits": 402, "tools_not_supported_in_stream": 422}
 
 
-def _text_field(data: dict[str, Any], name: str) -> str | None:
-    """An optional string field that the database can store."""
-    value = data.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise TurnRejected(f"invalid_{name}", f"{name} must be a non-empty string.")
+def _refuse_unstorable(name: str, value: str) -> None:
     if find_unstorable(value) >= 0:
         raise TurnRejected("invalid_text", f"{name} contains a NUL character or an unpaired surrogate.")
-    return value
 
 
 def parse_turn_input(body: bytes) -> TurnInput:
@@ -68,8 +60,12 @@ def parse_turn_input(body: bytes) -> TurnInput:
     if len(content) > settings.PANTHEON_MAX_MESSAGE_CHARS:
         raise TurnRejected("content_too_long",
                            f"content is longer than {settings.PANTHEON_MAX_MESSAGE_CHARS} characters.")
-    _text_field(data, "content")
-    model = _text_field(data, "model")
+    _refuse_unstorable("content", content)
+    model = data.get("model")
+    if model is not None:
+        if not isinstance(model, str) or not model:
+            raise TurnRejected("invalid_model", "model must be a non-empty string.")
+        _refuse_unstorable("model", model)
     tools_enabled = data.get("tools_enabled", False)
     if not isinstance(tools_enabled, bool):
         raise TurnRejected("invalid_tools_enabled", "tools_enabled must be true or false.")
@@ -90,7 +86,7 @@ def _preflight(request: HttpRequest, session_id: uuid.UUID, streamed: bool) -> P
     model = data.model if data is not None else None
     key_hash = request_key_hash(request)
     if key_hash is None:  # no key: the browser session (CSRF-checked)
-        user = authenticate_request(request)
+        user = session_user(request)
         preflight = load_preflight(session_id=session_id, model=model, user_id=user.pk)
     else:
         preflight = load_preflight(session_id=session_id, model=model, key_hash=key_hash) if key_hash else None
@@ -132,7 +128,7 @@ async def _finish_shielded(prepared: PreparedTurn, outcome: TurnOutcome):
     return await asyncio.shield(in_background(finish_turn(prepared, outcome)))
 
 
-@csrf_exempt  # CSRF is checked in authenticate_request for cookie sessions; keys need none
+@csrf_exempt  # CSRF is checked in session_user for cookie sessions; keys need none
 async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     """GET: the session's turns (a page). POST: run one non-streaming turn."""
     if request.method == "GET":
