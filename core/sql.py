@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -127,6 +128,11 @@ def as_datetime(raw: Any) -> datetime | None:
         return None
     parsed = raw if isinstance(raw, datetime) else parse_datetime(str(raw))
     return parsed if parsed is None or timezone.is_aware(parsed) else timezone.make_aware(parsed, UTC)
+
+
+def as_json(raw: Any) -> Any:
+    """A JSON column read back (PostgreSQL gives the value, SQLite its text)."""
+    return json.loads(raw) if isinstance(raw, str | bytes) else raw
 
 
 def as_money(raw: Any) -> Decimal:

@@ -15,6 +15,9 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/messages", sessions.SessionMessagesView.as_view(), name="session-messages"),
     path("sessions/<uuid:session_id>/turns", turn_views.turns, name="session-turns"),
     path("sessions/<uuid:session_id>/turns/stream", turn_views.stream_turn, name="session-turns-stream"),
+    path("turns/<uuid:turn_id>", turn_views.turn_detail, name="turn-detail"),
+    path("turns/<uuid:turn_id>/events", turn_views.turn_events, name="turn-events"),
+    path("turns/<uuid:turn_id>/cancel", turn_views.turn_cancel, name="turn-cancel"),
     path("files", files.FileListCreateView.as_view(), name="files"),
     path("files/<uuid:file_id>", files.FileDetailView.as_view(), name="file-detail"),
 ]

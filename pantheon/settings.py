@@ -163,6 +163,8 @@ PANTHEON_MAX_UPLOAD_BYTES = env_int("PANTHEON_MAX_UPLOAD_BYTES", 10 * 1024 * 102
 # sweep closes a turn whose lease lapsed, and runs on the db_worker this often (SPEC 10).
 PANTHEON_TURN_LEASE_SECONDS = env_float("PANTHEON_TURN_LEASE_SECONDS", 30.0, minimum=2)
 PANTHEON_CHECKPOINT_SECONDS = env_float("PANTHEON_CHECKPOINT_SECONDS", 2.0, minimum=0.05)
+# SPEC section 12: a resumable turn keeps generating this long with no client attached.
+PANTHEON_RESUME_GRACE_SECONDS = env_float("PANTHEON_RESUME_GRACE_SECONDS", 30.0, minimum=0)
 PANTHEON_MAX_MESSAGE_CHARS = env_int("PANTHEON_MAX_MESSAGE_CHARS", 32000, minimum=1)
 PANTHEON_CONTEXT_BUDGET_TOKENS = env_int("PANTHEON_CONTEXT_BUDGET_TOKENS", 8000, minimum=1)
 PANTHEON_MAX_TOOL_ROUNDS = env_int("PANTHEON_MAX_TOOL_ROUNDS", 4, minimum=1)

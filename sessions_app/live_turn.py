@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -23,8 +24,9 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from core.db import db_call
+from sessions_app import turn_signals
 from sessions_app.models import Turn
-from sessions_app.turns import PreparedTurn, TurnOutcome, TurnResult, close_turn, renew_turn
+from sessions_app.turns import PreparedTurn, Renewal, TurnOutcome, TurnResult, close_turn, renew_turn
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,37 @@ CLOSE_RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0, 1.5, 2.5)
 _renew = db_call(renew_turn)
 _close = db_call(close_turn)
 _background: set[asyncio.Task] = set()
+
+
+# The turns this process serves: what stops each (POST .../cancel, or a signal from the
+# process that received it).
+_stoppers: dict[uuid.UUID, Callable[[], None]] = {}
+
+
+def serve_locally(turn_id: uuid.UUID, stop: Callable[[], None]) -> None:
+    """Register a turn this process serves, with how to stop it."""
+    _stoppers[turn_id] = stop
+    turn_signals.ensure_listening()
+
+
+def served_here(turn_id: uuid.UUID) -> bool:
+    return turn_id in _stoppers
+
+
+def done_serving(turn_id: uuid.UUID) -> None:
+    _stoppers.pop(turn_id, None)
+
+
+def stop_local(turn_id: uuid.UUID) -> bool:
+    """Stop a turn this process serves; False if it serves no such turn."""
+    stop = _stoppers.get(turn_id)
+    if stop is None:
+        return False
+    stop()
+    return True
+
+
+turn_signals.subscribe("cancel", stop_local)
 
 
 class PersistenceFailed(Exception):
@@ -105,15 +138,28 @@ class LeaseKeeper:
     nobody will pay for.
     """
 
-    def __init__(self, turn_id: uuid.UUID, *, partial: Callable[[], str] | None = None,
-                 on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
+    # While a client follows the turn from another process: how often its partial answer
+    # is saved (that follower reads it from the turn row).
+    WATCHED_PERIOD = 0.25
+
+    def __init__(self, turn_id: uuid.UUID, *, parts: list[str] | None = None,
+                 on_lost: Callable[[], Awaitable[None]] | None = None,
+                 on_cancel: Callable[[], None] | None = None,
+                 watched: Callable[[], bool] | None = None) -> None:
         self.turn_id = turn_id
-        self.partial = partial
+        self.parts = parts  # the deltas so far (the relay appends to this list)
         self.on_lost = on_lost
+        self.on_cancel = on_cancel
+        self.watched = watched
         lease = settings.PANTHEON_TURN_LEASE_SECONDS
         self.renew_every = lease / 3
         self.period = min(settings.PANTHEON_CHECKPOINT_SECONDS, self.renew_every)
         self._task: asyncio.Task | None = None
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """Look again now (`watched` may have changed) instead of at the end of the period."""
+        self._poked.set()
 
     def start(self) -> LeaseKeeper:
         self._task = asyncio.ensure_future(self._run())
@@ -128,22 +174,34 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         last_write = time.monotonic()
-        saved = 0  # length of the partial answer last saved
+        saved = 0  # deltas in the partial answer last saved
         while True:
-            await asyncio.sleep(self.period)
-            text = self.partial() if self.partial is not None else ""
-            grew = len(text) != saved
+            if self.watched is not None and self.watched():
+                await asyncio.sleep(self.WATCHED_PERIOD)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.period):
+                        await self._poked.wait()
+                self._poked.clear()
+            count = len(self.parts) if self.parts is not None else 0
+            grew = count != saved
             if not grew and time.monotonic() + self.period - last_write < self.renew_every:
                 continue
+            checkpoint = ends = None
+            if grew:
+                parts = self.parts[:count]
+                checkpoint, ends = "".join(parts), list(itertools.accumulate(map(len, parts)))
             try:
-                alive = await _renew(self.turn_id, checkpoint=text if grew else None)
+                state = await _renew(self.turn_id, checkpoint=checkpoint, chunk_ends=ends)
             except DatabaseError as exc:
                 # Keep streaming: the next period tries again; the lease has slack for that.
                 logger.warning("turn %s: lease renewal failed (%s)", self.turn_id, exc)
                 continue
-            if not alive:
+            if state is Renewal.GONE:
                 logger.warning("turn %s was closed by someone else while running", self.turn_id)
                 if self.on_lost is not None:
                     await self.on_lost()
                 return
-            last_write, saved = time.monotonic(), len(text)
+            last_write, saved = time.monotonic(), count
+            if state is Renewal.CANCEL_REQUESTED and self.on_cancel is not None:
+                self.on_cancel()  # stops the turn, and with it this keeper

@@ -59,6 +59,14 @@ class Turn(models.Model):
     lease_until = models.DateTimeField(null=True, blank=True)
     # While running: the partial answer as last saved; emptied at close.
     checkpoint = models.TextField(blank=True)
+    # Where each streamed delta ends in the checkpoint (while running) or in the stored
+    # answer (once closed): replays cut the text the same way, so every event keeps its id.
+    chunk_ends = models.JSONField(null=True, blank=True)
+    # The client going away does not cancel it (SPEC section 12).
+    resumable = models.BooleanField(default=False)
+    # POST .../cancel reached a process that does not serve the turn; the serving one
+    # stops at its next lease write if the signal did not reach it sooner.
+    cancel_requested = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -139,3 +147,25 @@ class LlmEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.requested_model} {self.status}"
+
+
+class IdempotencyKey(models.Model):
+    """An `Idempotency-Key` a user sent with a turn request (SPEC section 11). The unique
+    constraint arbitrates concurrent repeats: the row is inserted in the transaction that
+    creates the turn, so exactly one request per key gets a turn, and a refused request
+    (rolled back) leaves the key unused."""
+
+    id = models.BigAutoField(primary_key=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_keys")
+    key = models.CharField(max_length=200)
+    # sha256 of the endpoint, the session and the request body.
+    fingerprint = models.CharField(max_length=64)
+    turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="idempotency_keys")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "key"], name="idempotency_user_key")]
+        indexes = [models.Index(fields=["created_at"], name="idempotency_created_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.key} -> {self.turn_id}"

@@ -1,89 +1,97 @@
-"""The SSE relay: upstream deltas out to the client as they come, the turn closed once.
+"""The SSE stream of a turn: one producer per turn, any number of followers.
 
-Per chunk this is plain async code: no database, no thread pool. A `LeaseKeeper` beside
-the loop renews the turn's lease and checkpoints the partial answer once per period. The
-close-time transaction (`finish_turn`) runs exactly once, however the stream ends:
+`LiveTurn` runs the model call in a task of its own (the producer): it keeps the deltas in
+memory, and a `LeaseKeeper` beside it renews the turn's lease and checkpoints the partial
+answer once per period (never per chunk). Every client of the turn follows it with
+`follow()`: the one that asked for it (`POST .../turns/stream`), and any that attach with
+`GET /turns/{id}/events` (SPEC section 12), from any event id. Event ids are fixed by the
+deltas: `start` is 1, the n-th delta n + 1, the ending (`done` or `error`) the next, so
+a replay from what is stored (`chunk_ends` says where each delta ended) has the same ids.
 
-- completed: after the last delta and before the `done` event, which carries the balance;
+The close-time transaction (`finish_turn`) runs exactly once, however the stream ends:
+
+- completed: after the last delta; `done` carries the balance;
 - failed: the provider sent an error mid-stream; stored before the `error` event;
-- cancelled: the client went away. Django cancels the response task, which raises
-  CancelledError at our pending `await`; or, if the task was parked in `send()`, the
-  generator is closed later and only `finally` runs (Django ticket #37066). Both land in
-  `finally`, which closes the upstream and stores the turn, shielded from the cancellation.
-  If the client left before this generator ever started, `TurnStreamResponse.close()`
-  does the same.
+- cancelled: the requesting client went away (unless the turn is resumable: then it runs
+  on for PANTHEON_RESUME_GRACE_SECONDS with nobody attached), or POST .../cancel; the
+  producer is cancelled, closes the upstream and stores the turn, shielded;
 - the close-time write keeps failing: `event: error` with `persistence_failed` and the
   turn id; the sweep closes the turn after its lease, billed from its last checkpoint.
+
+A client of a turn that another process serves follows the turn row instead (polling it,
+and asking the serving process to checkpoint often meanwhile: `turn_signals`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import time
-from collections.abc import AsyncIterator
+import logging
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
 
+from core.db import db_call
 from core.money import format_money
 from llm_gateway import GatewayError, StreamingContext
 from llm_gateway.sse import encode_comment, encode_event
-from sessions_app.live_turn import LeaseKeeper, PersistenceFailed, finish_turn, in_background
+from sessions_app import turn_signals
+from sessions_app.live_turn import (
+    LeaseKeeper,
+    PersistenceFailed,
+    done_serving,
+    finish_turn,
+    in_background,
+    serve_locally,
+)
 from sessions_app.models import Turn
 from sessions_app.serializers import turn_usage
-from sessions_app.turns import PreparedTurn, TurnOutcome
+from sessions_app.turns import PreparedTurn, TurnOutcome, TurnResult, replay_result, turn_progress
 
-_END = object()
+logger = logging.getLogger(__name__)
+
+# How often a follower of a turn served by another process reads the turn row.
+REMOTE_POLL_SECONDS = 0.25
+# How often such a follower reminds the serving process that it watches.
+WATCH_SIGNAL_SECONDS = 3.0
+
+_live: dict[uuid.UUID, LiveTurn] = {}
+_progress = db_call(turn_progress)
+_replay = db_call(replay_result)
+_notify = db_call(turn_signals.notify)
+
+def start_frame(turn_id: uuid.UUID, session_id: uuid.UUID, model: str) -> bytes:
+    return encode_event("start", {"turn_id": str(turn_id), "session_id": str(session_id), "model": model}, 1)
 
 
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+def chunk_frame(index: int, delta: str) -> bytes:
+    """The frame of the turn's `index`-th delta (from 0)."""
+    return encode_event("chunk", {"delta": delta}, index + 2)
 
 
-async def with_heartbeat(chunks: AsyncIterator[str], seconds: float) -> AsyncIterator[str | None]:
-    """The deltas of `chunks`, and None each time `seconds` pass without one.
+def ending_frame(result: TurnResult, event_id: int) -> bytes:
+    """`done` (completed, cancelled, interrupted) or `error` (failed), from the stored turn."""
+    turn = result.turn
+    if turn.status == Turn.Status.FAILED:
+        return encode_event("error", {"code": turn.error_code or "upstream_error", "message": turn.error_message,
+                                      "turn_id": str(turn.id)}, event_id)
+    return encode_event("done", {
+        "turn_id": str(turn.id), "message_id": str(result.message.id) if result.message else None,
+        "status": turn.status, "usage": turn_usage(turn), "cost": format_money(turn.cost),
+        "balance": format_money(result.balance), "provider_model": turn.provider_model,
+        "finish_reason": turn.finish_reason or None,
+    }, event_id)
 
-    One reader task and one timer per stream, not a task per chunk: the reader puts the
-    deltas in a queue, and the timer puts a None there when the stream was silent for
-    `seconds`, so a delta costs one put and one get.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    last = loop.time()
 
-    async def read() -> None:
-        try:
-            async for item in chunks:
-                queue.put_nowait(item)
-            queue.put_nowait(_END)
-        except Exception as exc:  # a GatewayError: raised to the consumer, in order
-            queue.put_nowait(_Failed(exc))
-
-    def tick() -> None:
-        nonlocal last, timer
-        if loop.time() - last >= seconds * 0.999:
-            last = loop.time()
-            queue.put_nowait(None)
-        timer = loop.call_at(last + seconds, tick)
-
-    reader = asyncio.ensure_future(read())
-    timer = loop.call_at(last + seconds, tick)
-    try:
-        while True:
-            item = await queue.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            if item is not None:
-                last = loop.time()
-            yield item
-    finally:
-        timer.cancel()
-        reader.cancel()
+def split_text(text: str, ends: list[int] | None) -> list[str]:
+    """A stored answer cut into its deltas again (one piece if it was not streamed)."""
+    if not ends:
+        return [text] if text else []
+    starts = [0, *ends[:-1]]
+    return [text[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
 def ended_outcome(ctx: StreamingContext, status: str, content: str, **extra) -> TurnOutcome:
@@ -94,99 +102,290 @@ def ended_outcome(ctx: StreamingContext, status: str, content: str, **extra) -> 
                        records=ending.records, finish_reason=ending.finish_reason, prompt_processed=True, **extra)
 
 
-class Relay:
-    """One streamed turn's response body (`frames()`), and what to do if it never starts."""
+class LiveTurn:
+    """A streamed turn this process serves: the producer task and what it produced so far."""
 
-    def __init__(self, prepared: PreparedTurn, ctx: StreamingContext, *, deadline: float) -> None:
+    def __init__(self, prepared: PreparedTurn, ctx: StreamingContext, *, deadline: float, resumable: bool) -> None:
         self.prepared = prepared
         self.ctx = ctx
-        self.deadline = deadline  # time.monotonic() after which the answer is cut off
-        self.started = False
+        self.deadline = deadline  # loop time after which the answer is cut off
+        self.resumable = resumable
+        self.parts: list[str] = []
+        self.start = start_frame(prepared.turn_id, prepared.session_id, prepared.model)
+        self.ending: bytes | None = None
+        self.ending_id = 0
+        self.followers = 0
+        self.watched_until = 0.0  # loop time until which a client in another process follows
+        self._waiters: list[asyncio.Future] = []
+        self._grace: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._loop = asyncio.get_running_loop()
+        self.task: asyncio.Task | None = None
+        self.keeper: LeaseKeeper | None = None
 
-    async def abandon(self) -> None:
-        """The client left before the body was ever iterated: close the upstream and store
-        the turn as cancelled."""
-        with contextlib.suppress(Exception):
-            await self.ctx.aclose()
-        with contextlib.suppress(PersistenceFailed):
-            await finish_turn(self.prepared, ended_outcome(self.ctx, Turn.Status.CANCELLED, ""))
+    def begin(self) -> LiveTurn:
+        _live[self.prepared.turn_id] = self
+        serve_locally(self.prepared.turn_id, self.stop)
+        self.task = in_background(self._produce())
+        return self
 
-    async def frames(self) -> AsyncIterator[bytes]:
-        self.started = True
+    def stop(self) -> None:
+        """Cancel the model call (the turn is stored as cancelled), unless it already ended."""
+        if not self._closing and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def watched(self) -> None:
+        """A client in another process follows this turn (it reads the checkpoints)."""
+        self.watched_until = self._loop.time() + 2 * WATCH_SIGNAL_SECONDS
+        if self.keeper is not None:
+            self.keeper.poke()
+
+    def wait(self) -> asyncio.Future:
+        """A future resolved (with False) at the next delta or at the end."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(False)
+
+    def attach(self) -> None:
+        self.followers += 1
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def detach(self, *, requester: bool) -> None:
+        self.followers -= 1
+        if self.ending is not None or self._closing:
+            return
+        if requester and not self.resumable:
+            self.stop()  # SPEC section 5: the client going away cancels
+        elif self.followers <= 0 and self.resumable and self._grace is None:
+            self._grace = self._loop.call_later(settings.PANTHEON_RESUME_GRACE_SECONDS, self._grace_over)
+
+    def requester_gone(self) -> None:
+        """The requesting client left before its stream began."""
+        self.followers += 1
+        self.detach(requester=True)
+
+    def _grace_over(self) -> None:
+        self._grace = None
+        if self.followers <= 0:
+            self.stop()
+
+    async def _produce(self) -> None:
         prepared, ctx = self.prepared, self.ctx
-        ids = itertools.count(1)
-        parts: list[str] = []
         outcome: TurnOutcome | None = None
-        keeper = LeaseKeeper(prepared.turn_id, partial=lambda: "".join(parts), on_lost=ctx.aclose).start()
+        keeper = self.keeper = LeaseKeeper(prepared.turn_id, parts=self.parts, on_lost=ctx.aclose,
+                                           on_cancel=self.stop,
+                                           watched=lambda: self.watched_until > self._loop.time()).start()
         try:
-            yield encode_event("start", {"turn_id": str(prepared.turn_id), "session_id": str(prepared.session_id),
-                                         "model": prepared.model}, next(ids))
-            async for delta in with_heartbeat(ctx.chunks, settings.PANTHEON_HEARTBEAT_SECONDS):
-                if time.monotonic() > self.deadline:
-                    # Checked at each delta or heartbeat: a provider that only keeps the
-                    # connection alive must not hold the turn (and its credits) forever.
-                    with contextlib.suppress(Exception):
-                        await ctx.aclose()
-                    outcome = ended_outcome(
-                        ctx, Turn.Status.FAILED, "".join(parts), error_code="upstream_timeout",
-                        error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.")
-                    break
-                if delta is None:
-                    yield encode_comment("ping")
-                    continue
-                parts.append(delta)
-                yield encode_event("chunk", {"delta": delta}, next(ids))
-            else:  # the chunks are exhausted, so the stream has ended
-                outcome = ended_outcome(ctx, Turn.Status.COMPLETED, "".join(parts))
+            async with asyncio.timeout_at(self.deadline):
+                async for delta in ctx.chunks:
+                    self.parts.append(delta)
+                    if self._waiters:
+                        self._wake()
+            outcome = ended_outcome(ctx, Turn.Status.COMPLETED, "".join(self.parts))
+        except TimeoutError:
+            # A provider that only keeps the connection alive must not hold the turn (and
+            # its credits) forever.
+            self._closing = True
+            with contextlib.suppress(Exception):
+                await ctx.aclose()
+            outcome = ended_outcome(
+                ctx, Turn.Status.FAILED, "".join(self.parts), error_code="upstream_timeout",
+                error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.")
         except GatewayError as exc:
             # Raised by the chunks, so the stream has ended (and `exc` has its records).
-            outcome = TurnOutcome.from_error(exc, content="".join(parts))
+            outcome = TurnOutcome.from_error(exc, content="".join(self.parts))
             outcome.finish_reason = ctx.ending.finish_reason
+        except asyncio.CancelledError:
+            # Stopped: the requesting client left, the grace ran out, or POST .../cancel.
+            self._closing = True
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            with contextlib.suppress(Exception):
+                await ctx.aclose()
+            outcome = ended_outcome(ctx, Turn.Status.CANCELLED, "".join(self.parts))
         finally:
+            self._closing = True
             await keeper.stop()
-            if outcome is None:
-                # The client went away (CancelledError here, or a late close: GeneratorExit).
-                with contextlib.suppress(Exception):
-                    await ctx.aclose()
-                with contextlib.suppress(PersistenceFailed):
-                    await asyncio.shield(in_background(finish_turn(
-                        prepared, ended_outcome(ctx, Turn.Status.CANCELLED, "".join(parts)))))
-
+        outcome.chunk_ends = _ends(self.parts)
+        self.ending_id = len(self.parts) + 2
         try:
             result = await asyncio.shield(in_background(finish_turn(prepared, outcome)))
-        except PersistenceFailed:
-            yield encode_event("error", {"code": "persistence_failed", "turn_id": str(prepared.turn_id),
-                                         "message": "The answer could not be stored yet; the turn will be "
-                                                    "closed and billed from what was saved."}, next(ids))
+            self.ending = ending_frame(result, self.ending_id)
+        except Exception:
+            if not isinstance(sys.exception(), PersistenceFailed):
+                logger.exception("turn %s: the stream's ending failed", prepared.turn_id)
+        finally:
+            if self.ending is None:  # the followers end too, and the sweep closes the turn
+                self.ending = encode_event("error", {
+                    "code": "persistence_failed", "turn_id": str(prepared.turn_id),
+                    "message": "The answer could not be stored yet; the turn will be closed and billed from what "
+                               "was saved."}, self.ending_id)
+            _live.pop(prepared.turn_id, None)
+            done_serving(prepared.turn_id)
+            self._wake()
+
+
+def _ends(parts: list[str]) -> list[int] | None:
+    ends, total = [], 0
+    for part in parts:
+        total += len(part)
+        ends.append(total)
+    return ends or None
+
+
+turn_signals.subscribe("watch", lambda turn_id: _live[turn_id].watched() if turn_id in _live else None)
+
+
+def live_turn(turn_id: uuid.UUID) -> LiveTurn | None:
+    return _live.get(turn_id)
+
+
+class _Heartbeat:
+    """Wakes a follower's current wait with True when it sent nothing for `seconds`: one
+    timer per follower, not one per wait."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.waiter: asyncio.Future | None = None
+        self.timer = self.loop.call_at(self.last + seconds, self._tick)
+
+    def sent(self) -> None:
+        self.last = self.loop.time()
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        if now - self.last >= self.seconds * 0.999:
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(True)
+            self.timer = self.loop.call_at(now + self.seconds, self._tick)
+        else:
+            self.timer = self.loop.call_at(self.last + self.seconds, self._tick)
+
+    def close(self) -> None:
+        self.timer.cancel()
+
+
+async def follow_live(live: LiveTurn, after: int, *, requester: bool = False) -> AsyncIterator[bytes]:
+    """The frames of a turn this process serves with an id above `after`, live to its end."""
+    live.attach()
+    beat = _Heartbeat(settings.PANTHEON_HEARTBEAT_SECONDS)
+    try:
+        if after < 1:
+            yield live.start
+        sent = max(after - 1, 0)  # deltas the client has
+        while True:
+            parts = live.parts
+            while sent < len(parts):
+                yield chunk_frame(sent, parts[sent])
+                sent += 1
+                beat.sent()
+            if live.ending is not None:
+                if live.ending_id > after:
+                    yield live.ending
+                return
+            beat.waiter = live.wait()
+            if await beat.waiter:
+                yield encode_comment("ping")
+                beat.sent()
+    finally:
+        beat.close()
+        live.detach(requester=requester)
+
+
+async def follow_stored(turn_id: uuid.UUID, after: int) -> AsyncIterator[bytes]:
+    """The frames with an id above `after` of a turn this process does not serve: while
+    another process serves it, from its checkpoints (read every REMOTE_POLL_SECONDS, with
+    that process asked to checkpoint that often); then, or at once, from what is stored."""
+    loop = asyncio.get_running_loop()
+    sent = max(after - 1, 0)
+    started = after >= 1
+    last_signal = last_frame = -1e9
+    while True:
+        progress = await _progress(turn_id)
+        if progress is None or progress.status != Turn.Status.RUNNING:
+            break
+        live = _live.get(turn_id)
+        if live is not None:  # served here after all (it started here after the first read)
+            async with contextlib.aclosing(follow_live(live, sent + 1 if started else 0)) as frames:
+                async for frame in frames:
+                    yield frame
             return
-        turn = result.turn
-        if turn.status == Turn.Status.FAILED:
-            yield encode_event("error", {"code": turn.error_code or "upstream_error", "message": turn.error_message,
-                                         "turn_id": str(prepared.turn_id)}, next(ids))
-            return
-        yield encode_event("done", {
-            "turn_id": str(prepared.turn_id), "message_id": str(result.message.id) if result.message else None,
-            "status": turn.status, "usage": turn_usage(turn), "cost": format_money(turn.cost),
-            "balance": format_money(result.balance), "provider_model": turn.provider_model,
-            "finish_reason": turn.finish_reason or None,
-        }, next(ids))
+        if not started:
+            yield start_frame(turn_id, progress.session_id, progress.model)
+            started, last_frame = True, loop.time()
+        pieces = split_text(progress.text, progress.chunk_ends)
+        while sent < len(pieces):
+            yield chunk_frame(sent, pieces[sent])
+            sent += 1
+            last_frame = loop.time()
+        if loop.time() - last_signal >= WATCH_SIGNAL_SECONDS:
+            last_signal = loop.time()
+            with contextlib.suppress(Exception):
+                await _notify("watch", turn_id)
+        if loop.time() - last_frame >= settings.PANTHEON_HEARTBEAT_SECONDS:
+            yield encode_comment("ping")
+            last_frame = loop.time()
+        await asyncio.sleep(REMOTE_POLL_SECONDS)
+    result = await _replay(turn_id)
+    if result is None:
+        return
+    turn = result.turn
+    if not started:
+        yield start_frame(turn.id, turn.session_id, turn.model)
+    pieces = split_text(result.message.content if result.message else "", turn.chunk_ends)
+    while sent < len(pieces):
+        yield chunk_frame(sent, pieces[sent])
+        sent += 1
+    ending_id = len(pieces) + 2
+    if ending_id > after:
+        yield ending_frame(result, ending_id)
+
+
+def follow(turn_id: uuid.UUID, after: int) -> AsyncIterator[bytes]:
+    """The frames of any turn with an id above `after`, to its end."""
+    live = _live.get(turn_id)
+    return follow_live(live, after) if live is not None else follow_stored(turn_id, after)
 
 
 class TurnStreamResponse(StreamingHttpResponse):
     """The SSE response of a turn. Django always calls `close()` (in a worker thread) when
-    the request ends; if the client left before the body was ever iterated, nothing in the
-    relay ran, so the upstream is closed and the turn stored as cancelled from here."""
+    the request ends; if the client left before the body was ever iterated, nothing of the
+    follower ran, so `on_unread` (the requester leaving) is called from here."""
 
-    def __init__(self, relay: Relay) -> None:
-        super().__init__(relay.frames(), content_type="text/event-stream; charset=utf-8")
+    def __init__(self, frames: AsyncIterator[bytes], *, on_unread: Callable[[], None] | None = None) -> None:
+        self._started = False
+        super().__init__(self._mark(frames), content_type="text/event-stream; charset=utf-8")
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"
-        self._relay = relay
+        self._on_unread = on_unread
         self._loop = asyncio.get_running_loop()
+
+    async def _mark(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        self._started = True
+        async with contextlib.aclosing(frames) as inner:  # closed at once when the client leaves
+            async for frame in inner:
+                yield frame
 
     def close(self) -> None:
         try:
             super().close()
         finally:
-            if not self._relay.started:
-                self._loop.call_soon_threadsafe(lambda: in_background(self._relay.abandon()))
+            if not self._started and self._on_unread is not None:
+                self._loop.call_soon_threadsafe(self._on_unread)
+
+
+def stream_response(live: LiveTurn) -> TurnStreamResponse:
+    """The requester's response, from the start; its client going away is the requester's
+    (before the body started too: `on_unread`)."""
+    return TurnStreamResponse(follow_live(live, 0, requester=True), on_unread=live.requester_gone)

@@ -1,5 +1,6 @@
-"""The two endpoints that talk to the model. Plain async views: DRF has no async views,
-and the request must not hold a thread while it waits on the provider.
+"""The endpoints that talk to the model or follow a turn while it runs (SPEC sections 5,
+11, 12). Plain async views: DRF has no async views, and the request must not hold a thread
+while it waits on the provider.
 
 The view layer authenticates, parses the body and maps refusals to statuses; the turn's
 life is sessions_app.turns (database) and sessions_app.live_turn (while the model runs).
@@ -8,8 +9,10 @@ life is sessions_app.turns (database) and sessions_app.live_turn (while the mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
-import time
 import uuid
 
 from django.conf import settings
@@ -17,7 +20,7 @@ from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from accounts.authentication import request_key_hash, session_user
+from accounts.authentication import parse_bearer, request_key_hash, session_user, user_for_key
 from core.db import db_call
 from core.errors import AuthFailure, error_response
 from core.json_body import InvalidJson, load_json
@@ -25,18 +28,43 @@ from core.money import format_money
 from core.text import find_unstorable
 from files_app.tools import make_file_read_executor
 from llm_gateway import GatewayError, get_gateway
-from sessions_app.live_turn import LeaseKeeper, PersistenceFailed, finish_turn, in_background, start_turn
+from sessions_app import turn_signals
+from sessions_app.live_turn import (
+    LeaseKeeper,
+    PersistenceFailed,
+    done_serving,
+    finish_turn,
+    in_background,
+    serve_locally,
+    start_turn,
+    stop_local,
+)
 from sessions_app.models import Turn
 from sessions_app.serializers import MessageSerializer, turn_data, turn_usage
-from sessions_app.streaming import Relay, TurnStreamResponse
-from sessions_app.turns import PreparedTurn, TurnInput, TurnOutcome, TurnRejected, begin_turn, load_preflight
+from sessions_app.streaming import LiveTurn, TurnStreamResponse, follow, stream_response
+from sessions_app.turns import (
+    AlreadyRequested,
+    PreparedTurn,
+    TurnInput,
+    TurnOutcome,
+    TurnRejected,
+    TurnResult,
+    begin_turn,
+    find_repeat,
+    load_preflight,
+    replay_result,
+    request_cancel,
+)
 from sessions_app.views import SessionTurnsView
 
 logger = logging.getLogger(__name__)
 _list_turns = db_call(SessionTurnsView.as_view())
 
 # Refusals that are not a plain 400.
-REJECTION_STATUS = {"not_found": 404, "insufficient_credits": 402, "tools_not_supported_in_stream": 422}
+REJECTION_STATUS = {"not_found": 404, "insufficient_credits": 402, "tools_not_supported_in_stream": 422,
+                    "idempotency_key_reused": 422}
+# How often a repeated non-streaming request looks whether the first one's turn ended.
+REPEAT_POLL_SECONDS = 0.2
 
 
 def _refuse_unstorable(name: str, value: str) -> None:
@@ -44,8 +72,22 @@ def _refuse_unstorable(name: str, value: str) -> None:
         raise TurnRejected("invalid_text", f"{name} contains a NUL character or an unpaired surrogate.")
 
 
-def parse_turn_input(body: bytes) -> TurnInput:
-    """Validate a turn request body; raises TurnRejected naming the problem (a 400)."""
+def _idempotency(request: HttpRequest, session_id: uuid.UUID, data: dict, *, streamed: bool) -> tuple[str, str] | None:
+    """(key, fingerprint of this request) when an Idempotency-Key came; 400 if malformed."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200 or not all(" " <= ch <= "~" for ch in key):
+        raise TurnRejected("invalid_idempotency_key", "Idempotency-Key must be 1 to 200 printable ASCII characters.")
+    body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    endpoint = "stream" if streamed else "turns"
+    return key, hashlib.sha256(f"{endpoint}\n{session_id}\n{body}".encode()).hexdigest()
+
+
+def parse_turn_input(body: bytes, request: HttpRequest | None = None, session_id: uuid.UUID | None = None, *,
+                     streamed: bool = False) -> TurnInput:
+    """Validate a turn request body (and its Idempotency-Key); raises TurnRejected naming
+    the problem (a 400)."""
     try:
         data = load_json(body)
     except InvalidJson as exc:
@@ -72,15 +114,21 @@ def parse_turn_input(body: bytes) -> TurnInput:
     max_tokens = data.get("max_tokens")
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise TurnRejected("invalid_max_tokens", "max_tokens must be a positive integer.")
-    return TurnInput(content=content, model=model, tools_enabled=tools_enabled, max_tokens=max_tokens)
+    resumable = data.get("resumable", False)
+    if not isinstance(resumable, bool):
+        raise TurnRejected("invalid_resumable", "resumable must be true or false.")
+    idempotency = _idempotency(request, session_id, data, streamed=streamed) if request is not None else None
+    return TurnInput(content=content, model=model, tools_enabled=tools_enabled, max_tokens=max_tokens,
+                     resumable=resumable, idempotency=idempotency)
 
 
 @db_call
 def _preflight(request: HttpRequest, session_id: uuid.UUID, streamed: bool) -> PreparedTurn:
     """Everything before the model call, in one database call and in this order: 401, 404,
-    400, 422, 402. Raises AuthFailure or TurnRejected."""
+    400, 422, 402. Raises AuthFailure, TurnRejected, or AlreadyRequested (a repeat of an
+    earlier request with the same Idempotency-Key: nothing new is made)."""
     try:
-        data, problem = parse_turn_input(request.body), None
+        data, problem = parse_turn_input(request.body, request, session_id, streamed=streamed), None
     except TurnRejected as exc:  # reported after 401 and 404
         data, problem = None, exc
     model = data.model if data is not None else None
@@ -96,14 +144,21 @@ def _preflight(request: HttpRequest, session_id: uuid.UUID, streamed: bool) -> P
         raise TurnRejected("not_found", "Not found.")
     if problem is not None:
         raise problem
+    if data.idempotency is not None:
+        earlier = find_repeat(preflight.user_id, *data.idempotency)
+        if earlier is not None:
+            raise AlreadyRequested(earlier)
     return begin_turn(preflight, data, streamed=streamed)
 
 
-async def _prepare(request: HttpRequest, session_id: uuid.UUID, *, streamed: bool) -> PreparedTurn | HttpResponse:
+async def _prepare(request: HttpRequest, session_id: uuid.UUID, *,
+                   streamed: bool) -> PreparedTurn | AlreadyRequested | HttpResponse:
     if request.method != "POST":
         return error_response(405, "method_not_allowed", f"Method {request.method} not allowed.")
     try:
         return await start_turn(lambda: _preflight(request, session_id, streamed))
+    except AlreadyRequested as exc:
+        return exc
     except AuthFailure as exc:
         return exc.response()
     except TurnRejected as exc:
@@ -128,6 +183,36 @@ async def _finish_shielded(prepared: PreparedTurn, outcome: TurnOutcome):
     return await asyncio.shield(in_background(finish_turn(prepared, outcome)))
 
 
+def _turn_body(result: TurnResult) -> JsonResponse:
+    """The non-streaming endpoint's answer for a closed turn (also for its repeats)."""
+    turn = result.turn
+    if turn.status == Turn.Status.FAILED:
+        code = turn.error_code or "upstream_error"
+        return JsonResponse({"detail": turn.error_message, "code": code, "turn_id": str(turn.id)},
+                            status=504 if code == "upstream_timeout" else 502)
+    return JsonResponse({
+        "turn": turn_data(turn),
+        "message": MessageSerializer(result.message).data if result.message else None,
+        "usage": turn_usage(turn),
+        "cost": format_money(turn.cost),
+        "balance": format_money(result.balance),
+    }, status=201)
+
+
+_replay = db_call(replay_result)
+
+
+async def _repeat_answer(turn_id: uuid.UUID) -> HttpResponse:
+    """A repeated non-streaming request: the first request's answer, once its turn ended."""
+    while True:
+        result = await _replay(turn_id)
+        if result is None:
+            return error_response(404, "not_found", "Not found.")
+        if result.turn.status != Turn.Status.RUNNING:
+            return _turn_body(result)
+        await asyncio.sleep(REPEAT_POLL_SECONDS)
+
+
 @csrf_exempt  # CSRF is checked in session_user for cookie sessions; keys need none
 async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     """GET: the session's turns (a page). POST: run one non-streaming turn."""
@@ -136,27 +221,39 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     prepared = await _prepare(request, session_id, streamed=False)
     if isinstance(prepared, HttpResponse):
         return prepared
+    if isinstance(prepared, AlreadyRequested):
+        return await _repeat_answer(prepared.turn_id)
     executor = make_file_read_executor(prepared.user_id) if prepared.tools else None
     keeper = LeaseKeeper(prepared.turn_id).start()
+    call = asyncio.ensure_future(get_gateway().generate(
+        model=prepared.model, messages=prepared.messages, max_tokens=prepared.max_tokens,
+        tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
+    ))
+    serve_locally(prepared.turn_id, call.cancel)  # POST .../cancel stops the call
+    keeper.on_cancel = call.cancel
     try:
         async with asyncio.timeout(settings.PANTHEON_MAX_TURN_SECONDS):
-            completion = await get_gateway().generate(
-                model=prepared.model, messages=prepared.messages, max_tokens=prepared.max_tokens,
-                tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
-            )
+            completion = await asyncio.shield(call)
     except GatewayError as exc:
         outcome = TurnOutcome.from_error(exc)
     except TimeoutError:
         # A provider that keeps the connection alive without answering must not hold the
         # turn forever; it had the prompt, so that is billed (an estimate).
+        call.cancel()
         outcome = TurnOutcome(status=Turn.Status.FAILED, error_code="upstream_timeout", prompt_processed=True,
                               error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} "
                                             "seconds.")
     except asyncio.CancelledError:
-        # The client went away mid-call: the provider bills the request anyway, so store
-        # the turn as cancelled with an estimate of the prompt.
-        in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED, prompt_processed=True)))
-        raise
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The client went away mid-call: the provider bills the request anyway, so
+            # store the turn as cancelled with an estimate of the prompt.
+            call.cancel()
+            done_serving(prepared.turn_id)
+            in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED, prompt_processed=True)))
+            raise
+        # Stopped with POST .../cancel: answered like any other ending.
+        outcome = TurnOutcome(status=Turn.Status.CANCELLED, prompt_processed=True)
     else:
         outcome = TurnOutcome(status=Turn.Status.COMPLETED, content=completion.content, usage=completion.usage,
                               provider_model=completion.provider_model, records=completion.records,
@@ -164,37 +261,31 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
                               prompt_processed=True)
     finally:
         await keeper.stop()
+    done_serving(prepared.turn_id)
     try:
         result = await _finish_shielded(prepared, outcome)
     except PersistenceFailed:
         return _persistence_failure(prepared.turn_id)
-    if result.turn.status == Turn.Status.FAILED:
-        code = result.turn.error_code or "upstream_error"
-        return JsonResponse({"detail": result.turn.error_message, "code": code, "turn_id": str(prepared.turn_id)},
-                            status=504 if code == "upstream_timeout" else 502)
     # What is returned is what was stored (if the turn was closed elsewhere meanwhile, that).
-    return JsonResponse({
-        "turn": turn_data(result.turn),
-        "message": MessageSerializer(result.message).data if result.message else None,
-        "usage": turn_usage(result.turn),
-        "cost": format_money(result.turn.cost),
-        "balance": format_money(result.balance),
-    }, status=201)
+    return _turn_body(result)
 
 
 @csrf_exempt
 async def stream_turn(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
-    """One turn streamed as Server-Sent Events (SPEC section 5)."""
+    """One turn streamed as Server-Sent Events (SPEC sections 5, 11, 12)."""
     prepared = await _prepare(request, session_id, streamed=True)
     if isinstance(prepared, HttpResponse):
         return prepared
+    if isinstance(prepared, AlreadyRequested):  # the first request's stream, from its start
+        return TurnStreamResponse(follow(prepared.turn_id, 0))
     # Opened before the response starts, so a provider that fails at once gets a JSON error;
     # the lease is kept while retries wait.
-    deadline = time.monotonic() + settings.PANTHEON_MAX_TURN_SECONDS
+    deadline = asyncio.get_running_loop().time() + settings.PANTHEON_MAX_TURN_SECONDS
     keeper = LeaseKeeper(prepared.turn_id).start()
+    opening = asyncio.ensure_future(get_gateway().stream(model=prepared.model, messages=prepared.messages,
+                                                         max_tokens=prepared.max_tokens))
     try:
-        ctx = await get_gateway().stream(model=prepared.model, messages=prepared.messages,
-                                         max_tokens=prepared.max_tokens)
+        ctx = await asyncio.shield(opening)
     except GatewayError as exc:
         await keeper.stop()
         try:
@@ -203,10 +294,117 @@ async def stream_turn(request: HttpRequest, session_id: uuid.UUID) -> HttpRespon
             return _persistence_failure(prepared.turn_id)
         return _upstream_failure(exc, prepared.turn_id)
     except asyncio.CancelledError:
+        if prepared.resumable:
+            # The client left (a reload right after sending): the turn goes on without it,
+            # for the grace period, like a resumable turn whose client left later.
+            in_background(_run_unattended(prepared, opening, keeper, deadline))
+            raise
         # The client left while the upstream was being opened or retried: nothing was
         # produced, so the cancelled turn costs nothing.
+        opening.cancel()
         await keeper.stop()
         in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED)))
         raise
     await keeper.stop()
-    return TurnStreamResponse(Relay(prepared, ctx, deadline=deadline))
+    live = LiveTurn(prepared, ctx, deadline=deadline, resumable=prepared.resumable).begin()
+    return stream_response(live)
+
+
+async def _run_unattended(prepared: PreparedTurn, opening: asyncio.Future, keeper: LeaseKeeper,
+                          deadline: float) -> None:
+    """A resumable turn whose client left while its upstream was being opened."""
+    try:
+        ctx = await opening
+    except GatewayError as exc:
+        await keeper.stop()
+        with contextlib.suppress(PersistenceFailed):
+            await finish_turn(prepared, TurnOutcome.from_error(exc))
+        return
+    await keeper.stop()
+    LiveTurn(prepared, ctx, deadline=deadline, resumable=True).begin().requester_gone()
+
+
+# --- one turn: GET /turns/{id}, GET /turns/{id}/events, POST /turns/{id}/cancel -----------
+
+def _user(request: HttpRequest):
+    """The request's user: its Bearer key's, else the browser session's (CSRF-checked for
+    unsafe methods). Raises AuthFailure."""
+    raw = parse_bearer(request.META.get("HTTP_AUTHORIZATION", ""))
+    if raw is None:
+        return session_user(request)
+    user = user_for_key(raw)
+    if user is None:
+        raise AuthFailure("Invalid or revoked API key.", code="authentication_failed")
+    return user
+
+
+@db_call
+def _owned_turn(request: HttpRequest, turn_id: uuid.UUID) -> Turn | None:
+    """The turn if it is the requester's (None answers 404: not found or not yours)."""
+    user = _user(request)
+    return Turn.objects.filter(pk=turn_id, user=user).first()
+
+
+@db_call
+def _cancel_elsewhere(turn_id: uuid.UUID) -> bool:
+    """Ask the process serving the turn to stop it: the flag on the row (read at its next
+    lease write) and a signal (at once). False when the turn is not running."""
+    if not request_cancel(turn_id):
+        return False
+    turn_signals.notify("cancel", turn_id)
+    return True
+
+
+async def _turn_or_error(request: HttpRequest, turn_id: uuid.UUID, method: str) -> Turn | HttpResponse:
+    if request.method != method:
+        return error_response(405, "method_not_allowed", f"Method {request.method} not allowed.")
+    try:
+        turn = await _owned_turn(request, turn_id)
+    except AuthFailure as exc:
+        return exc.response()
+    if turn is None:
+        return error_response(404, "not_found", "Not found.")
+    return turn
+
+
+async def turn_detail(request: HttpRequest, turn_id: uuid.UUID) -> HttpResponse:
+    """GET /turns/{id}: the turn."""
+    turn = await _turn_or_error(request, turn_id, "GET")
+    if isinstance(turn, HttpResponse):
+        return turn
+    return JsonResponse(turn_data(turn))
+
+
+def _after(request: HttpRequest) -> int | None:
+    """The last event id the client has: `Last-Event-ID`, else `?after=`; None if malformed."""
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.GET.get("after", "0")
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        return None
+    return int(raw)
+
+
+async def turn_events(request: HttpRequest, turn_id: uuid.UUID) -> HttpResponse:
+    """GET /turns/{id}/events: the turn's events after the client's last one, live to the end."""
+    turn = await _turn_or_error(request, turn_id, "GET")
+    if isinstance(turn, HttpResponse):
+        return turn
+    after = _after(request)
+    if after is None:
+        return error_response(400, "invalid_last_event_id", "Last-Event-ID (or after) must be an event id.")
+    return TurnStreamResponse(follow(turn_id, after))
+
+
+@csrf_exempt  # CSRF is checked in session_user for cookie sessions; keys need none
+async def turn_cancel(request: HttpRequest, turn_id: uuid.UUID) -> HttpResponse:
+    """POST /turns/{id}/cancel: 202 while running (stopped within a moment, whichever
+    process serves it); 200 with the turn if it had already ended."""
+    turn = await _turn_or_error(request, turn_id, "POST")
+    if isinstance(turn, HttpResponse):
+        return turn
+    if turn.status == Turn.Status.RUNNING and (stop_local(turn_id) or await _cancel_elsewhere(turn_id)):
+        return JsonResponse(turn_data(turn), status=202)
+    ended = await _replay(turn_id)
+    return JsonResponse(turn_data(ended.turn if ended else turn), status=200)

@@ -18,6 +18,7 @@ trips, a checkpoint one, a close one transaction of four, whatever the history l
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import logging
 import uuid
@@ -27,7 +28,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection
+from django.db import IntegrityError, connection
 from django.db.models import Model
 from django.utils import timezone
 
@@ -35,14 +36,14 @@ from accounts.authentication import LAST_USED_RESOLUTION
 from accounts.models import ApiKey
 from billing_app import selectors
 from billing_app import services as billing
-from billing_app.models import ModelPrice, UsageRecord, Wallet
+from billing_app.models import LedgerEntry, ModelPrice, UsageRecord, Wallet
 from core import sql
 from core.text import clean_text
 from files_app.services import FILE_READ_TOOL, ready_files_for
 from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
 from llm_gateway import CallRecord, ChatMessage, GatewayError, Usage
 from llm_gateway.tokens import estimate_prompt_tokens
-from sessions_app.models import ChatSession, LlmEvent, Message, Turn
+from sessions_app.models import ChatSession, IdempotencyKey, LlmEvent, Message, Turn
 
 logger = logging.getLogger(__name__)
 User = get_user_model()
@@ -69,6 +70,9 @@ class TurnInput:
     model: str | None = None
     tools_enabled: bool = False
     max_tokens: int | None = None
+    resumable: bool = False
+    # (Idempotency-Key, fingerprint of the request) when the client sent a key.
+    idempotency: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +178,44 @@ class PreparedTurn:
     max_tokens: int
     price: ModelPrice
     tools: list[dict[str, Any]] | None
+    resumable: bool = False
 
 
-_RENEW = f"UPDATE {sql.table(Turn)} SET lease_until = %s WHERE id = %s AND status = 'running'"
-_RENEW_WITH_CHECKPOINT = (f"UPDATE {sql.table(Turn)} SET lease_until = %s, checkpoint = %s "
-                          f"WHERE id = %s AND status = 'running'")
+_RENEW = (f"UPDATE {sql.table(Turn)} SET lease_until = %s WHERE id = %s AND status = 'running' "
+          f"RETURNING cancel_requested")
+_RENEW_WITH_CHECKPOINT = (f"UPDATE {sql.table(Turn)} SET lease_until = %s, checkpoint = %s, chunk_ends = %s "
+                          f"WHERE id = %s AND status = 'running' RETURNING cancel_requested")
+_REQUEST_CANCEL = f"UPDATE {sql.table(Turn)} SET cancel_requested = %s WHERE id = %s AND status = 'running'"
+_PROGRESS = f"SELECT status, checkpoint, chunk_ends, session_id, model FROM {sql.table(Turn)} WHERE id = %s"
 _TOUCH_KEY = f"UPDATE {sql.table(ApiKey)} SET last_used_at = %s WHERE id = %s"
+# SPEC section 11: a key is kept 24 hours; an older one is used afresh.
+IDEMPOTENCY_TTL = timedelta(hours=24)
+_DROP_EXPIRED_KEY = (f"DELETE FROM {sql.table(IdempotencyKey)} WHERE user_id = %s AND key = %s "
+                     f"AND created_at < %s")
+_FIND_KEY = (f"SELECT fingerprint, turn_id FROM {sql.table(IdempotencyKey)} WHERE user_id = %s AND key = %s "
+             f"AND created_at >= %s")
+
+
+class AlreadyRequested(Exception):
+    """A request repeating an earlier one (the same Idempotency-Key and body): answer that
+    request's turn instead of making a new one."""
+
+    def __init__(self, turn_id: uuid.UUID) -> None:
+        super().__init__(f"repeat of turn {turn_id}")
+        self.turn_id = turn_id
+
+
+def find_repeat(user_id: int, key: str, fingerprint: str) -> uuid.UUID | None:
+    """The turn an earlier request with this Idempotency-Key made (None if none in the last
+    24 hours). Raises TurnRejected (422) when that request had a different body."""
+    row = sql.fetch_one(_FIND_KEY, [user_id, key, sql.value(IdempotencyKey, "created_at",
+                                                             timezone.now() - IDEMPOTENCY_TTL)])
+    if row is None:
+        return None
+    if row[0] != fingerprint:
+        raise TurnRejected("idempotency_key_reused",
+                           "This Idempotency-Key was used with a different request.")
+    return sql.as_uuid(row[1])
 
 
 def _tool_system_message(files: list[dict[str, Any]]) -> str:
@@ -230,6 +266,14 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     try:
         # Pipelined: the hold's UPDATE is one round trip, the inserts and the commit another.
         with sql.transaction():
+            if request.idempotency is not None:
+                # Inserted first, so a concurrent repeat waits on the unique index here and
+                # fails there once this commits: one turn per key, never a second hold.
+                key, fingerprint = request.idempotency
+                sql.execute(_DROP_EXPIRED_KEY, [preflight.user_id, key, sql.value(
+                    IdempotencyKey, "created_at", now - IDEMPOTENCY_TTL)], count=False)
+                sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": key, "fingerprint": fingerprint,
+                                             "turn_id": turn_id, "created_at": now}])
             decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
                                     prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
                                     price=price, wallet=preflight.wallet)
@@ -238,8 +282,8 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                 "model": model, "provider_model": "", "streamed": streamed, "tools_enabled": request.tools_enabled,
                 "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
                 "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
-                "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "created_at": now,
-                "finished_at": None,
+                "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
+                "resumable": request.resumable, "cancel_requested": False, "created_at": now, "finished_at": None,
             }])
             sql.insert(Message, [{
                 "id": uuid.uuid4(), "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
@@ -251,19 +295,63 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                                          sql.value(ApiKey, "id", preflight.key_id)], count=False)
     except billing.InsufficientCredits as exc:
         raise TurnRejected("insufficient_credits", str(exc)) from None
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key made its turn first; this
+        # transaction (and its hold) was rolled back.
+        earlier = find_repeat(preflight.user_id, *request.idempotency) if request.idempotency else None
+        if earlier is None:
+            raise
+        raise AlreadyRequested(earlier) from None
     return PreparedTurn(
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
-        max_tokens=decision.max_tokens, price=price, tools=tools,
+        max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
     )
 
 
-def renew_turn(turn_id: uuid.UUID, *, checkpoint: str | None = None) -> bool:
+class Renewal(enum.Enum):
+    RUNNING = "running"
+    CANCEL_REQUESTED = "cancel_requested"  # POST .../cancel reached another process
+    GONE = "gone"  # no longer running: someone else closed it
+
+
+def renew_turn(turn_id: uuid.UUID, *, checkpoint: str | None = None,
+               chunk_ends: list[int] | None = None) -> Renewal:
     """Extend a running turn's lease (its hold lives as long) and, if given, save the partial
-    answer. One UPDATE. False when the turn is no longer running (someone else closed it)."""
+    answer (and where its deltas end). One UPDATE, which also tells whether a stop was asked."""
     lease, turn = sql.value(Turn, "lease_until", _lease_from(timezone.now())), sql.value(Turn, "id", turn_id)
     if checkpoint is None:
-        return sql.execute(_RENEW, [lease, turn]) == 1
-    return sql.execute(_RENEW_WITH_CHECKPOINT, [lease, checkpoint, turn]) == 1
+        row = sql.fetch_one(_RENEW, [lease, turn])
+    else:
+        row = sql.fetch_one(_RENEW_WITH_CHECKPOINT,
+                            [lease, checkpoint, sql.value(Turn, "chunk_ends", chunk_ends), turn])
+    if row is None:
+        return Renewal.GONE
+    return Renewal.CANCEL_REQUESTED if row[0] else Renewal.RUNNING
+
+
+def request_cancel(turn_id: uuid.UUID) -> bool:
+    """Mark a running turn for stopping (its serving process stops it at its next lease
+    write, or at once when the signal reaches it). False when it is not running."""
+    return sql.execute(_REQUEST_CANCEL, [True, sql.value(Turn, "id", turn_id)]) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """A turn as another process last saved it."""
+
+    status: str
+    text: str  # the partial answer while running (the stored one is read once it ended)
+    chunk_ends: list[int] | None
+    session_id: uuid.UUID
+    model: str
+
+
+def turn_progress(turn_id: uuid.UUID) -> Progress | None:
+    row = sql.fetch_one(_PROGRESS, [sql.value(Turn, "id", turn_id)])
+    if row is None:
+        return None
+    return Progress(status=row[0], text=row[1] or "", chunk_ends=sql.as_json(row[2]),
+                    session_id=sql.as_uuid(row[3]), model=row[4])
 
 
 @dataclasses.dataclass
@@ -281,6 +369,8 @@ class TurnOutcome:
     error_message: str = ""
     # The provider had the prompt and was working on it when the turn was cut off.
     prompt_processed: bool = False
+    # Where each streamed delta ends in `content` (the stream's event ids stand on them).
+    chunk_ends: list[int] | None = None
 
     @classmethod
     def from_error(cls, exc: GatewayError, *, content: str = "", status: str = Turn.Status.FAILED) -> TurnOutcome:
@@ -301,6 +391,19 @@ def _fit(model: type[Model], field: str, value: str) -> str:
     value = clean_text(value or "")
     limit = model._meta.get_field(field).max_length
     return value[:limit] if limit else value
+
+
+def replay_result(turn_id: uuid.UUID) -> TurnResult | None:
+    """An ended turn as its first answer said it: the stored turn, its answer, and the
+    balance right after its debit (the wallet's balance now if it cost nothing)."""
+    turn = Turn.objects.filter(pk=turn_id).first()
+    if turn is None:
+        return None
+    message = turn.messages.filter(role=Message.Role.ASSISTANT).order_by("-position").first()
+    debit = LedgerEntry.objects.filter(turn_id=turn_id, kind=LedgerEntry.Kind.DEBIT).values_list(
+        "balance_after", flat=True).first()
+    balance = debit if debit is not None else selectors.current_balance(user_id=turn.user_id)
+    return TurnResult(turn=turn, message=message, balance=balance)
 
 
 def _stored_result(turn_id: uuid.UUID) -> TurnResult:
@@ -324,10 +427,12 @@ class LockedTurn:
     streamed: bool
     checkpoint: str
     created_at: datetime
+    chunk_ends: list[int] | None
+    resumable: bool
 
 
 _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
-                  "streamed", "checkpoint", "created_at")
+                  "streamed", "checkpoint", "created_at", "chunk_ends", "resumable")
 
 
 @functools.cache
@@ -352,7 +457,8 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
         return None
     return LockedTurn(id=sql.as_uuid(row[0]), status=row[1], user_id=row[2], session_id=sql.as_uuid(row[3]),
                       model=row[4], prompt_tokens=row[5], max_tokens=row[6], tools_enabled=bool(row[7]),
-                      streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]))
+                      streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]),
+                      chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]))
 
 
 def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
@@ -386,6 +492,7 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
                                                                                  outcome.finish_reason),
         "error_code": _fit(Turn, "error_code", outcome.error_code), "error_message": clean_text(outcome.error_message),
         "lease_until": None, "checkpoint": "", "finished_at": now,
+        "chunk_ends": _fitting_ends(outcome.chunk_ends, content),
     }
     # None of these waits for an answer: on PostgreSQL they go out with settle's first read.
     sql.update(Turn, turn.id, ended, count=False)
@@ -409,8 +516,17 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost, note=f"{outcome.status} turn")
     stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, model=turn.model,
                   streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
-                  created_at=turn.created_at, **ended)
+                  resumable=turn.resumable, created_at=turn.created_at, **ended)
     return TurnResult(turn=stored, message=Message(**assistant), balance=balance)
+
+
+def _fitting_ends(ends: list[int] | None, content: str) -> list[int] | None:
+    """The deltas' ends if they cut exactly `content` (rising, ending at its length)."""
+    if not ends or ends[0] <= 0 or ends[-1] != len(content):
+        return None
+    if any(b <= a for a, b in zip(ends, ends[1:], strict=False)):
+        return None
+    return ends
 
 
 def _event_row(record: CallRecord, turn: LockedTurn, now: datetime) -> dict[str, Any]:
@@ -453,7 +569,8 @@ def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
                     if turn is None:  # closed meanwhile, or another sweeper has it
                         continue
                     _close_locked(turn, TurnOutcome(
-                        status=Turn.Status.INTERRUPTED, content=turn.checkpoint, error_code="interrupted",
+                        status=Turn.Status.INTERRUPTED, content=turn.checkpoint, chunk_ends=turn.chunk_ends,
+                        error_code="interrupted",
                         error_message="The process serving this turn stopped; closed by the sweep.",
                     ), price=None)
             except Exception:

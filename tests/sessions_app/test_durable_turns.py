@@ -326,18 +326,21 @@ async def test_a_preflight_that_commits_after_the_client_left_is_closed_cancelle
 async def test_a_stream_response_closed_before_its_body_started_closes_the_turn(alice, session_of):
     """Django may never iterate the body (the client left while the headers went out); it
     still calls close(), which closes the upstream and the turn."""
+    import asyncio
+
     from asgiref.sync import sync_to_async
 
     from core.db import db_call
     from llm_gateway import FakeGateway
-    from sessions_app.streaming import Relay, TurnStreamResponse
+    from sessions_app.streaming import LiveTurn, stream_response
     from tests.sessions_app.helpers import begun_turn
 
     session = await db_call(session_of)(alice)
     prepared = await db_call(begun_turn)(alice, session)
     ctx = await FakeGateway(chunk_delay_seconds=0.05).stream(model="fake/echo", messages=prepared.messages,
                                                              max_tokens=50)
-    response = TurnStreamResponse(Relay(prepared, ctx, deadline=float("inf")))
+    live = LiveTurn(prepared, ctx, deadline=asyncio.get_running_loop().time() + 60, resumable=False).begin()
+    response = stream_response(live)
     await sync_to_async(response.close)()
     turn = await db_call(wait_until_closed)()
     assert turn.status == "cancelled"

@@ -1,5 +1,6 @@
 """The relay's ways of ending, driven directly (no server, no database: the close-time
-write and the lease keeper are replaced by stand-ins)."""
+write and the lease keeper are replaced by stand-ins): a LiveTurn producing, followers
+following it."""
 
 import asyncio
 import time
@@ -11,11 +12,11 @@ import pytest
 
 from llm_gateway import CallRecord, StreamingContext, UpstreamError, Usage
 from sessions_app import streaming
-from sessions_app.streaming import Relay, with_heartbeat
+from sessions_app.streaming import LiveTurn, follow_live
 
 
 def prepared():
-    return SimpleNamespace(turn_id=uuid.uuid4(), session_id=uuid.uuid4(), model="m")
+    return SimpleNamespace(turn_id=uuid.uuid4(), session_id=uuid.uuid4(), model="m", resumable=False)
 
 
 class Scripted(StreamingContext):
@@ -56,7 +57,8 @@ class Recorder:
     async def __call__(self, prepared, outcome):
         self.calls.append(outcome)
         message = SimpleNamespace(id=uuid.uuid4())
-        turn = SimpleNamespace(status=outcome.status, cost=Decimal("0.1"), provider_model=outcome.provider_model,
+        turn = SimpleNamespace(id=prepared.turn_id, status=outcome.status, cost=Decimal("0.1"),
+                               provider_model=outcome.provider_model,
                                prompt_tokens=3, completion_tokens=4, total_tokens=7, usage_estimated=False,
                                error_code=outcome.error_code, error_message=outcome.error_message,
                                finish_reason=outcome.finish_reason)
@@ -79,48 +81,66 @@ def record(monkeypatch):
     recorder = Recorder()
     monkeypatch.setattr(streaming, "finish_turn", recorder)
     monkeypatch.setattr(streaming, "LeaseKeeper", NoKeeper)
+    monkeypatch.setattr(streaming, "serve_locally", lambda turn_id, stop: None)
+    monkeypatch.setattr(streaming, "done_serving", lambda turn_id: None)
     return recorder
 
 
-def relay(prepared, ctx, record):
-    return Relay(prepared, ctx, deadline=float("inf")).frames()
+def live(ctx, *, resumable=False):
+    loop = asyncio.get_running_loop()
+    return LiveTurn(prepared(), ctx, deadline=loop.time() + 1e6, resumable=resumable).begin()
+
+
+def relay(ctx):
+    return follow_live(live(ctx), 0, requester=True)
+
+
+def ids(frames):
+    return [int(f.split(b"\n")[0].removeprefix(b"id: ")) for f in frames if f.startswith(b"id: ")]
 
 
 async def test_completed_records_once_before_done(record):
     ctx = context(["a", "b"])
-    frames = [f async for f in relay(prepared(), ctx, record)]
+    frames = [f async for f in relay(ctx)]
     assert [o.status for o in record.calls] == ["completed"]
     assert record.calls[0].content == "ab" and record.calls[0].usage == Usage(3, 4)
+    assert record.calls[0].chunk_ends == [1, 2]
     assert record.calls[0].provider_model == "p/m" and record.calls[0].records == [ctx.record]
     assert ctx.record.status == "ok"
     assert b"event: done" in frames[-1]
+    assert ids(frames) == [1, 2, 3, 4]
 
 
 async def test_error_records_failed_with_partial_text_then_sends_error(record):
-    frames = [f async for f in relay(prepared(), context(["a"], fail=True), record)]
+    frames = [f async for f in relay(context(["a"], fail=True))]
     assert [(o.status, o.content) for o in record.calls] == [("failed", "a")]
     assert b"event: error" in frames[-1]
 
 
 async def test_late_close_of_a_parked_generator_still_records_cancelled(record):
     """Django may close the generator later from another task (ticket #37066): then only
-    `finally` runs. aclose() on a generator paused at `yield` is exactly that."""
+    `finally` runs. aclose() on a generator paused at `yield` is exactly that. What the
+    provider sent is stored, also what the client had no time to read."""
     gate = asyncio.Event()
     ctx = context(["a", "b", "c"], gate=gate)
-    stream = relay(prepared(), ctx, record)
+    turn = live(ctx)
+    stream = follow_live(turn, 0, requester=True)
     assert b"event: start" in await anext(stream)
     assert b'"a"' in await anext(stream)
     await stream.aclose()
-    assert [(o.status, o.content) for o in record.calls] == [("cancelled", "a")]
+    await turn.task
+    assert [(o.status, o.content) for o in record.calls] == [("cancelled", "abc")]
     assert ctx.closed == [True] and ctx.record.status == "cancelled"
+    assert b'"status": "cancelled"' in turn.ending
 
 
 async def test_cancellation_while_waiting_for_the_upstream_records_cancelled(record):
     gate = asyncio.Event()
     ctx = context(["a"], gate=gate)
+    turn = live(ctx)
 
     async def consume():
-        async for _ in relay(prepared(), ctx, record):
+        async for _ in follow_live(turn, 0, requester=True):
             pass
 
     task = asyncio.ensure_future(consume())
@@ -128,14 +148,56 @@ async def test_cancellation_while_waiting_for_the_upstream_records_cancelled(rec
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await turn.task
     assert [(o.status, o.content) for o in record.calls] == [("cancelled", "a")]
     assert ctx.closed == [True]
 
 
-async def test_heartbeat_yields_none_while_silent():
-    async def slow():
-        await asyncio.sleep(0.25)
-        yield "x"
+async def test_a_resumable_turn_runs_on_without_its_client_and_a_follower_gets_the_rest(record):
+    gate = asyncio.Event()
+    ctx = context(["a", "b"], gate=gate)
+    turn = live(ctx, resumable=True)
+    first = follow_live(turn, 0, requester=True)
+    seen = [await anext(first), await anext(first)]  # start, "a"
+    await first.aclose()
+    assert not turn.task.done()
+    gate.set()
+    await turn.task
+    assert [(o.status, o.content) for o in record.calls] == [("completed", "ab")]
+    rest = [f async for f in follow_live(turn, ids(seen)[-1])]
+    assert ids(seen + rest) == [1, 2, 3, 4]
+    assert b'"b"' in rest[0] and b"event: done" in rest[-1]
 
-    items = [item async for item in with_heartbeat(slow(), 0.1)]
-    assert items[-1] == "x" and items.count(None) >= 2
+
+async def test_a_resumable_turn_nobody_follows_is_cancelled_after_the_grace(record, settings):
+    settings.PANTHEON_RESUME_GRACE_SECONDS = 0.1
+    ctx = context(["a"], gate=asyncio.Event())
+    turn = live(ctx, resumable=True)
+    stream = follow_live(turn, 0, requester=True)
+    await anext(stream)
+    await stream.aclose()
+    await asyncio.wait_for(turn.task, 2)
+    assert [(o.status, o.content) for o in record.calls] == [("cancelled", "a")]
+
+
+async def test_stop_cancels_and_every_follower_gets_done_cancelled(record):
+    ctx = context(["a"], gate=asyncio.Event())
+    turn = live(ctx)
+    followers = [asyncio.ensure_future(_all(follow_live(turn, 0))) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    turn.stop()
+    for frames in await asyncio.gather(*followers):
+        assert b'"status": "cancelled"' in frames[-1] and ids(frames) == [1, 2, 3]
+
+
+async def _all(stream):
+    return [f async for f in stream]
+
+
+async def test_a_follower_pings_while_the_provider_is_silent(record, settings):
+    settings.PANTHEON_HEARTBEAT_SECONDS = 0.1
+    gate = asyncio.Event()
+    turn = live(context(["x"], gate=gate))
+    asyncio.get_running_loop().call_later(0.35, gate.set)
+    frames = await _all(follow_live(turn, 0))
+    assert frames.count(b": ping\n\n") >= 2 and b"event: done" in frames[-1]

@@ -187,7 +187,7 @@ def test_a_user_without_enough_credits_sees_the_402_message(page, make_user):
     assert not orm(Turn.objects.filter(user=user).exists)
 
 
-def test_stop_aborts_the_stream_and_the_turn_is_stored_cancelled(page, make_user):
+def test_stop_ends_the_stream_and_the_turn_is_stored_cancelled(page, make_user):
     user = orm(make_user, "erin", "10")
     session = orm(ChatSession.objects.create, user=user, model=MODEL)
     log_in(page, "erin")

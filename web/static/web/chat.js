@@ -2,8 +2,10 @@
 //
 // Talks to the JSON API with the session cookie and the CSRF token. A turn is streamed
 // with fetch() + response.body.getReader() and our own SSE parser (EventSource cannot
-// POST). A POST is never retried automatically: a turn costs credits, and the server may
-// already have it. Model output is only ever written as text (never as HTML).
+// POST, nor resume the way we need). A POST is retried only with the same Idempotency-Key,
+// so the server runs (and bills) it once; a started answer is resumed from its events, and
+// a reload follows the running turn (see "one streamed turn" below). Model output is only
+// ever written as text (never as HTML).
 
 import { SSEParser } from "./sse.js";
 
@@ -31,7 +33,7 @@ const els = {
 const state = {
   sessions: [],
   currentId: null,
-  streaming: null, // {controller, sessionId} while a turn streams
+  streaming: null, // the LiveTurn while an answer streams (sent here, or followed after a reload)
   loading: false, // the selected session's history is loading: sending waits for it
   loadToken: 0, // guards against a slow history load overwriting a newer one
 };
@@ -285,7 +287,7 @@ function updateComposer() {
   const streaming = state.streaming !== null;
   els.composer.disabled = !state.currentId;
   els.send.disabled = !state.currentId || streaming || state.loading;
-  els.stop.disabled = !streaming;
+  els.stop.disabled = !streaming || state.streaming.stopRequested;
   els.newSession.disabled = streaming;
 }
 
@@ -316,6 +318,8 @@ async function selectSession(id) {
     ]);
     if (token !== state.loadToken) return;
     renderHistory(messages, turns);
+    const running = runningTurn(messages, turns);
+    if (running) attachToTurn(running, id); // marks the page as streaming before the load ends
   } catch (err) {
     if (token !== state.loadToken) return;
     showError(err instanceof ApiProblem ? describeProblem(err.status, err.code, err.detail)
@@ -366,106 +370,146 @@ async function newSession() {
 }
 
 // --- one streamed turn ---------------------------------------------------------------
+//
+// A send POSTs `{"content", "resumable": true}` with an `Idempotency-Key` made for that
+// send. Until the `start` event arrives, a network failure (the fetch rejected, or the
+// connection closed) repeats the POST with the same key and the same body: the server runs
+// the turn once and answers a repeat with that turn's stream, so a retry never pays twice.
+// Once `start` arrived the turn id is known, and a dropped connection is resumed from
+// `GET /turns/{id}/events` with `Last-Event-ID` (a repeated POST would be the wrong
+// request). Events carry rising ids and one already seen is skipped, so nothing shows twice.
+// A reload does not cancel a resumable turn: opening a session whose newest turn is still
+// running attaches to it the same way. Stop asks the server to cancel the turn
+// (`POST /turns/{id}/cancel`); the stream then ends with `done`, status `cancelled`. Only if
+// the server cannot be asked is the connection dropped instead.
 
-async function sendMessage() {
-  const content = els.composer.value;
-  const sessionId = state.currentId;
-  if (state.streaming || state.loading || !sessionId || !content.trim()) return;
-  clearError();
-  const controller = new AbortController();
-  state.streaming = { controller, sessionId };
-  updateComposer();
-  els.composer.value = "";
+const POST_RETRY_DELAYS_MS = [500, 1500, 3000]; // at most 4 POSTs of one send
+const RESUME_RETRY_DELAYS_MS = [500, 1000, 2000, 4000, 8000]; // reconnects in a row without an event
+const CANCEL_RETRY_DELAYS_MS = [300, 1000]; // the cancel POST, when the network fails
+const STOP_WAIT_MS = 5000; // after Stop, how long the end of the stream is awaited
 
-  const empty = els.messages.querySelector(".empty");
-  if (empty) empty.remove();
-  const userEl = userMessage(content);
-  const session = currentSession();
-  const answer = assistantMessage("", { status: "pending", model: session ? session.model : "" });
-  els.messages.append(userEl, answer.wrap);
-  scrollToEnd(true);
+function newIdempotencyKey() {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  // randomUUID needs a secure context (https or localhost); getRandomValues does not.
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const hex = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
 
-  const finish = () => {
-    state.streaming = null;
-    updateComposer();
-  };
-  const stopped = () => {
-    answer.body.dataset.status = "cancelled";
-    setNote(answer, STATUS_NOTES.cancelled);
-    // The server stores the cancelled turn and debits it when it sees the disconnect.
-    setTimeout(loadWallet, 1000);
-  };
+function isEventStream(response) {
+  return response.ok && (response.headers.get("Content-Type") || "").startsWith("text/event-stream");
+}
 
-  let response;
+async function jsonBody(response) {
   try {
-    response = await fetch(`${API}/sessions/${sessionId}/turns/stream`, {
-      method: "POST",
-      credentials: "same-origin",
-      headers: {
-        "Content-Type": "application/json",
-        Accept: "text/event-stream",
-        "X-CSRFToken": csrfToken(),
-      },
-      body: JSON.stringify({ content }),
-      signal: controller.signal,
+    return await response.json();
+  } catch {
+    return null;
+  }
+}
+
+// Feeds an SSE response body to `onEvent` until the body ends; rejects if reading fails.
+async function readEvents(response, onEvent) {
+  const parser = new SSEParser(onEvent);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    parser.feed(decoder.decode(value, { stream: true }));
+  }
+  parser.feed(decoder.decode());
+}
+
+// One answer being streamed into its bubble, over one or more connections.
+class LiveTurn {
+  constructor(answer, sessionId, turnId = "") {
+    this.answer = answer;
+    this.sessionId = sessionId;
+    this.turnId = turnId;
+    this.lastEventId = ""; // the id of the last event received: the Last-Event-ID of a reconnect
+    this.outcome = null; // "done" or "error" once the stream's last event arrived
+    this.controller = new AbortController(); // aborted only when the page gives up on the stream
+    this.stopRequested = false;
+    this.cancelSent = false;
+    this.retryNote = false; // the note says we are reconnecting
+    this.waiting = null; // {timer, resolve} while waiting before a retry
+  }
+
+  get signal() {
+    return this.controller.signal;
+  }
+
+  abort() {
+    this.controller.abort();
+    this.wakeUp();
+  }
+
+  // Waits before a retry; Stop ends the wait early.
+  wait(ms) {
+    return new Promise((resolve) => {
+      this.waiting = { timer: setTimeout(() => this.wakeUp(), ms), resolve };
     });
-  } catch (err) {
-    if (controller.signal.aborted) stopped();
-    else {
-      answer.body.dataset.status = "interrupted";
-      showError(`Could not reach the server (${err.message}). The message may not have been sent; `
-        + "reload the session before sending it again.");
-    }
-    finish();
-    return;
   }
 
-  const type = response.headers.get("Content-Type") || "";
-  if (!response.ok || !type.startsWith("text/event-stream")) {
-    let body = null;
-    try {
-      body = await response.json();
-    } catch {
-      body = null;
+  wakeUp() {
+    const waiting = this.waiting;
+    this.waiting = null;
+    if (waiting) {
+      clearTimeout(waiting.timer);
+      waiting.resolve();
     }
-    answer.wrap.remove();
-    if (response.status === 502 || response.status === 504) {
-      // The failed turn is stored (with the user's message); nothing was answered.
-      const failed = assistantMessage("", { status: "failed", model: session ? session.model : "" });
-      setNote(failed, "No answer: the model provider failed.");
-      els.messages.append(failed.wrap);
-      loadWallet();
-    } else {
-      // Refused before anything was stored: give the text back.
-      userEl.remove();
-      if (!els.composer.value) els.composer.value = content;
-    }
-    showError(describeProblem(response.status, body && body.code, body && body.detail));
-    finish();
-    return;
   }
 
-  let outcome = null;
-  const parser = new SSEParser((event) => {
+  retrying(text) {
+    if (this.stopRequested) return;
+    setNote(this.answer, text);
+    this.retryNote = true;
+  }
+
+  progress() {
+    if (!this.retryNote) return;
+    this.retryNote = false;
+    setNote(this.answer, this.stopRequested ? "Stopping…" : "");
+  }
+
+  // One event of the turn's stream, live or replayed. An event whose id is not above the
+  // last one received was shown already (a resumed stream overlapping the old one): skipped.
+  onEvent(event) {
+    if (this.outcome) return;
+    const id = Number(event.id);
+    const last = Number(this.lastEventId);
+    if (event.id && this.lastEventId && Number.isFinite(id) && Number.isFinite(last) && id <= last) return;
+    if (event.id) this.lastEventId = event.id;
     let data;
     try {
       data = JSON.parse(event.data);
     } catch {
       return;
     }
+    if (!data || typeof data !== "object") return;
+    const { answer } = this;
     switch (event.event) {
       case "start":
-        answer.body.dataset.turnId = data.turn_id || "";
+        this.progress();
+        if (typeof data.turn_id === "string" && data.turn_id) this.turnId = data.turn_id;
+        answer.body.dataset.turnId = this.turnId;
         answer.body.dataset.status = "streaming";
+        if (this.stopRequested) this.cancel();
         break;
       case "chunk":
+        this.progress();
+        answer.body.dataset.status = "streaming";
         if (typeof data.delta === "string" && data.delta) {
           answer.body.append(data.delta); // a text node: never parsed as HTML
           scrollToEnd();
         }
         break;
       case "done":
-        outcome = "done";
+        this.outcome = "done";
+        this.retryNote = false;
         answer.body.normalize();
         answer.body.dataset.status = data.status || "completed";
         if (data.provider_model) {
@@ -475,11 +519,16 @@ async function sendMessage() {
         }
         setBalance(data.balance);
         if (data.finish_reason === "length") setNote(answer, "Cut short: the answer reached its length limit.");
-        else setNote(answer, STATUS_NOTES[data.status] || "");
+        else if (data.status === "cancelled" && !this.stopRequested) {
+          // Stopped elsewhere (another tab, an API client) or by the server.
+          setNote(answer, "Stopped before it was complete (not from this page). The partial answer was saved.");
+        } else setNote(answer, STATUS_NOTES[data.status] || "");
         els.stop.disabled = true;
         break;
       case "error":
-        outcome = "error";
+        this.outcome = "error";
+        this.retryNote = false;
+        answer.body.normalize();
         els.stop.disabled = true;
         if (data.code === "persistence_failed") {
           // The answer arrived but is not stored yet: the server stores and bills it later.
@@ -498,32 +547,245 @@ async function sendMessage() {
       default:
         break;
     }
-  });
+  }
 
-  try {
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      parser.feed(decoder.decode(value, { stream: true }));
-    }
-    parser.feed(decoder.decode());
-    if (!outcome) {
-      answer.body.dataset.status = "interrupted";
-      showError("The connection closed before the answer was complete. Reload the session to see what was saved.");
-      loadWallet();
-    }
-  } catch (err) {
-    if (controller.signal.aborted) stopped();
-    else if (!outcome) {
-      answer.body.dataset.status = "interrupted";
-      showError(`The connection was lost while the answer was streaming (${err.message}). `
-        + "Reload the session to see what was saved.");
-      loadWallet();
+  // Stop: the server is asked to cancel the turn, and the stream ends with its `done`.
+  stop() {
+    if (this.stopRequested || this.outcome) return;
+    this.stopRequested = true;
+    this.retryNote = false;
+    setNote(this.answer, "Stopping…");
+    updateComposer();
+    if (this.turnId) {
+      this.cancel();
+    } else if (this.waiting) {
+      this.abort(); // waiting to send again: the turn may never have reached the server
+    } else {
+      // The turn id comes with `start`, which cancels on arrival; give up if it never comes.
+      setTimeout(() => {
+        if (!this.turnId && !this.outcome) this.abort();
+      }, STOP_WAIT_MS);
     }
   }
-  finish();
+
+  async cancel() {
+    if (this.cancelSent || !this.turnId || this.outcome) return;
+    this.cancelSent = true;
+    let asked = false;
+    for (let attempt = 0; !asked; attempt++) {
+      try {
+        const response = await fetch(`${API}/turns/${encodeURIComponent(this.turnId)}/cancel`, {
+          method: "POST",
+          credentials: "same-origin",
+          headers: { Accept: "application/json", "X-CSRFToken": csrfToken() },
+        });
+        asked = response.ok; // 202 while it runs, 200 if it had ended already
+        if (!asked) break;
+      } catch {
+        if (attempt >= CANCEL_RETRY_DELAYS_MS.length) break;
+        await new Promise((resolve) => setTimeout(resolve, CANCEL_RETRY_DELAYS_MS[attempt]));
+      }
+      if (this.outcome) return;
+    }
+    if (!asked) {
+      this.abort(); // the server could not be asked: drop the connection instead
+      return;
+    }
+    setTimeout(() => {
+      if (!this.outcome) this.abort();
+    }, STOP_WAIT_MS);
+  }
+
+  // The stream ended without its last event, or the page gave up on it.
+  settle(result) {
+    if (this.outcome) return;
+    const { answer } = this;
+    this.retryNote = false;
+    if (result.aborted) {
+      answer.body.dataset.status = "cancelled";
+      setNote(answer, this.turnId ? STATUS_NOTES.cancelled : "Stopped before the answer started.");
+      // The server stores the cancelled turn and debits it when it sees the stop.
+      setTimeout(loadWallet, 1000);
+      return;
+    }
+    answer.body.dataset.status = "interrupted";
+    if (result.refused) {
+      const { status, body } = result.refused;
+      setNote(answer, "");
+      showError(status === 401 || status === 403 ? describeProblem(status, "", "")
+        : `The answer could not be followed (HTTP ${status}${body && body.detail ? `: ${body.detail}` : ""}). `
+          + "Reload the page to see what was saved.");
+    } else if (!this.turnId) {
+      setNote(answer, "");
+      const reason = result.error && result.error.message ? ` (${result.error.message})` : "";
+      showError(`Could not reach the server${reason}. If the message arrived, reloading the page shows `
+        + "its answer; send it again only if it is not there.");
+    } else {
+      setNote(answer, "The connection was lost; the server may still be answering.");
+      showError("The connection was lost while the answer was streaming. Reload the page to follow it "
+        + "or to see what was saved.");
+    }
+    loadWallet();
+  }
+}
+
+// The POST of one send, repeated with the same Idempotency-Key while no `start` arrived.
+// Resolves to {} (the stream ended with its last event), {resume: true} (it started, then
+// dropped), {aborted: true}, {response} (refused with an HTTP error) or {error} (gave up).
+async function postTurn(live, content) {
+  const key = newIdempotencyKey();
+  const body = JSON.stringify({ content, resumable: true });
+  for (let attempt = 0; ; attempt++) {
+    let error = null;
+    try {
+      const response = await fetch(`${API}/sessions/${live.sessionId}/turns/stream`, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: {
+          "Content-Type": "application/json",
+          Accept: "text/event-stream",
+          "X-CSRFToken": csrfToken(),
+          "Idempotency-Key": key,
+        },
+        body,
+        signal: live.signal,
+      });
+      if (!isEventStream(response)) return { response };
+      await readEvents(response, (event) => live.onEvent(event));
+      if (live.outcome) return {};
+      error = new Error("the connection closed before the answer was complete");
+    } catch (err) {
+      error = err;
+    }
+    if (live.outcome) return {};
+    if (live.signal.aborted) return { aborted: true };
+    if (live.turnId) return { resume: true };
+    if (attempt >= POST_RETRY_DELAYS_MS.length) return { error };
+    live.retrying("Connection problem; sending again…");
+    await live.wait(POST_RETRY_DELAYS_MS[attempt]);
+    if (live.signal.aborted) return { aborted: true };
+  }
+}
+
+// Follows a started turn from GET /turns/{id}/events until its last event, reconnecting with
+// Last-Event-ID. Resolves to {}, {aborted: true}, {refused: {status, body}} or {error}.
+async function followTurn(live) {
+  let failures = 0;
+  for (;;) {
+    const before = live.lastEventId;
+    let error = null;
+    try {
+      const headers = { Accept: "text/event-stream" };
+      if (live.lastEventId) headers["Last-Event-ID"] = live.lastEventId;
+      const response = await fetch(`${API}/turns/${encodeURIComponent(live.turnId)}/events`, {
+        credentials: "same-origin",
+        cache: "no-store",
+        headers,
+        signal: live.signal,
+      });
+      if (isEventStream(response)) {
+        await readEvents(response, (event) => live.onEvent(event));
+        error = new Error("the connection closed before the answer was complete");
+      } else if (response.status < 500) {
+        return { refused: { status: response.status, body: await jsonBody(response) } };
+      } else {
+        error = new Error(`HTTP ${response.status}`);
+      }
+    } catch (err) {
+      error = err;
+    }
+    if (live.outcome) return {};
+    if (live.signal.aborted) return { aborted: true };
+    if (live.lastEventId !== before) failures = 0; // it got further: a fresh set of attempts
+    if (failures >= RESUME_RETRY_DELAYS_MS.length) return { error };
+    live.retrying("Connection lost; reconnecting…");
+    await live.wait(RESUME_RETRY_DELAYS_MS[failures++]);
+    if (live.signal.aborted) return { aborted: true };
+  }
+}
+
+function endStreaming(live) {
+  if (state.streaming === live) {
+    state.streaming = null;
+    updateComposer();
+  }
+}
+
+// After a reload (or on opening a session): the newest turn still runs, so its answer is
+// streamed into a new bubble, from the start, exactly as a live one.
+async function attachToTurn(turn, sessionId) {
+  const answer = assistantMessage("", {
+    status: "pending", model: turn.provider_model || turn.model || "", turnId: turn.id,
+  });
+  const empty = els.messages.querySelector(".empty");
+  if (empty) empty.remove();
+  els.messages.append(answer.wrap);
+  scrollToEnd(true);
+  const live = new LiveTurn(answer, sessionId, turn.id);
+  state.streaming = live;
+  updateComposer();
+  try {
+    live.settle(await followTurn(live));
+  } finally {
+    endStreaming(live);
+  }
+}
+
+// The turn to follow when a session opens: its newest, if that still runs and its answer
+// is not stored yet (the list may have been read just before it ended).
+function runningTurn(messages, turns) {
+  let newest = null;
+  for (const turn of turns) {
+    if (!newest || String(turn.created_at) >= String(newest.created_at)) newest = turn;
+  }
+  if (!newest || newest.status !== "running") return null;
+  if (messages.some((m) => m.role === "assistant" && m.turn_id === newest.id)) return null;
+  return newest;
+}
+
+async function sendMessage() {
+  const content = els.composer.value;
+  const sessionId = state.currentId;
+  if (state.streaming || state.loading || !sessionId || !content.trim()) return;
+  clearError();
+  els.composer.value = "";
+
+  const empty = els.messages.querySelector(".empty");
+  if (empty) empty.remove();
+  const userEl = userMessage(content);
+  const session = currentSession();
+  const answer = assistantMessage("", { status: "pending", model: session ? session.model : "" });
+  els.messages.append(userEl, answer.wrap);
+  scrollToEnd(true);
+  const live = new LiveTurn(answer, sessionId);
+  state.streaming = live;
+  updateComposer();
+
+  try {
+    let result = await postTurn(live, content);
+    if (result.response) {
+      const { response } = result;
+      const body = await jsonBody(response);
+      answer.wrap.remove();
+      if (response.status === 502 || response.status === 504) {
+        // The failed turn is stored (with the user's message); nothing was answered.
+        const failed = assistantMessage("", { status: "failed", model: session ? session.model : "" });
+        setNote(failed, "No answer: the model provider failed.");
+        els.messages.append(failed.wrap);
+        loadWallet();
+      } else {
+        // Refused before anything was stored: give the text back.
+        userEl.remove();
+        if (!els.composer.value) els.composer.value = content;
+      }
+      showError(describeProblem(response.status, body && body.code, body && body.detail));
+      return;
+    }
+    if (result.resume) result = await followTurn(live);
+    live.settle(result);
+  } finally {
+    endStreaming(live);
+  }
 }
 
 // --- wiring --------------------------------------------------------------------------
@@ -539,7 +801,7 @@ els.composer.addEventListener("keydown", (event) => {
   }
 });
 els.stop.addEventListener("click", () => {
-  if (state.streaming) state.streaming.controller.abort();
+  if (state.streaming) state.streaming.stop();
 });
 els.newSession.addEventListener("click", newSession);
 

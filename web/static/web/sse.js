@@ -11,7 +11,8 @@
 //   field with an empty value. Lines starting with ":" are comments (heartbeats).
 // - `event` sets the type (default "message"), `data` lines are joined with "\n",
 //   `id` sets the last event id (kept across events; ignored if it contains NUL),
-//   `retry` and unknown fields are ignored (this client never reconnects).
+//   `retry` and unknown fields are ignored (the page reconnects on its own schedule, with
+//   `Last-Event-ID` set to the id of the last event it received).
 // - A blank line dispatches the event; with no data nothing is dispatched. An event not
 //   ended by a blank line when the stream ends is never dispatched. A leading BOM is dropped.
 
