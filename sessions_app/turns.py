@@ -586,4 +586,6 @@ def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
         live_turn_ids=Turn.objects.filter(status=Turn.Status.RUNNING).values("id"),
         created_before=now - timedelta(seconds=settings.PANTHEON_TURN_LEASE_SECONDS),
     )
+    # Idempotency keys are kept 24 hours (SPEC section 11).
+    IdempotencyKey.objects.filter(created_at__lt=now - IDEMPOTENCY_TTL).delete()
     return SweepReport(interrupted=interrupted, holds_released=released)

@@ -142,3 +142,22 @@ def test_concurrent_streamed_repeats_make_one_turn(alice, alice_key, session_of,
     assert all(events[-1][0] == "done" for events in results)
     assert Turn.objects.count() == 1 and len(fake_openrouter.requests) == 1
     assert LedgerEntry.objects.filter(kind="debit").count() == 1
+
+
+def test_a_key_older_than_a_day_is_used_afresh_and_the_sweep_forgets_old_keys(alice, alice_key, session_of,
+                                                                              live_server_url):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sessions_app.turns import sweep_lapsed_turns
+
+    session = session_of(alice)
+    first = post(live_server_url, session, alice_key, {"content": "hi"}, "old")
+    IdempotencyKey.objects.update(created_at=timezone.now() - timedelta(hours=25))
+    again = post(live_server_url, session, alice_key, {"content": "hi"}, "old")
+    assert again.status_code == 201 and again.json()["turn"]["id"] != first.json()["turn"]["id"]
+    assert IdempotencyKey.objects.get().turn_id == Turn.objects.get(pk=again.json()["turn"]["id"]).pk
+    IdempotencyKey.objects.update(created_at=timezone.now() - timedelta(hours=25))
+    sweep_lapsed_turns()
+    assert not IdempotencyKey.objects.exists()
