@@ -69,6 +69,12 @@ def stop_local(turn_id: uuid.UUID) -> bool:
 turn_signals.subscribe("cancel", stop_local)
 
 
+def chunk_ends(parts: list[str]) -> list[int]:
+    """Where each delta ends in their concatenation (stored with the text: the stream's
+    event ids stand on them)."""
+    return list(itertools.accumulate(map(len, parts)))
+
+
 class PersistenceFailed(Exception):
     """The close-time write kept failing; the turn stays `running` until the sweep closes it."""
 
@@ -190,7 +196,7 @@ class LeaseKeeper:
             checkpoint = ends = None
             if grew:
                 parts = self.parts[:count]
-                checkpoint, ends = "".join(parts), list(itertools.accumulate(map(len, parts)))
+                checkpoint, ends = "".join(parts), chunk_ends(parts)
             try:
                 state = await _renew(self.turn_id, checkpoint=checkpoint, chunk_ends=ends)
             except DatabaseError as exc:

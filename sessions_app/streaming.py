@@ -29,7 +29,7 @@ import contextlib
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
@@ -42,6 +42,7 @@ from sessions_app import turn_signals
 from sessions_app.live_turn import (
     LeaseKeeper,
     PersistenceFailed,
+    chunk_ends,
     done_serving,
     finish_turn,
     in_background,
@@ -122,6 +123,7 @@ class LiveTurn:
         self._loop = asyncio.get_running_loop()
         self.task: asyncio.Task | None = None
         self.keeper: LeaseKeeper | None = None
+        self.requester_followed = False  # the requester's body began
 
     def begin(self) -> LiveTurn:
         _live[self.prepared.turn_id] = self
@@ -167,10 +169,13 @@ class LiveTurn:
         elif self.followers <= 0 and self.resumable and self._grace is None:
             self._grace = self._loop.call_later(settings.PANTHEON_RESUME_GRACE_SECONDS, self._grace_over)
 
-    def requester_gone(self) -> None:
-        """The requesting client left before its stream began."""
-        self.followers += 1
-        self.detach(requester=True)
+    def requester_closed(self) -> None:
+        """The requester's response was closed: if its body never began (the client left
+        while the headers went out), that is the requester leaving."""
+        if not self.requester_followed:
+            self.requester_followed = True
+            self.followers += 1
+            self.detach(requester=True)
 
     def _grace_over(self) -> None:
         self._grace = None
@@ -215,7 +220,7 @@ class LiveTurn:
         finally:
             self._closing = True
             await keeper.stop()
-        outcome.chunk_ends = _ends(self.parts)
+        outcome.chunk_ends = chunk_ends(self.parts) or None
         self.ending_id = len(self.parts) + 2
         try:
             result = await asyncio.shield(in_background(finish_turn(prepared, outcome)))
@@ -232,14 +237,6 @@ class LiveTurn:
             _live.pop(prepared.turn_id, None)
             done_serving(prepared.turn_id)
             self._wake()
-
-
-def _ends(parts: list[str]) -> list[int] | None:
-    ends, total = [], 0
-    for part in parts:
-        total += len(part)
-        ends.append(total)
-    return ends or None
 
 
 turn_signals.subscribe("watch", lambda turn_id: _live[turn_id].watched() if turn_id in _live else None)
@@ -276,9 +273,11 @@ class _Heartbeat:
         self.timer.cancel()
 
 
-async def follow_live(live: LiveTurn, after: int, *, requester: bool = False) -> AsyncIterator[bytes]:
+async def follow_live(live: LiveTurn, after: int, *, requester: bool = False) -> AsyncGenerator[bytes, None]:
     """The frames of a turn this process serves with an id above `after`, live to its end."""
     live.attach()
+    if requester:
+        live.requester_followed = True
     beat = _Heartbeat(settings.PANTHEON_HEARTBEAT_SECONDS)
     try:
         if after < 1:
@@ -303,15 +302,18 @@ async def follow_live(live: LiveTurn, after: int, *, requester: bool = False) ->
         live.detach(requester=requester)
 
 
-async def follow_stored(turn_id: uuid.UUID, after: int) -> AsyncIterator[bytes]:
+async def follow_stored(turn_id: uuid.UUID, after: int, *,
+                        known: Turn | None = None) -> AsyncGenerator[bytes, None]:
     """The frames with an id above `after` of a turn this process does not serve: while
     another process serves it, from its checkpoints (read every REMOTE_POLL_SECONDS, with
-    that process asked to checkpoint that often); then, or at once, from what is stored."""
+    that process asked to checkpoint that often); then, or at once, from what is stored.
+    `known`: the turn as the caller just read it (an ended one is not read again)."""
     loop = asyncio.get_running_loop()
     sent = max(after - 1, 0)
     started = after >= 1
     last_signal = last_frame = -1e9
-    while True:
+    while known is None or known.status == Turn.Status.RUNNING:
+        known = None
         progress = await _progress(turn_id)
         if progress is None or progress.status != Turn.Status.RUNNING:
             break
@@ -337,7 +339,7 @@ async def follow_stored(turn_id: uuid.UUID, after: int) -> AsyncIterator[bytes]:
             yield encode_comment("ping")
             last_frame = loop.time()
         await asyncio.sleep(REMOTE_POLL_SECONDS)
-    result = await _replay(turn_id)
+    result = await _replay(turn_id, turn=known)
     if result is None:
         return
     turn = result.turn
@@ -352,40 +354,40 @@ async def follow_stored(turn_id: uuid.UUID, after: int) -> AsyncIterator[bytes]:
         yield ending_frame(result, ending_id)
 
 
-def follow(turn_id: uuid.UUID, after: int) -> AsyncIterator[bytes]:
+def follow(turn_id: uuid.UUID, after: int, *, known: Turn | None = None) -> AsyncGenerator[bytes, None]:
     """The frames of any turn with an id above `after`, to its end."""
     live = _live.get(turn_id)
-    return follow_live(live, after) if live is not None else follow_stored(turn_id, after)
+    return follow_live(live, after) if live is not None else follow_stored(turn_id, after, known=known)
 
 
 class TurnStreamResponse(StreamingHttpResponse):
     """The SSE response of a turn. Django always calls `close()` (in a worker thread) when
-    the request ends; if the client left before the body was ever iterated, nothing of the
-    follower ran, so `on_unread` (the requester leaving) is called from here."""
+    the request ends. Django does not close the body's generator itself (ticket #37066:
+    only its own wrapper), so the follower is closed from here, at once: it detaches (which
+    may stop the turn or start its grace). `on_close` then runs on the event loop, also when
+    the client left before the body was ever iterated (and nothing of the follower ran)."""
 
-    def __init__(self, frames: AsyncIterator[bytes], *, on_unread: Callable[[], None] | None = None) -> None:
-        self._started = False
-        super().__init__(self._mark(frames), content_type="text/event-stream; charset=utf-8")
+    def __init__(self, frames: AsyncGenerator[bytes, None], *, on_close: Callable[[], None] | None = None) -> None:
+        super().__init__(frames, content_type="text/event-stream; charset=utf-8")
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"
-        self._on_unread = on_unread
+        self._frames = frames
+        self._on_close = on_close
         self._loop = asyncio.get_running_loop()
-
-    async def _mark(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        self._started = True
-        async with contextlib.aclosing(frames) as inner:  # closed at once when the client leaves
-            async for frame in inner:
-                yield frame
 
     def close(self) -> None:
         try:
             super().close()
         finally:
-            if not self._started and self._on_unread is not None:
-                self._loop.call_soon_threadsafe(self._on_unread)
+            self._loop.call_soon_threadsafe(lambda: in_background(self._closed()))
+
+    async def _closed(self) -> None:
+        with contextlib.suppress(Exception):  # already finished, or finishing: nothing to do
+            await self._frames.aclose()
+        if self._on_close is not None:
+            self._on_close()
 
 
 def stream_response(live: LiveTurn) -> TurnStreamResponse:
-    """The requester's response, from the start; its client going away is the requester's
-    (before the body started too: `on_unread`)."""
-    return TurnStreamResponse(follow_live(live, 0, requester=True), on_unread=live.requester_gone)
+    """The requester's response, from the start; its client going away is the requester's."""
+    return TurnStreamResponse(follow_live(live, 0, requester=True), on_close=live.requester_closed)

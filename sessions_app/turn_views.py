@@ -54,6 +54,7 @@ from sessions_app.turns import (
     load_preflight,
     replay_result,
     request_cancel,
+    turn_progress,
 )
 from sessions_app.views import SessionTurnsView
 
@@ -200,17 +201,21 @@ def _turn_body(result: TurnResult) -> JsonResponse:
 
 
 _replay = db_call(replay_result)
+_progress = db_call(turn_progress)
 
 
 async def _repeat_answer(turn_id: uuid.UUID) -> HttpResponse:
-    """A repeated non-streaming request: the first request's answer, once its turn ended."""
+    """A repeated non-streaming request: the first request's answer, once its turn ended
+    (its first request may be served by another process: the turn row says when)."""
     while True:
-        result = await _replay(turn_id)
-        if result is None:
-            return error_response(404, "not_found", "Not found.")
-        if result.turn.status != Turn.Status.RUNNING:
-            return _turn_body(result)
+        progress = await _progress(turn_id)
+        if progress is None or progress.status != Turn.Status.RUNNING:
+            break
         await asyncio.sleep(REPEAT_POLL_SECONDS)
+    result = await _replay(turn_id)
+    if result is None:
+        return error_response(404, "not_found", "Not found.")
+    return _turn_body(result)
 
 
 @csrf_exempt  # CSRF is checked in session_user for cookie sessions; keys need none
@@ -224,13 +229,12 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     if isinstance(prepared, AlreadyRequested):
         return await _repeat_answer(prepared.turn_id)
     executor = make_file_read_executor(prepared.user_id) if prepared.tools else None
-    keeper = LeaseKeeper(prepared.turn_id).start()
     call = asyncio.ensure_future(get_gateway().generate(
         model=prepared.model, messages=prepared.messages, max_tokens=prepared.max_tokens,
         tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
     ))
     serve_locally(prepared.turn_id, call.cancel)  # POST .../cancel stops the call
-    keeper.on_cancel = call.cancel
+    keeper = LeaseKeeper(prepared.turn_id, on_cancel=call.cancel).start()
     try:
         async with asyncio.timeout(settings.PANTHEON_MAX_TURN_SECONDS):
             completion = await asyncio.shield(call)
@@ -321,7 +325,7 @@ async def _run_unattended(prepared: PreparedTurn, opening: asyncio.Future, keepe
             await finish_turn(prepared, TurnOutcome.from_error(exc))
         return
     await keeper.stop()
-    LiveTurn(prepared, ctx, deadline=deadline, resumable=True).begin().requester_gone()
+    LiveTurn(prepared, ctx, deadline=deadline, resumable=True).begin().requester_closed()
 
 
 # --- one turn: GET /turns/{id}, GET /turns/{id}/events, POST /turns/{id}/cancel -----------
@@ -394,7 +398,7 @@ async def turn_events(request: HttpRequest, turn_id: uuid.UUID) -> HttpResponse:
     after = _after(request)
     if after is None:
         return error_response(400, "invalid_last_event_id", "Last-Event-ID (or after) must be an event id.")
-    return TurnStreamResponse(follow(turn_id, after))
+    return TurnStreamResponse(follow(turn_id, after, known=turn))
 
 
 @csrf_exempt  # CSRF is checked in session_user for cookie sessions; keys need none

@@ -393,10 +393,11 @@ def _fit(model: type[Model], field: str, value: str) -> str:
     return value[:limit] if limit else value
 
 
-def replay_result(turn_id: uuid.UUID) -> TurnResult | None:
-    """An ended turn as its first answer said it: the stored turn, its answer, and the
-    balance right after its debit (the wallet's balance now if it cost nothing)."""
-    turn = Turn.objects.filter(pk=turn_id).first()
+def replay_result(turn_id: uuid.UUID, *, turn: Turn | None = None) -> TurnResult | None:
+    """An ended turn as its first answer said it: the stored turn (`turn` if the caller
+    has it), its answer, and the balance right after its debit (the wallet's balance now if
+    it cost nothing)."""
+    turn = turn if turn is not None else Turn.objects.filter(pk=turn_id).first()
     if turn is None:
         return None
     message = turn.messages.filter(role=Message.Role.ASSISTANT).order_by("-position").first()

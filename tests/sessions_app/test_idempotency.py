@@ -82,10 +82,13 @@ def test_a_malformed_key_is_400(alice, alice_key, session_of, live_server_url, k
 
 
 def test_keys_belong_to_their_user(alice, bob, alice_key, session_of, live_server_url):
-    assert post(live_server_url, session_of(alice), alice_key, {"content": "hi"}, "shared").status_code == 201
+    alice_session = session_of(alice)
+    first = post(live_server_url, alice_session, alice_key, {"content": "hi"}, "shared")
     bob_answer = post(live_server_url, session_of(bob), auth(client_for(bob)), {"content": "hi"}, "shared")
-    assert bob_answer.status_code == 201
-    assert bob_answer.json()["turn"]["id"] != Turn.objects.filter(user=alice).get().pk
+    repeat = post(live_server_url, alice_session, alice_key, {"content": "hi"}, "shared")
+    assert first.status_code == bob_answer.status_code == repeat.status_code == 201
+    assert bob_answer.json()["turn"]["id"] != first.json()["turn"]["id"] == repeat.json()["turn"]["id"]
+    assert Turn.objects.filter(user=alice).count() == 1 and Turn.objects.filter(user=bob).count() == 1
 
 
 def test_a_repeated_stream_replays_the_first_turns_events(alice, alice_key, session_of, live_server_url,

@@ -149,6 +149,37 @@ def test_a_resumable_turn_nobody_follows_is_cancelled_after_the_grace(alice, ali
     assert turn.cost > 0 and debits(turn_id) == 1
 
 
+def test_a_resumable_turn_whose_client_left_while_the_upstream_opened_runs_on(alice, alice_key, session_of,
+                                                                             live_server_url, fake_openrouter):
+    session = session_of(alice)
+    fake_openrouter.enqueue(fake_openrouter.sse_stream(["late ", "but ", "whole"], open_delay=0.8))
+    with httpx.Client(base_url=live_server_url, timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up before the response starts
+            http.post(stream_url(session), json={"content": "x", "resumable": True}, headers=alice_key)
+    turn = wait_until_closed(timeout=5)
+    assert turn.status == "completed" and turn.messages.get(role="assistant").content == "late but whole"
+    assert debits(turn.pk) == 1
+
+
+def test_an_attached_follower_leaving_starts_the_grace(alice, alice_key, session_of, live_server_url,
+                                                       fake_openrouter, settings):
+    settings.PANTHEON_RESUME_GRACE_SECONDS = 0.5
+    session = session_of(alice)
+    fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=400, delay=0.02))
+    with httpx.Client(base_url=live_server_url, timeout=30) as http:
+        with http.stream("POST", stream_url(session), json={"content": "long", "resumable": True},
+                         headers=alice_key) as response:
+            turn_id = Events(response).next()[1]["turn_id"]
+        with http.stream("GET", f"/api/v1/turns/{turn_id}/events", headers=alice_key) as response:
+            follower = Events(response)
+            follower.next()
+            time.sleep(0.8)  # longer than the grace: attached, so the turn runs on
+            assert Turn.objects.get(pk=turn_id).status == "running"
+            follower.next()
+    turn = wait_until_closed(id=turn_id, timeout=5)  # nobody attached any more: cancelled after the grace
+    assert turn.status == "cancelled" and debits(turn_id) == 1
+
+
 def test_a_plain_stream_is_still_cancelled_when_its_client_leaves(alice, alice_key, session_of, live_server_url,
                                                                   fake_openrouter):
     session = session_of(alice)
@@ -228,7 +259,7 @@ def test_two_processes_attach_and_cancel_reach_the_process_that_serves_the_turn(
     assert Wallet.objects.get(user=alice).balance < Decimal("10")
 
 
-def test_a_reattach_after_the_end_and_two_followers_at_once_see_the_same_answer(alice, alice_key, session_of,
+def test_two_followers_and_the_requester_see_the_same_events(alice, alice_key, session_of,
                                                                                   live_server_url, fake_openrouter):
     session = session_of(alice)
     fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=40, delay=0.02))

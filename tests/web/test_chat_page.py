@@ -96,6 +96,25 @@ def state_of(locator) -> tuple[str, str]:
     return status, text
 
 
+def watch_answer(answer, *, on_partial=None, timeout: float = 20.0) -> tuple[str, list[str]]:
+    """Watch an assistant message until it is completed: (its final text, the distinct
+    partial texts seen on the way). `on_partial(n)` is called with the count of partials
+    each time a new one shows (a test takes its screenshot there)."""
+    partials: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        status, text = state_of(answer)
+        if status == "completed":
+            return text, partials
+        assert status in {"pending", "streaming"}, (status, text)
+        if text and text not in partials:
+            partials.append(text)
+            if on_partial is not None:
+                on_partial(len(partials))
+        assert time.monotonic() < deadline, "the answer never completed"
+        time.sleep(0.02)
+
+
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -127,21 +146,12 @@ def test_answer_streams_live_and_matches_what_was_stored(page, make_user):
     answer = page.get_by_test_id("assistant-message").last
     expect(page.get_by_test_id("stop")).to_be_enabled()
 
-    partials: list[str] = []
-    deadline = time.monotonic() + 20
-    while True:
-        status, text = state_of(answer)
-        if status == "completed":
-            final = text
-            break
-        assert status in {"pending", "streaming"}, (status, text)
-        if text and text not in partials:
-            partials.append(text)
-            if len(partials) == 2:
-                ARTIFACTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(ARTIFACTS / "chat-mid-stream.png"))
-        assert time.monotonic() < deadline, "the answer never completed"
-        time.sleep(0.02)
+    def screenshot(count: int) -> None:
+        if count == 2:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "chat-mid-stream.png"))
+
+    final, partials = watch_answer(answer, on_partial=screenshot)
 
     # The whole text may show just before `done` (sent after the turn is stored); before
     # that, at least two shorter states must have been seen.

@@ -6,7 +6,6 @@ network with the same Idempotency-Key, so it is run and billed once (SPEC sectio
 from __future__ import annotations
 
 import json
-import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from billing_app.models import LedgerEntry, Wallet
 from llm_gateway import FakeGateway
 from sessions_app.models import ChatSession, Message, Turn
 from tests.web import test_chat_page as chat_page
-from tests.web.test_chat_page import MODEL, log_in, orm, state_of, wait_for
+from tests.web.test_chat_page import MODEL, log_in, orm, state_of, wait_for, watch_answer
 
 pytestmark = pytest.mark.browser
 
@@ -52,6 +51,12 @@ def watch_requests(page, fragment: str) -> list:
     return seen
 
 
+def the_turn_and_answer(session) -> tuple[Turn, str]:
+    """The session's one turn and its stored answer."""
+    turn = Turn.objects.get(session=session)
+    return turn, Message.objects.get(turn=turn, role="assistant").content
+
+
 def test_a_reload_mid_answer_shows_it_so_far_and_continues_it_live(page, make_user):
     user = orm(make_user, "grace", "10")
     session = orm(ChatSession.objects.create, user=user, model=MODEL)
@@ -79,20 +84,7 @@ def test_a_reload_mid_answer_shows_it_so_far_and_continues_it_live(page, make_us
     expect(page.get_by_test_id("stop")).to_be_enabled()
     expect(page.get_by_test_id("send")).to_be_disabled()
 
-    partials: list[str] = []
-    deadline = time.monotonic() + 20
-    while True:
-        status, text = state_of(answer)
-        if status == "completed":
-            final = text
-            break
-        assert status in {"pending", "streaming"}, (status, text)
-        if text and text not in partials:
-            partials.append(text)
-            if len(partials) == 3:
-                shot(page, "resumed-mid-answer")
-        assert time.monotonic() < deadline, "the resumed answer never completed"
-        time.sleep(0.02)
+    final, partials = watch_answer(answer, on_partial=lambda n: n == 3 and shot(page, "resumed-mid-answer"))
     shot(page, "resumed-answer")
 
     # It went on growing after the reload, from the start, never showing anything twice.
@@ -183,8 +175,7 @@ def test_a_send_that_failed_on_the_network_is_retried_with_the_same_key(page, ma
     expect(answer).to_have_attribute("data-status", "completed", timeout=20_000)
 
     assert len(keys) == 2 and keys[0] and keys[0] == keys[1]
-    turn = orm(Turn.objects.get, session=session)  # exactly one turn
-    stored = orm(Message.objects.get, turn=turn, role="assistant").content
+    turn, stored = orm(the_turn_and_answer, session)  # exactly one turn
     assert answer.text_content() == stored == FakeGateway.reply_for([{"role": "user", "content": prompt}])
     assert answer.get_attribute("data-turn-id") == str(turn.pk)
     assert orm(debits_of, turn.pk) == 1
@@ -235,8 +226,7 @@ def test_a_stream_dropped_after_start_is_resumed_from_the_last_event(page, make_
     answer = page.get_by_test_id("assistant-message").last
     expect(answer).to_have_attribute("data-status", "completed", timeout=20_000)
 
-    turn = orm(Turn.objects.get, session=session)
-    stored = orm(Message.objects.get, turn=turn, role="assistant").content
+    turn, stored = orm(the_turn_and_answer, session)
     assert answer.text_content() == stored and stored.startswith("".join(kept)) and len(kept[1]) > 0
     assert resumes == ["3", "5"]  # each reconnect asks for what came after the last event it had
     assert orm(Turn.objects.filter(session=session).count) == 1
