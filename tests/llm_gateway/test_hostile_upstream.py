@@ -232,18 +232,25 @@ async def test_utf8_bom_before_a_completion(gateway: OpenRouterGateway, fake_ope
     assert result.content == "hi"
 
 
+async def assert_fails_after_a(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRouter, writes: list[bytes], *,
+                               match: str) -> None:
+    """A stream of the delta "a" then `writes` gives "a", then an UpstreamError matching
+    `match`, and its record says error."""
+    fake_openrouter.enqueue(fake_openrouter.raw_stream([content_event("a"), *writes]))
+    ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
+    received = []
+    with pytest.raises(UpstreamError, match=match):
+        async for delta in ctx.chunks:
+            received.append(delta)
+    assert received == ["a"] and ctx.record.status == "error"
+
+
 DEEP = b"[" * 200_000 + b"]" * 200_000  # RecursionError in json.loads, which is not a ValueError
 
 
 async def test_deeply_nested_stream_chunk(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRouter) -> None:
-    fake_openrouter.enqueue(fake_openrouter.raw_stream([content_event("a"), b'data: {"x": ' + DEEP + b"}\n\n",
-                                                        b"data: [DONE]\n\n"]))
-    ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
-    received = []
-    with pytest.raises(UpstreamError, match="malformed"):
-        async for delta in ctx.chunks:
-            received.append(delta)
-    assert received == ["a"] and ctx.record.status == "error"
+    await assert_fails_after_a(gateway, fake_openrouter, [b'data: {"x": ' + DEEP + b"}\n\n", b"data: [DONE]\n\n"],
+                               match="malformed")
 
 
 async def test_deeply_nested_completion(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRouter) -> None:
@@ -289,13 +296,7 @@ async def test_oversized_stream_event_fails_cleanly(gateway: OpenRouterGateway, 
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(openrouter_module, "MAX_EVENT_BYTES", 64 * 1024)
     endless_line = [b"data: " + b"x" * 16 * 1024] * 20  # never ends, never dispatches
-    fake_openrouter.enqueue(fake_openrouter.raw_stream([content_event("a"), *endless_line]))
-    ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
-    received = []
-    with pytest.raises(UpstreamError, match="too large"):
-        async for delta in ctx.chunks:
-            received.append(delta)
-    assert received == ["a"] and ctx.record.status == "error"
+    await assert_fails_after_a(gateway, fake_openrouter, endless_line, match="too large")
 
 
 async def test_many_data_lines_without_dispatch_fail_cleanly(gateway: OpenRouterGateway,
