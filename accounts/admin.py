@@ -9,6 +9,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ["prefix", "name", "user", "created_at", "last_used_at", "revoked_at"]
     list_filter = ["revoked_at"]
     search_fields = ["user__username", "name", "prefix"]
+    ordering = ["-created_at"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     fields = ["user", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]

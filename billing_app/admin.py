@@ -1,10 +1,18 @@
+import datetime
 from decimal import Decimal, InvalidOperation
+from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.contrib.auth import get_user_model
+from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied
+from django.db.models import Q
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, path, reverse
+from django.utils import timezone
 
-from billing_app import services
+from billing_app import services, usage_report
 from billing_app.models import CreditHold, LedgerEntry, ModelPrice, UsageRecord, Wallet
 
 
@@ -36,15 +44,25 @@ class GrantForm(ActionForm):
 
 @admin.register(Wallet)
 class WalletAdmin(admin.ModelAdmin):
-    list_display = ["user", "balance", "updated_at"]
+    list_display = ["user", "balance", "held", "available", "updated_at"]
     search_fields = ["user__username", "user__email"]
-    readonly_fields = ["user", "balance", "created_at", "updated_at"]
+    fields = ["user", "balance", "held", "available", "created_at", "updated_at"]
+    readonly_fields = fields
+    ordering = ["-created_at"]
     inlines = [LedgerEntryInline]
     action_form = GrantForm
     actions = ["grant_credits"]
 
     def has_add_permission(self, request):
         return False  # wallets are created with the first grant or turn
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # a wallet holds a ledger: it is never deleted (this also drops "delete selected")
+
+    @admin.display(description="available")
+    def available(self, obj: Wallet) -> Decimal:
+        """What a new turn can reserve: the balance less the open holds."""
+        return obj.balance - obj.held
 
     @admin.action(description="Grant credits (amount and note beside the action)")
     def grant_credits(self, request, queryset):
@@ -68,12 +86,14 @@ class LedgerEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["created_at", "user", "kind", "amount", "balance_after", "turn_id", "note"]
     list_filter = ["kind"]
     search_fields = ["user__username", "turn_id"]
+    ordering = ["-created_at"]
 
 
 @admin.register(CreditHold)
 class CreditHoldAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["created_at", "user", "model", "amount", "max_tokens", "released_at", "turn_id"]
     search_fields = ["user__username", "turn_id"]
+    ordering = ["-created_at"]
 
 
 @admin.register(ModelPrice)
@@ -82,9 +102,135 @@ class ModelPriceAdmin(admin.ModelAdmin):
     search_fields = ["model"]
 
 
+class UsageReportForm(forms.Form):
+    """The report's filters, from the query string. Both dates are included."""
+
+    start = forms.DateField(required=False, label="From",
+                            widget=forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d"))
+    end = forms.DateField(required=False, label="To",
+                          widget=forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d"))
+    # No max_length: a name that is too long names nobody, which the report says.
+    user = forms.CharField(required=False, label="User",
+                           widget=forms.TextInput(attrs={"placeholder": "username or id", "size": 16}))
+
+    # Far enough for any usage, near enough that a day's bounds are datetimes in every time zone.
+    earliest, latest = datetime.date(1970, 1, 1), datetime.date(9998, 12, 31)
+
+    def _in_range(self, name: str):
+        day = self.cleaned_data.get(name)
+        if day and not self.earliest <= day <= self.latest:
+            raise forms.ValidationError(f"Enter a date from {self.earliest} to {self.latest}.")
+        return day
+
+    def clean_start(self):
+        return self._in_range("start")
+
+    def clean_end(self):
+        return self._in_range("end")
+
+    def clean(self):
+        data = super().clean()
+        if data.get("start") and data.get("end") and data["start"] > data["end"]:
+            raise forms.ValidationError("The start date is after the end date.")
+        return data
+
+
+def find_user(value: str):
+    """The user named `value`, else the one whose id it is; None if neither exists."""
+    query = Q(username=value)
+    if value.isascii() and value.isdigit() and len(value) < 19:
+        query |= Q(pk=int(value))
+    found = list(get_user_model().objects.filter(query)[:2])
+    return next((u for u in found if u.get_username() == value), found[0] if found else None)
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["created_at", "user", "model", "provider_model", "prompt_tokens",
-                    "completion_tokens", "estimated", "cost"]
-    list_filter = ["estimated", "model"]
+                    "completion_tokens", "estimated", "reconciled", "cost", "provider_cost"]
+    list_filter = ["estimated", "reconciled", "model"]
     search_fields = ["user__username", "turn_id", "session_id"]
+    ordering = ["-created_at"]
+    change_list_template = "admin/billing_app/usagerecord/change_list.html"
+    report_template = "admin/billing_app/usage_report.html"
+    report_days = 30
+
+    def get_urls(self):
+        report = path("report/", self.admin_site.admin_view(self.report_view), name="billing_app_usagerecord_report")
+        return [report, *super().get_urls()]  # before the catch-all "<object_id>/"
+
+    def report_view(self, request):
+        """Usage by day and model with what it was billed, the provider's cost and the margin
+        (SPEC section 13), for a date range and optionally one user; a chart of the last
+        30 days. A constant number of queries."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        default_start, default_end = usage_report.last_days(self.report_days)
+        form = UsageReportForm(request.GET or None)
+        notes: list[str] = []
+        data = {}
+        if form.is_bound and not form.is_valid():
+            data = dict(form.cleaned_data)
+            if {"start", "end", NON_FIELD_ERRORS} & set(form.errors):
+                data.pop("start", None)
+                data.pop("end", None)
+                notes.append(f"Showing the last {self.report_days} days instead.")
+        elif form.is_bound:
+            data = form.cleaned_data
+        start = data.get("start") or default_start
+        end = data.get("end") or max(default_end, start)
+        if not data.get("start") and data.get("end"):
+            start = data["end"] - datetime.timedelta(days=self.report_days - 1)
+
+        # A name the form refused (e.g. a NUL in it) names nobody; it is not looked up.
+        refused = "user" in form.errors
+        wanted = (data.get("user") or "").strip()
+        user = find_user(wanted) if wanted else None
+        unknown_user = refused or (bool(wanted) and user is None)
+        user_id = user.pk if user else None
+        if unknown_user:
+            notes.append(f"No user “{wanted}”: the report is empty." if not refused
+                         else "No such user: the report is empty.")
+            report = usage_report.empty_report(start, end)
+        else:
+            report = usage_report.usage_report(start, end, user_id)
+        days = usage_report.daily_totals(self.report_days, user_id, empty=unknown_user)
+
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Usage report",
+            "subtitle": f"{start:%Y-%m-%d} to {end:%Y-%m-%d}" + (f" · {user.get_username()}" if user else ""),
+            "form": form,
+            "notes": notes,
+            "report": report,
+            "report_user": user,
+            "unknown_user": unknown_user,
+            "chart": usage_report.chart(days),
+            "chart_days": self.report_days,
+            "timezone_name": timezone.get_current_timezone_name(),
+            "on_estimate_turns_url": self._on_estimate_turns_url(start, end, user_id),
+            "on_estimate_usage_url": self._on_estimate_usage_url(start, end, user_id),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, self.report_template, context)
+
+    def _on_estimate_turns_url(self, start, end, user_id) -> str:
+        """The turn changelist, filtered to the range's turns still billed on an estimate."""
+        try:
+            url = reverse(f"{self.admin_site.name}:sessions_app_turn_changelist")
+        except NoReverseMatch:
+            return ""
+        query = {"reconciliation__in": "pending,unreconciled",
+                 "created_at__date__gte": start.isoformat(), "created_at__date__lte": end.isoformat()}
+        if user_id is not None:
+            query["user__id__exact"] = user_id
+        return f"{url}?{urlencode(query)}"
+
+    def _on_estimate_usage_url(self, start, end, user_id) -> str:
+        url = reverse(f"{self.admin_site.name}:billing_app_usagerecord_changelist")
+        query = {"estimated__exact": 1, "reconciled__exact": 0,
+                 "created_at__date__gte": start.isoformat(), "created_at__date__lte": end.isoformat()}
+        if user_id is not None:
+            query["user__id__exact"] = user_id
+        return f"{url}?{urlencode(query)}"

@@ -53,6 +53,9 @@ class LedgerEntry(models.Model):
         constraints = [
             # A turn is debited at most once, whatever retries or races happen.
             models.UniqueConstraint(fields=["turn_id"], condition=Q(kind="debit"), name="ledger_one_debit_per_turn"),
+            # ... and adjusted at most once, when its estimate is reconciled.
+            models.UniqueConstraint(fields=["turn_id"], condition=Q(kind="adjustment"),
+                                    name="ledger_one_adjustment_per_turn"),
             models.CheckConstraint(condition=~Q(kind="debit") | Q(amount__lte=0), name="ledger_debit_not_positive"),
             models.CheckConstraint(condition=~Q(kind="grant") | Q(amount__gt=0), name="ledger_grant_positive"),
         ]
@@ -127,7 +130,11 @@ class UsageRecord(models.Model):
     completion_tokens = models.PositiveIntegerField()
     total_tokens = models.PositiveIntegerField()
     estimated = models.BooleanField(default=False)
+    # The estimate was replaced by the provider's own record (SPEC section 13).
+    reconciled = models.BooleanField(default=False)
     cost = models.DecimalField(**MONEY)
+    # What the provider says it charged for the turn (its calls summed); None if it never said.
+    provider_cost = models.DecimalField(**MONEY, null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

@@ -36,4 +36,4 @@ class UsageRecordSerializer(serializers.ModelSerializer):
     class Meta:
         model = UsageRecord
         fields = ["id", "session_id", "turn_id", "model", "provider_model", "prompt_tokens",
-                  "completion_tokens", "total_tokens", "estimated", "cost", "created_at"]
+                  "completion_tokens", "total_tokens", "estimated", "reconciled", "cost", "created_at"]

@@ -102,6 +102,20 @@ def grant(*, user_id: int, amount: Decimal, note: str = "") -> LedgerEntry:
         return _append_entry(wallet, kind=LedgerEntry.Kind.GRANT, amount=amount, note=note)
 
 
+def adjust_turn(*, user_id: int, turn_id: uuid.UUID, amount: Decimal, note: str) -> LedgerEntry:
+    """The one correction of a settled turn's debit (SPEC section 13): `amount` credits back
+    (negative takes more), as an `adjustment` entry carrying the turn id. At most one per
+    turn (a unique constraint); call it in the transaction that corrects the turn, so both
+    commit together. The balance may go below zero: what was served is owed."""
+    amount = Decimal(amount)
+    if not amount.is_finite() or amount == 0 or quantize_money(amount) != amount:
+        raise InvalidAmount("An adjustment is a nonzero amount with at most 6 decimal places.")
+    with transaction.atomic(savepoint=False):
+        wallet = _locked_wallet(user_id)
+        return _append_entry(wallet, kind=LedgerEntry.Kind.ADJUSTMENT, amount=amount, note=note[:255],
+                             turn_id=turn_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class HoldDecision:
     """What the preflight allows: the capped `max_tokens` and the hold taken (if any)."""

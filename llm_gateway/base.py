@@ -20,6 +20,7 @@ import dataclasses
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
@@ -122,6 +123,27 @@ class CallRecord:
     usage: Usage | None = None
     error: str = ""
     stream: bool = False
+    # The provider's id of this generation (a chunk's or the answer's `id`, or the
+    # `X-Generation-Id` header): how its record is looked up later (`LlmGateway.generation`).
+    generation_id: str = ""
+    # What the provider says the call cost (OpenRouter's `usage.cost`), when it says so.
+    provider_cost: Decimal | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """The provider's own record of one generation, looked up after the call ended: what it
+    really counted and charged, also for a call whose client went away."""
+
+    id: str
+    prompt_tokens: int | None  # native counts when the provider gives them; None if unknown
+    completion_tokens: int | None
+    total_cost: Decimal | None
+    cancelled: bool = False
+
+    @property
+    def has_counts(self) -> bool:
+        return self.prompt_tokens is not None and self.completion_tokens is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +195,12 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+class GenerationNotFound(GatewayError):
+    """The provider has no record of that generation (yet: its records can lag)."""
+
+    code = "generation_not_found"
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamEnding:
     """How a stream ended: what the caller stores and bills, read once it has ended."""
@@ -208,9 +236,11 @@ class StreamingContext(abc.ABC):
 
     A gateway subclasses this and writes `_chunks()`: an async generator whose whole body
     runs in `async with self._running():`, which yields each delta through `self._sent()`,
-    sets `_usage`, `_provider_model`, `_provider` and `_finish_reason` as the provider
-    reports them, and returns once the provider finished; and `_disconnect()`, which drops the
-    source. It may override `_failure()` (what an exception of the source means).
+    sets `_usage`, `_provider_model`, `_provider`, `_finish_reason`, `_generation_id` and
+    `_provider_cost` as the provider reports them, and returns once the provider finished; and
+    `_disconnect()`, which drops the source. It may override `_failure()` (what an exception
+    of the source means). The record's `generation_id` may be set before the stream opens (a
+    response header): a `_generation_id` the stream reports replaces it.
     """
 
     def __init__(self, *, record: CallRecord, started: float,
@@ -223,6 +253,8 @@ class StreamingContext(abc.ABC):
         self._provider_model: str | None = None
         self._provider: str | None = None
         self._finish_reason: str | None = None
+        self._generation_id: str | None = None
+        self._provider_cost: Decimal | None = None
         self._ending: StreamEnding | None = None
         self._closing = False  # aclose() was called
         self.chunks: AsyncGenerator[str, None] = self._chunks()
@@ -230,6 +262,12 @@ class StreamingContext(abc.ABC):
     @property
     def records(self) -> list[CallRecord]:
         return [*self.prior_records, self.record]
+
+    @property
+    def generation_id(self) -> str:
+        """The provider's id of this generation as known so far ("" while unknown): callers
+        save it while the stream runs, so a call whose process dies can still be looked up."""
+        return self._generation_id or self.record.generation_id
 
     @property
     def ending(self) -> StreamEnding:
@@ -288,6 +326,9 @@ class StreamingContext(abc.ABC):
         record.usage = self._usage
         record.provider_model = self._provider_model or ""
         record.provider = self._provider or ""
+        # Kept whatever the status: a failed or cancelled call is what gets reconciled.
+        record.generation_id = self._generation_id or record.generation_id
+        record.provider_cost = self._provider_cost
         self._ending = StreamEnding(status=status, usage=self._usage, provider_model=record.provider_model,
                                     finish_reason=self._finish_reason or "", records=self.records)
 
@@ -364,3 +405,9 @@ class LlmGateway(abc.ABC):
         """Open the upstream stream; returns once the provider accepted the request
         (HTTP 200), so a provider that fails at once raises here, before any byte is
         sent downstream."""
+
+    async def generation(self, generation_id: str) -> Generation:
+        """The provider's record of a generation (`CallRecord.generation_id`). Raises
+        GenerationNotFound when it has none (yet), another GatewayError when it cannot be
+        asked. A gateway whose provider keeps no records has none."""
+        raise GenerationNotFound(f"{self.name} keeps no generation records")

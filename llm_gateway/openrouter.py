@@ -12,14 +12,17 @@ import contextlib
 import email.utils
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
 
+from core.money import quantize_money
 from core.text import REPLACEMENT, clean_text, find_unstorable
 
 from ._tools import clean_json_strings, run_tool_call
@@ -28,6 +31,8 @@ from .base import (
     ChatMessage,
     Completion,
     GatewayError,
+    Generation,
+    GenerationNotFound,
     LlmGateway,
     StreamingContext,
     ToolCall,
@@ -59,6 +64,12 @@ MAX_MODEL_CHARS = 200
 MAX_PROVIDER_CHARS = 100
 MAX_FINISH_REASON_CHARS = 64
 MAX_TOOL_CALL_ID_CHARS = 200
+MAX_GENERATION_ID_CHARS = 200  # an LLM event's generation_id column
+MAX_GENERATION_BODY_BYTES = 1024 * 1024  # a generation record is a few hundred bytes
+# A reported cost above this many credits is no real call's (and would not fit a money
+# column, 14 integer digits, once summed): it is ignored, like any other nonsense cost.
+MAX_PROVIDER_COST = Decimal(10**9)
+_MAX_COST_CHARS = 64  # a numeric string longer than this is no cost
 # Each call becomes a stored tool message (a turn's message positions are small ints) and an
 # executor run: calls past this many in one answer are dropped, from the assistant message too.
 MAX_TOOL_CALLS_PER_ROUND = 128
@@ -105,6 +116,44 @@ def _parse_usage(raw: Any) -> Usage | None:
     if prompt is None and completion is None:
         return None
     return Usage(prompt_tokens=prompt or 0, completion_tokens=completion or 0, estimated=False)
+
+
+def _cost(value: Any) -> Decimal | None:
+    """A provider-reported cost in credits (OpenRouter's `usage.cost`, a generation's
+    `total_cost`) as a Decimal with 6 places, or None if it is no sane cost.
+
+    Accepted: a finite JSON number or a numeric string, in [0, MAX_PROVIDER_COST]. Not
+    bools, NaN or infinities (JSON parsing yields them), negatives, or absurd values.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_PROVIDER_COST:  # before str(): a huge int has thousands of digits
+            return None
+        amount = Decimal(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        amount = Decimal(str(value))  # str(): 0.1 is Decimal("0.1"), not its binary expansion
+    elif isinstance(value, str):
+        if len(value) > _MAX_COST_CHARS:
+            return None
+        try:
+            amount = Decimal(value.strip())
+        except InvalidOperation:
+            return None
+        if not amount.is_finite():  # "NaN", "sNaN", "Infinity"
+            return None
+    else:
+        return None
+    if not 0 <= amount <= MAX_PROVIDER_COST:
+        return None
+    return quantize_money(amount.copy_abs())  # copy_abs: -0.0 is 0
+
+
+def _usage_cost(raw: Any) -> Decimal | None:
+    """The `cost` of a `usage` object, if it reports a sane one."""
+    return _cost(raw.get("cost")) if isinstance(raw, dict) else None
 
 
 def _label(value: Any, limit: int) -> str | None:
@@ -250,17 +299,22 @@ class OpenRouterGateway(LlmGateway):
         return f"{self.base_url}/chat/completions"
 
     def _headers(self, *, stream: bool) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **self._auth_headers()}
+        if stream:
+            headers["Accept"] = "text/event-stream"
+            # A compressed event stream would be buffered by the decompressor.
+            headers["Accept-Encoding"] = "identity"
+        return headers
+
+    def _auth_headers(self) -> dict[str, str]:
+        """The key and the attribution headers, sent with every request."""
+        headers: dict[str, str] = {}
         if self.api_key:  # local OpenAI-compatible servers may need none
             headers["Authorization"] = f"Bearer {self.api_key}"
         if self.app_url:
             headers["HTTP-Referer"] = self.app_url
         if self.app_title:
             headers["X-OpenRouter-Title"] = self.app_title
-        if stream:
-            headers["Accept"] = "text/event-stream"
-            # A compressed event stream would be buffered by the decompressor.
-            headers["Accept-Encoding"] = "identity"
         return headers
 
     def _retry_delay(self, attempt: int, headers: httpx.Headers | None) -> float:
@@ -320,6 +374,9 @@ class OpenRouterGateway(LlmGateway):
                 status = response.status_code
                 record.http_status = status
                 if 200 <= status < 300:
+                    # The answer's own id (a chunk's, the body's) replaces it when there is one.
+                    record.generation_id = _label(response.headers.get("x-generation-id"),
+                                                  MAX_GENERATION_ID_CHARS) or ""
                     return response, record, started
                 try:
                     body, _ = await _read_body(response, MAX_ERROR_BODY_BYTES)
@@ -429,6 +486,8 @@ class OpenRouterGateway(LlmGateway):
             raise fail("the model provider sent invalid JSON", None)
         record.provider_model = _label(data.get("model"), MAX_MODEL_CHARS) or ""
         record.provider = _label(data.get("provider"), MAX_PROVIDER_CHARS) or ""
+        record.generation_id = _label(data.get("id"), MAX_GENERATION_ID_CHARS) or record.generation_id
+        record.provider_cost = _usage_cost(data.get("usage"))  # kept by the failures below too
         reported = _parse_usage(data.get("usage"))
         if data.get("error"):
             # OpenRouter can answer 200 with an error body once it has sent keep-alives.
@@ -477,6 +536,60 @@ class OpenRouterGateway(LlmGateway):
             await upstream.read_json()
         return upstream
 
+    # -- the provider's records ------------------------------------------------------------
+
+    async def generation(self, generation_id: str) -> Generation:
+        """OpenRouter's record of a generation: `GET {base_url}/generation?id=<id>`.
+
+        One request, no retries (the caller retries, with its own backoff), bounded by the
+        gateway's timeout as a whole. Its own short-lived client: this runs from background
+        workers, each call in a new event loop (async_to_sync), where the shared client's
+        pooled connections would belong to a dead loop. Counts are the native ones when the
+        record has both, else the normalized ones; a record without counts (not final yet)
+        comes back with None counts. Raises GenerationNotFound for a 404 (records lag behind
+        the call) or an empty id, UpstreamTimeout or UpstreamError otherwise.
+        """
+        if not generation_id:
+            raise GenerationNotFound("no generation id")
+        headers = {"Accept": "application/json", **self._auth_headers()}
+        try:
+            async with (
+                asyncio.timeout(self.timeout_seconds),
+                httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client,
+                client.stream("GET", f"{self.base_url}/generation", params={"id": generation_id},
+                              headers=headers) as response,
+            ):
+                body, too_large = await _read_body(response, MAX_GENERATION_BODY_BYTES)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise UpstreamTimeout("the model provider timed out (generation lookup)") from exc
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise UpstreamError(f"the generation lookup failed: {type(exc).__name__}") from exc
+        status = response.status_code
+        if status == 404:
+            raise GenerationNotFound(_message(f"the model provider has no record of generation {generation_id[:80]}"))
+        if not 200 <= status < 300:
+            message = _error_message_from_body(body, status) if not too_large else f"HTTP {status}"
+            raise UpstreamError(_message(f"generation lookup: {message}"), status=status)
+        if too_large:
+            raise UpstreamError("the model provider's generation record is too large", status=status)
+        data = _loads(body)
+        record = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(record, dict):
+            raise UpstreamError("the model provider sent an invalid generation record", status=status)
+        native = token_count(record.get("native_tokens_prompt")), token_count(record.get("native_tokens_completion"))
+        normalized = token_count(record.get("tokens_prompt")), token_count(record.get("tokens_completion"))
+        # One pair or the other, not a mix (native and normalized counts differ), unless
+        # neither pair is whole.
+        if None not in native:
+            prompt, completion = native
+        elif None not in normalized:
+            prompt, completion = normalized
+        else:
+            prompt = native[0] if native[0] is not None else normalized[0]
+            completion = native[1] if native[1] is not None else normalized[1]
+        return Generation(id=generation_id, prompt_tokens=prompt, completion_tokens=completion,
+                          total_cost=_cost(record.get("total_cost")), cancelled=record.get("cancelled") is True)
+
 
 _DONE = object()
 
@@ -496,6 +609,8 @@ class _UpstreamStream(StreamingContext):
         self._held = ""
         self._answer: str | None = None  # the text of a JSON answer, once read
         self._response_closed = False
+        # Until a chunk names the generation: the record holds the header's id meanwhile.
+        self._want_chunk_id = True
         super().__init__(record=record, started=started, prior_records=prior_records)
 
     async def _disconnect(self) -> None:
@@ -568,9 +683,19 @@ class _UpstreamStream(StreamingContext):
         if provider != self._raw_provider:
             self._raw_provider = provider
             self._provider = _label(provider, MAX_PROVIDER_CHARS) or self._provider
-        usage = _parse_usage(chunk.get("usage"))
-        if usage is not None:
-            self._usage = usage
+        if self._want_chunk_id:  # every chunk repeats the id: take the first one only
+            generation_id = _label(chunk.get("id"), MAX_GENERATION_ID_CHARS)
+            if generation_id:
+                self._generation_id = generation_id
+                self._want_chunk_id = False
+        raw_usage = chunk.get("usage")
+        if raw_usage is not None:  # only the usage chunk (or an error chunk) has one
+            usage = _parse_usage(raw_usage)
+            if usage is not None:
+                self._usage = usage
+            cost = _usage_cost(raw_usage)
+            if cost is not None:
+                self._provider_cost = cost
         # Errors raised here carry the usage reported so far (StreamingContext._fail).
         if chunk.get("error") or event.event == "error":
             message, code = _error_text(chunk.get("error"))
@@ -609,7 +734,9 @@ class _UpstreamStream(StreamingContext):
             raise self._fail(UpstreamError("the model provider sent invalid JSON"))
         self._provider_model = _label(data.get("model"), MAX_MODEL_CHARS)
         self._provider = _label(data.get("provider"), MAX_PROVIDER_CHARS)
+        self._generation_id = _label(data.get("id"), MAX_GENERATION_ID_CHARS)
         self._usage = _parse_usage(data.get("usage"))
+        self._provider_cost = _usage_cost(data.get("usage"))
         choices = data.get("choices")
         if data.get("error") or not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             message, code = _error_text(data.get("error")) if data.get("error") else ("no choices", None)

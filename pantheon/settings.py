@@ -165,6 +165,8 @@ PANTHEON_TURN_LEASE_SECONDS = env_float("PANTHEON_TURN_LEASE_SECONDS", 30.0, min
 PANTHEON_CHECKPOINT_SECONDS = env_float("PANTHEON_CHECKPOINT_SECONDS", 2.0, minimum=0.05)
 # SPEC section 12: a resumable turn keeps generating this long with no client attached.
 PANTHEON_RESUME_GRACE_SECONDS = env_float("PANTHEON_RESUME_GRACE_SECONDS", 30.0, minimum=0)
+# SPEC section 13: wait before an estimated turn is checked against the provider's record.
+PANTHEON_RECONCILE_DELAY_SECONDS = env_float("PANTHEON_RECONCILE_DELAY_SECONDS", 60.0, minimum=0)
 PANTHEON_MAX_MESSAGE_CHARS = env_int("PANTHEON_MAX_MESSAGE_CHARS", 32000, minimum=1)
 PANTHEON_CONTEXT_BUDGET_TOKENS = env_int("PANTHEON_CONTEXT_BUDGET_TOKENS", 8000, minimum=1)
 PANTHEON_MAX_TOOL_ROUNDS = env_int("PANTHEON_MAX_TOOL_ROUNDS", 4, minimum=1)

@@ -151,9 +151,11 @@ class LeaseKeeper:
     def __init__(self, turn_id: uuid.UUID, *, parts: list[str] | None = None,
                  on_lost: Callable[[], Awaitable[None]] | None = None,
                  on_cancel: Callable[[], None] | None = None,
-                 watched: Callable[[], bool] | None = None) -> None:
+                 watched: Callable[[], bool] | None = None,
+                 generation_id: Callable[[], str] | None = None) -> None:
         self.turn_id = turn_id
         self.parts = parts  # the deltas so far (the relay appends to this list)
+        self.generation_id = generation_id  # the provider's id of the call, saved with checkpoints
         self.on_lost = on_lost
         self.on_cancel = on_cancel
         self.watched = watched
@@ -198,7 +200,8 @@ class LeaseKeeper:
                 parts = self.parts[:count]
                 checkpoint, ends = "".join(parts), chunk_ends(parts)
             try:
-                state = await _renew(self.turn_id, checkpoint=checkpoint, chunk_ends=ends)
+                state = await _renew(self.turn_id, checkpoint=checkpoint, chunk_ends=ends,
+                                     generation_id=self.generation_id() if self.generation_id is not None else "")
             except DatabaseError as exc:
                 # Keep streaming: the next period tries again; the lease has slack for that.
                 logger.warning("turn %s: lease renewal failed (%s)", self.turn_id, exc)

@@ -38,6 +38,14 @@ class Turn(models.Model):
         FAILED = "failed"
         INTERRUPTED = "interrupted"  # its process died; closed by the sweep
 
+    class Reconciliation(models.TextChoices):
+        # SPEC section 13: a turn billed on an estimate is checked later against the
+        # provider's own record of its generation(s).
+        NOT_NEEDED = "", "not needed"  # billed on the provider's own usage, or free
+        PENDING = "pending"  # estimated; the reconcile task will look it up
+        RECONCILED = "reconciled"  # billed on the provider's record now
+        UNRECONCILED = "unreconciled"  # the estimate stands: no record found (or none to look up)
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="turns")
@@ -67,6 +75,10 @@ class Turn(models.Model):
     # POST .../cancel reached a process that does not serve the turn; the serving one
     # stops at its next lease write if the signal did not reach it sooner.
     cancel_requested = models.BooleanField(default=False)
+    reconciliation = models.CharField(max_length=16, choices=Reconciliation.choices, blank=True, default="")
+    # While a stream runs: the provider's generation id, saved with the checkpoints, so a turn
+    # whose process died (closed by the sweep) can still be reconciled.
+    generation_id = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -89,6 +101,10 @@ class Turn(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def reconciled(self) -> bool:
+        return self.reconciliation == self.Reconciliation.RECONCILED
 
 
 class Message(models.Model):
@@ -139,6 +155,10 @@ class LlmEvent(models.Model):
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     error = models.TextField(blank=True)
+    # The provider's generation id and reported cost (SPEC section 13); the counts and the
+    # cost are replaced by the provider's record when the turn is reconciled.
+    generation_id = models.CharField(max_length=200, blank=True)
+    provider_cost = models.DecimalField(**MONEY, null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

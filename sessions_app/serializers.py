@@ -31,7 +31,9 @@ class SessionCreateSerializer(serializers.Serializer):
 
 def turn_usage(turn: Turn) -> dict:
     return {"prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
-            "total_tokens": turn.total_tokens, "estimated": turn.usage_estimated}
+            "total_tokens": turn.total_tokens, "estimated": turn.usage_estimated,
+            # SPEC section 13: replaced by the provider's own record after an estimate.
+            "reconciled": turn.reconciled}
 
 
 def turn_data(turn: Turn) -> dict:

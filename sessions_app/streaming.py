@@ -187,7 +187,8 @@ class LiveTurn:
         outcome: TurnOutcome | None = None
         keeper = self.keeper = LeaseKeeper(prepared.turn_id, parts=self.parts, on_lost=ctx.aclose,
                                            on_cancel=self.stop,
-                                           watched=lambda: self.watched_until > self._loop.time()).start()
+                                           watched=lambda: self.watched_until > self._loop.time(),
+                                           generation_id=lambda: ctx.generation_id).start()
         try:
             async with asyncio.timeout_at(self.deadline):
                 async for delta in ctx.chunks:

@@ -183,8 +183,8 @@ class PreparedTurn:
 
 _RENEW = (f"UPDATE {sql.table(Turn)} SET lease_until = %s WHERE id = %s AND status = 'running' "
           f"RETURNING cancel_requested")
-_RENEW_WITH_CHECKPOINT = (f"UPDATE {sql.table(Turn)} SET lease_until = %s, checkpoint = %s, chunk_ends = %s "
-                          f"WHERE id = %s AND status = 'running' RETURNING cancel_requested")
+_RENEW_WITH_CHECKPOINT = (f"UPDATE {sql.table(Turn)} SET lease_until = %s, checkpoint = %s, chunk_ends = %s, "
+                          f"generation_id = %s WHERE id = %s AND status = 'running' RETURNING cancel_requested")
 _REQUEST_CANCEL = f"UPDATE {sql.table(Turn)} SET cancel_requested = %s WHERE id = %s AND status = 'running'"
 _PROGRESS = f"SELECT status, checkpoint, chunk_ends, session_id, model FROM {sql.table(Turn)} WHERE id = %s"
 _TOUCH_KEY = f"UPDATE {sql.table(ApiKey)} SET last_used_at = %s WHERE id = %s"
@@ -226,7 +226,7 @@ def _tool_system_message(files: list[dict[str, Any]]) -> str:
             f"The user's ready files:\n{listing}")
 
 
-def _rounds(tools_enabled: bool) -> int:
+def turn_rounds(tools_enabled: bool) -> int:
     """Model calls a turn may make: tool rounds, then the answer."""
     return settings.PANTHEON_MAX_TOOL_ROUNDS + 1 if tools_enabled else 1
 
@@ -253,7 +253,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     if price is None:
         raise TurnRejected("unknown_model", f"Model {model!r} is not in the price list.")
 
-    rounds, extra_system, tools = _rounds(request.tools_enabled), "", None
+    rounds, extra_system, tools = turn_rounds(request.tools_enabled), "", None
     if request.tools_enabled:
         extra_system = _tool_system_message(ready_files_for(preflight.user_id))
         tools = [FILE_READ_TOOL]
@@ -283,7 +283,8 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                 "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
                 "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
                 "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
-                "resumable": request.resumable, "cancel_requested": False, "created_at": now, "finished_at": None,
+                "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
+                "generation_id": "", "created_at": now, "finished_at": None,
             }])
             sql.insert(Message, [{
                 "id": uuid.uuid4(), "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
@@ -315,15 +316,17 @@ class Renewal(enum.Enum):
 
 
 def renew_turn(turn_id: uuid.UUID, *, checkpoint: str | None = None,
-               chunk_ends: list[int] | None = None) -> Renewal:
+               chunk_ends: list[int] | None = None, generation_id: str = "") -> Renewal:
     """Extend a running turn's lease (its hold lives as long) and, if given, save the partial
-    answer (and where its deltas end). One UPDATE, which also tells whether a stop was asked."""
+    answer (where its deltas end, and the provider's generation id, for the sweep to
+    reconcile the turn if this process dies). One UPDATE, which also tells whether a stop
+    was asked."""
     lease, turn = sql.value(Turn, "lease_until", _lease_from(timezone.now())), sql.value(Turn, "id", turn_id)
     if checkpoint is None:
         row = sql.fetch_one(_RENEW, [lease, turn])
     else:
-        row = sql.fetch_one(_RENEW_WITH_CHECKPOINT,
-                            [lease, checkpoint, sql.value(Turn, "chunk_ends", chunk_ends), turn])
+        row = sql.fetch_one(_RENEW_WITH_CHECKPOINT, [lease, checkpoint, sql.value(Turn, "chunk_ends", chunk_ends),
+                                                     _fit(Turn, "generation_id", generation_id), turn])
     if row is None:
         return Renewal.GONE
     return Renewal.CANCEL_REQUESTED if row[0] else Renewal.RUNNING
@@ -430,10 +433,11 @@ class LockedTurn:
     created_at: datetime
     chunk_ends: list[int] | None
     resumable: bool
+    generation_id: str
 
 
 _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
-                  "streamed", "checkpoint", "created_at", "chunk_ends", "resumable")
+                  "streamed", "checkpoint", "created_at", "chunk_ends", "resumable", "generation_id")
 
 
 @functools.cache
@@ -459,7 +463,7 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
     return LockedTurn(id=sql.as_uuid(row[0]), status=row[1], user_id=row[2], session_id=sql.as_uuid(row[3]),
                       model=row[4], prompt_tokens=row[5], max_tokens=row[6], tools_enabled=bool(row[7]),
                       streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]),
-                      chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]))
+                      chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]), generation_id=row[13] or "")
 
 
 def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
@@ -481,11 +485,12 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     price = price or billing.get_price(turn.model)
     content = clean_text(outcome.content)
     usage = billing.usage_to_bill(reported=outcome.usage, text=content, prompt_estimate=turn.prompt_tokens,
-                                  output_cap=turn.max_tokens * _rounds(turn.tools_enabled),
+                                  output_cap=turn.max_tokens * turn_rounds(turn.tools_enabled),
                                   prompt_processed=outcome.prompt_processed)
     cost = billing.compute_cost(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                                 price=price)
     now = timezone.now()
+    reconciliation = reconciliation_at_close(usage, outcome.records)
     ended = {
         "status": outcome.status, "provider_model": _fit(Turn, "provider_model", outcome.provider_model),
         "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
@@ -493,7 +498,7 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
                                                                                  outcome.finish_reason),
         "error_code": _fit(Turn, "error_code", outcome.error_code), "error_message": clean_text(outcome.error_message),
         "lease_until": None, "checkpoint": "", "finished_at": now,
-        "chunk_ends": _fitting_ends(outcome.chunk_ends, content),
+        "chunk_ends": _fitting_ends(outcome.chunk_ends, content), "reconciliation": reconciliation,
     }
     # None of these waits for an answer: on PostgreSQL they go out with settle's first read.
     sql.update(Turn, turn.id, ended, count=False)
@@ -510,15 +515,43 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
             "id": uuid.uuid4(), "user_id": turn.user_id, "session_id": turn.session_id, "turn_id": turn.id,
             "model": turn.model, "provider_model": ended["provider_model"], "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
-            "estimated": usage.estimated, "cost": cost, "created_at": now,
+            "estimated": usage.estimated, "reconciled": False, "cost": cost,
+            "provider_cost": provider_cost(outcome.records), "created_at": now,
         }])
     sql.insert(LlmEvent, [_event_row(record, turn, now) for record in outcome.records])
     sql.update(ChatSession, turn.session_id, {"updated_at": now}, count=False)
     balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost, note=f"{outcome.status} turn")
+    if reconciliation == Turn.Reconciliation.PENDING:
+        # In this transaction: a turn that closed as pending always has its task queued.
+        from sessions_app.tasks import schedule_reconciliation  # the tasks import this module
+
+        schedule_reconciliation(turn.id)
     stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, model=turn.model,
                   streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
                   resumable=turn.resumable, created_at=turn.created_at, **ended)
     return TurnResult(turn=stored, message=Message(**assistant), balance=balance)
+
+
+def reconciliation_at_close(usage: Usage, records: list[CallRecord]) -> str:
+    """Whether a closing turn will be checked against the provider's record (SPEC section 13).
+
+    Only a turn billed on an estimate is. It can be reconciled when the provider can be asked
+    about every call that may have cost something: each call the provider accepted (2xx)
+    has a generation id, or reported its own usage. Otherwise the estimate stands, visibly.
+    """
+    if not usage.estimated:
+        return Turn.Reconciliation.NOT_NEEDED
+    accepted = [r for r in records if r.http_status is not None and 200 <= r.http_status < 300]
+    if any(r.generation_id for r in accepted) and all(
+            r.generation_id or (r.usage is not None and not r.usage.estimated) for r in accepted):
+        return Turn.Reconciliation.PENDING
+    return Turn.Reconciliation.UNRECONCILED
+
+
+def provider_cost(records: list[CallRecord]) -> Decimal | None:
+    """What the provider said the calls cost, summed; None if it never said."""
+    costs = [r.provider_cost for r in records if r.provider_cost is not None]
+    return sum(costs, Decimal(0)) if costs else None
 
 
 def _fitting_ends(ends: list[int] | None, content: str) -> list[int] | None:
@@ -539,8 +572,22 @@ def _event_row(record: CallRecord, turn: LockedTurn, now: datetime) -> dict[str,
         "http_status": record.http_status, "streamed": record.stream, "latency_ms": record.latency_ms,
         "ttft_ms": record.ttft_ms, "prompt_tokens": record.usage.prompt_tokens if record.usage else None,
         "completion_tokens": record.usage.completion_tokens if record.usage else None,
-        "error": clean_text(record.error), "created_at": now,
+        "error": clean_text(record.error), "generation_id": _fit(LlmEvent, "generation_id", record.generation_id),
+        "provider_cost": record.provider_cost, "created_at": now,
     }
+
+
+def _interrupted(turn: LockedTurn) -> TurnOutcome:
+    """How the sweep ends a turn whose process died: billed from its last checkpoint, and
+    with the provider's generation id it saved (the call's only trace), so it is reconciled."""
+    records = []
+    if turn.generation_id:
+        records.append(CallRecord(requested_model=turn.model, status="cancelled", http_status=200,
+                                  stream=turn.streamed, generation_id=turn.generation_id,
+                                  error="the process serving this turn stopped"))
+    return TurnOutcome(status=Turn.Status.INTERRUPTED, content=turn.checkpoint, chunk_ends=turn.chunk_ends,
+                       records=records, error_code="interrupted",
+                       error_message="The process serving this turn stopped; closed by the sweep.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,11 +616,7 @@ def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
                     turn = _lock_turn(turn_id, lapsed_before=now)
                     if turn is None:  # closed meanwhile, or another sweeper has it
                         continue
-                    _close_locked(turn, TurnOutcome(
-                        status=Turn.Status.INTERRUPTED, content=turn.checkpoint, chunk_ends=turn.chunk_ends,
-                        error_code="interrupted",
-                        error_message="The process serving this turn stopped; closed by the sweep.",
-                    ), price=None)
+                    _close_locked(turn, _interrupted(turn), price=None)
             except Exception:
                 # One turn that cannot be closed (its model's price was deleted) must not stop
                 # the others; it stays running, and in the log, until an operator fixes it.

@@ -70,6 +70,17 @@ def turn_problems(*, allow_running: bool = False) -> list[str]:
     if not allow_running:
         for turn in Turn.objects.filter(status=Turn.Status.RUNNING):
             problems.append(f"turn {turn.pk} is still running")
+    # What the ledger took for each ended turn (its debit, and an adjustment once reconciled)
+    # is what the turn says it cost.
+    from django.db.models import Sum
+
+    from billing_app.models import LedgerEntry
+
+    charged = dict(LedgerEntry.objects.filter(turn_id__isnull=False, kind__in=["debit", "adjustment"])
+                   .values("turn_id").annotate(total=Sum("amount")).values_list("turn_id", "total"))
+    for turn_id, cost in Turn.objects.exclude(status=Turn.Status.RUNNING).values_list("id", "cost"):
+        if -charged.get(turn_id, Decimal(0)) != cost:
+            problems.append(f"turn {turn_id} cost {cost} but the ledger took {-charged.get(turn_id, Decimal(0))}")
     return problems
 
 

@@ -21,7 +21,8 @@ empty queue, a chooser set with `reply_with(choose)` is asked next: `choose(requ
 replies by content (e.g. a tool turn's second round, whose last message has role "tool") use
 it rather than the FIFO queue. Otherwise every request gets the default echo reply: "Hello
 from fake upstream" (usage 10/5, model DEFAULT_MODEL), streamed or not according to the
-request's "stream" flag. Any path other than /api/v1/chat/completions gets a 404 error body.
+request's "stream" flag. `GET /api/v1/generation?id=...` answers from the generation
+registry (below); any other path gets a 404 error body.
 
 Reply constructors (module functions, also reachable as methods of the fixture object):
 `completion()`, `tool_call()`, `http_error()`, `sse_stream()`, `slow_stream()`, `raw_stream()`,
@@ -33,6 +34,34 @@ ensure_ascii=True)` escapes every non-ASCII character (NUL is always escaped as 
 JSON body); `.disconnected` (a threading.Event) is set when a client hung up while a reply
 was still being written (cancellation tests). The `fake_openrouter_settings` fixture also
 points the Django settings (so `llm_gateway.get_gateway()`) at the server.
+
+Generations (SPEC section 13, provider cost reconciliation). Every 2xx reply built by
+`completion()` or `sse_stream()` (so the default replies too) gets a new id, `gen-fake-<n>`
+(n = 1, 2, ... per server): it replaces the placeholder id "gen-fake-1" of the JSON body and
+of every SSE chunk as they are written (not with `completion(body_id=False)` or
+`sse_stream(chunk_ids=False)`), comes as the `X-Generation-Id` header, and is the request's
+`RecordedRequest.generation_id`. `raw_stream()`, `raw_json()` and `http_error()`
+replies (and any non-2xx) start no generation. Once its handler is done writing (or has
+seen the client go away), the generation's record goes into `.generations[id]`:
+- prompt tokens: the reply's scripted usage (`usage`, else a stream's `error_usage`), else
+  DEFAULT_PROMPT_TOKENS (10);
+- completion tokens: for a stream, 1 per content piece actually written, so a client that
+  goes away after 3 pieces gives 3 (mind that pieces written before the server saw the
+  disconnect count: use a `delay` for exact numbers); for a JSON completion, the scripted
+  usage's, else 1 per word of `content` (billed in full even if the client leaves);
+- `total_cost`: prompt * p + completion * c credits, a float, with
+  `(p, c) = .generation_price` (default DEFAULT_GENERATION_PRICE, 1e-6 and 2e-6);
+- `cancelled`: the client went away before the stream ended.
+`GET /api/v1/generation?id=X` answers 200 `{"data": <record>}` (keys id, model, streamed,
+native_tokens_prompt, native_tokens_completion, tokens_prompt, tokens_completion,
+total_cost, cancelled), or 404 with an error body for an id without a record (unknown, or
+still being served). Scripting: `.generation_lag = N` makes each id answer 404 to its
+first N lookups; `.generations[id]` may be replaced (a record dict, or a `JsonReply` such as
+`http_error(500)` or `raw_json(b"...")` served as is, even before the id is served: a
+finished reply does not overwrite it) or deleted. `.generation_ids` lists the ids served,
+in order; `generation_lookups(id)` counts the lookups of one; `wait_for_generation(id)`
+waits until its record is final. Lookups are in `.requests` too (method GET, path with the
+query).
 """
 
 from __future__ import annotations
@@ -49,9 +78,10 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -61,6 +91,15 @@ DEFAULT_CONTENT = "Hello from fake upstream"
 DEFAULT_PIECES = ("Hello", " from", " fake", " upstream")
 DEFAULT_USAGE = (10, 5)
 CHAT_PATH = "/api/v1/chat/completions"
+GENERATION_PATH = "/api/v1/generation"
+# The id the reply constructors put in bodies and chunks; each reply served replaces it with
+# its own generation id (`gen-fake-<n>`), so scripted replies stay reusable.
+PLACEHOLDER_ID = "gen-fake-1"
+_PLACEHOLDER_ID_BYTES = b'"id": "gen-fake-1"'  # as json.dumps writes it in a chunk
+# A generation's prompt tokens when its reply scripted no usage.
+DEFAULT_PROMPT_TOKENS = DEFAULT_USAGE[0]
+# Credits per prompt token and per completion token of a generation record (`total_cost`).
+DEFAULT_GENERATION_PRICE = (0.000001, 0.000002)
 
 UsageArg = tuple[int, int] | dict[str, Any] | None
 
@@ -72,6 +111,18 @@ class RecordedRequest:
     headers: dict[str, str]  # names lower-cased
     body: Any  # parsed JSON, or None if the body was not JSON
     raw_body: bytes
+    generation_id: str = ""  # the id of the generation this request's reply started, if any
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationScript:
+    """What a reply built by `completion()` or `sse_stream()` tells the generation registry.
+    Replies without one (`raw_*`, `http_error`) start no generation and carry no id."""
+
+    model: str
+    prompt_tokens: int | None  # the scripted usage's; None: DEFAULT_PROMPT_TOKENS
+    completion_tokens: int = 0  # a JSON completion's; a stream counts its pieces as written
+    piece_writes: frozenset[int] = frozenset()  # the indexes of a stream's writes that carry a piece
 
 
 @dataclasses.dataclass
@@ -84,6 +135,7 @@ class JsonReply:
     delay: float = 0.0  # seconds before the status line is sent (timeouts)
     raw: bytes | None = None  # sent as is instead of json.dumps(body)
     content_type: str = "application/json"
+    generation: GenerationScript | None = None
 
 
 @dataclasses.dataclass
@@ -98,10 +150,22 @@ class StreamReply:
     open_delay: float = 0.0  # seconds before the status line
     chunked: bool = True  # else: no framing, the body ends when the connection closes
     drop_connection: bool = False  # close without the final 0-chunk (transport-level truncation)
+    generation: GenerationScript | None = None
 
 
 Reply = JsonReply | StreamReply
 ReplyChooser = Callable[[RecordedRequest], Reply | None]
+
+
+@dataclasses.dataclass
+class _Generation:
+    """A generation being served: what its handler has sent so far."""
+
+    id: str
+    script: GenerationScript
+    streamed: bool
+    completion_tokens: int = 0
+    cancelled: bool = False
 
 
 def _usage_dict(usage: UsageArg) -> dict[str, Any] | None:
@@ -112,6 +176,17 @@ def _usage_dict(usage: UsageArg) -> dict[str, Any] | None:
     prompt, completion_ = usage
     return {"prompt_tokens": prompt, "completion_tokens": completion_,
             "total_tokens": prompt + completion_, "cost": 0.0001, "is_byok": False}
+
+
+def _scripted_count(usage: UsageArg, index: int) -> int | None:
+    """The prompt (0) or completion (1) tokens a scripted usage says, if it is a sane int."""
+    if isinstance(usage, tuple):
+        return usage[index]
+    if isinstance(usage, dict):
+        value = usage.get(("prompt_tokens", "completion_tokens")[index])
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
 
 
 def tool_call(name: str, arguments: dict[str, Any] | str = "", id: str | None = None) -> dict[str, Any]:
@@ -125,23 +200,32 @@ def tool_call(name: str, arguments: dict[str, Any] | str = "", id: str | None = 
 def completion(content: str | None = DEFAULT_CONTENT, *, tool_calls: Sequence[dict[str, Any]] | None = None,
                usage: UsageArg = DEFAULT_USAGE, model: str = DEFAULT_MODEL, provider: str = DEFAULT_PROVIDER,
                finish_reason: str | None = None, delay: float = 0.0, status: int = 200,
-               extra: dict[str, Any] | None = None) -> JsonReply:
+               extra: dict[str, Any] | None = None, body_id: bool = True) -> JsonReply:
     """A non-streaming chat completion. `finish_reason` defaults to "tool_calls" when there
-    are tool calls, else "stop". `usage=None` leaves usage out."""
+    are tool calls, else "stop". `usage=None` leaves usage out. Served with 2xx, it starts a
+    generation: its id is the body's `id` (unless `body_id=False`, or `extra` sets another)
+    and the X-Generation-Id header; its record counts the scripted usage, else 1 completion
+    token per word of `content`."""
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(tool_calls)]
     reason = finish_reason or ("tool_calls" if tool_calls else "stop")
     body: dict[str, Any] = {
-        "id": "gen-fake-1", "object": "chat.completion", "created": int(time.time()),
+        "id": PLACEHOLDER_ID, "object": "chat.completion", "created": int(time.time()),
         "model": model, "provider": provider, "system_fingerprint": None,
         "choices": [{"index": 0, "logprobs": None, "finish_reason": reason,
                      "native_finish_reason": reason, "message": message}],
     }
     if usage is not None:
         body["usage"] = _usage_dict(usage)
+    if not body_id:
+        del body["id"]
     body.update(extra or {})
-    return JsonReply(body=body, status=status, delay=delay)
+    scripted = _scripted_count(usage, 1)
+    words = len(content.split()) if isinstance(content, str) else 0
+    script = GenerationScript(model=model, prompt_tokens=_scripted_count(usage, 0),
+                              completion_tokens=words if scripted is None else scripted)
+    return JsonReply(body=body, status=status, delay=delay, generation=script)
 
 
 def http_error(status: int, message: str | None = None, *, retry_after: float | str | None = None,
@@ -176,9 +260,11 @@ def sse_data(obj: Any, *, ensure_ascii: bool = False) -> bytes:
 
 
 def _chunk(model: str, provider: str, choices: list[dict[str, Any]], *, ensure_ascii: bool = False,
-           **extra: Any) -> bytes:
-    obj = {"id": "gen-fake-1", "provider": provider, "model": model, "object": "chat.completion.chunk",
+           chunk_id: bool = True, **extra: Any) -> bytes:
+    obj = {"id": PLACEHOLDER_ID, "provider": provider, "model": model, "object": "chat.completion.chunk",
            "created": 1739458867, "choices": choices, **extra}
+    if not chunk_id:
+        del obj["id"]
     return sse_data(obj, ensure_ascii=ensure_ascii)
 
 
@@ -188,7 +274,8 @@ def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_M
                error_after: int | None = None, error_code: int | str = "server_error",
                error_message: str = "Provider disconnected unexpectedly", error_usage: UsageArg = None,
                done: bool = True, drop_connection: bool = False, comments: bool = True,
-               delay: float = 0.0, open_delay: float = 0.0, ensure_ascii: bool = False) -> StreamReply:
+               delay: float = 0.0, open_delay: float = 0.0, ensure_ascii: bool = False,
+               chunk_ids: bool = True) -> StreamReply:
     """An OpenRouter-style SSE stream of `pieces`, one event per write.
 
     usage_shape: "empty_choices" (`"choices": []`, as documented) or "empty_delta"
@@ -197,9 +284,15 @@ def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_M
     end the stream. done=False: end cleanly without `data: [DONE]`. drop_connection: close the
     socket without ending the chunked body. ensure_ascii: every non-ASCII character as a JSON
     escape (pieces with lone surrogates are escaped anyway, see `json_bytes()`).
+
+    Served, it starts a generation: its id is every chunk's `id` (unless `chunk_ids=False`)
+    and the X-Generation-Id header; its record counts 1 completion token per piece actually
+    written (fewer if the client went away), and the prompt tokens of `usage` (else
+    `error_usage`, else DEFAULT_PROMPT_TOKENS).
     """
     writes: list[bytes] = []
-    chunk = functools.partial(_chunk, ensure_ascii=ensure_ascii)
+    piece_writes: set[int] = set()
+    chunk = functools.partial(_chunk, ensure_ascii=ensure_ascii, chunk_id=chunk_ids)
     if comments:
         writes.append(b": OPENROUTER PROCESSING\n\n")
     writes.append(chunk(model, provider, [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -208,17 +301,22 @@ def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_M
     for index, piece in enumerate(pieces):
         if error_after is not None and index == error_after:
             break
+        piece_writes.add(len(writes))
         writes.append(chunk(model, provider, [{"index": 0, "delta": {"content": piece},
                                                "finish_reason": None}]))
         if comments and index == 1:
             writes.append(b": OPENROUTER PROCESSING\n\n")
+    prompt_tokens = _scripted_count(usage, 0)
+    script = GenerationScript(model=model, piece_writes=frozenset(piece_writes),
+                              prompt_tokens=_scripted_count(error_usage, 0) if prompt_tokens is None else prompt_tokens)
     if error_after is not None:
         extra: dict[str, Any] = {"error": {"code": error_code, "message": error_message}}
         if error_usage is not None:
             extra["usage"] = _usage_dict(error_usage)
         writes.append(chunk(model, provider, [{"index": 0, "delta": {"content": ""},
                                                "finish_reason": "error"}], **extra))
-        return StreamReply(writes=writes, delay=delay, open_delay=open_delay, drop_connection=drop_connection)
+        return StreamReply(writes=writes, delay=delay, open_delay=open_delay, drop_connection=drop_connection,
+                           generation=script)
     writes.append(chunk(model, provider, [{"index": 0, "delta": {"content": ""},
                                            "finish_reason": finish_reason,
                                            "native_finish_reason": finish_reason}]))
@@ -232,7 +330,8 @@ def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_M
         writes.append(chunk(model, provider, choices, usage=_usage_dict(usage)))
     if done:
         writes.append(b"data: [DONE]\n\n")
-    return StreamReply(writes=writes, delay=delay, open_delay=open_delay, drop_connection=drop_connection)
+    return StreamReply(writes=writes, delay=delay, open_delay=open_delay, drop_connection=drop_connection,
+                       generation=script)
 
 
 def slow_stream(pieces: int = 200, *, delay: float = 0.05, **kwargs: Any) -> StreamReply:
@@ -242,10 +341,13 @@ def slow_stream(pieces: int = 200, *, delay: float = 0.05, **kwargs: Any) -> Str
 
 def raw_stream(writes: Sequence[bytes], *, delay: float = 0.0, status: int = 200,
                content_type: str = "text/event-stream", chunked: bool = True,
-               drop_connection: bool = False, open_delay: float = 0.0) -> StreamReply:
-    """Exactly these bytes, each written and flushed separately, `delay` seconds apart."""
+               drop_connection: bool = False, open_delay: float = 0.0,
+               headers: dict[str, str] | None = None) -> StreamReply:
+    """Exactly these bytes, each written and flushed separately, `delay` seconds apart (no
+    generation, no id but what `writes` and `headers` carry)."""
     return StreamReply(writes=list(writes), delay=delay, status=status, content_type=content_type,
-                       chunked=chunked, drop_connection=drop_connection, open_delay=open_delay)
+                       chunked=chunked, drop_connection=drop_connection, open_delay=open_delay,
+                       headers=dict(headers or {}))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -268,6 +370,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         fake = self.server.fake
+        generation: _Generation | None = None
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
@@ -277,35 +380,56 @@ class _Handler(BaseHTTPRequestHandler):
         request = RecordedRequest(method=self.command, path=self.path,
                                   headers={k.lower(): v for k, v in self.headers.items()},
                                   body=body, raw_body=raw)
-        if urlsplit(self.path).path.rstrip("/") != CHAT_PATH:
+        url = urlsplit(self.path)
+        route = url.path.rstrip("/")
+        if route == CHAT_PATH:
+            reply: Reply = fake._take_reply(request)
+            generation = fake._start_generation(request, reply)
+        elif route == GENERATION_PATH and self.command == "GET":
             fake._record(request)
-            reply: Reply = http_error(404, f"no route {self.path}")
+            reply = fake._lookup(parse_qs(url.query).get("id", [""])[0])
         else:
-            reply = fake._take_reply(request)
+            fake._record(request)
+            reply = http_error(404, f"no route {self.path}")
         self.close_connection = True
         try:
             if isinstance(reply, JsonReply):
-                self._send_json(reply)
+                self._send_json(reply, generation)
             else:
-                self._send_stream(reply)
+                self._send_stream(reply, generation)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             fake.disconnected.set()
+            if generation is not None and generation.streamed:  # a JSON answer is billed in full
+                generation.cancelled = True
+        finally:
+            if generation is not None:
+                fake._finish_generation(generation)
 
-    def _send_json(self, reply: JsonReply) -> None:
+    def _send_json(self, reply: JsonReply, generation: _Generation | None) -> None:
+        if generation is not None:
+            # Billed in full, even if the client leaves before the answer (as OpenRouter does).
+            generation.completion_tokens = generation.script.completion_tokens
         if reply.delay and self._wait(reply.delay):
             return
-        data = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
+        body = reply.body
+        if generation is not None and isinstance(body, dict) and body.get("id") == PLACEHOLDER_ID:
+            body = {**body, "id": generation.id}
+        data = reply.raw if reply.raw is not None else json.dumps(body).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
+        if generation is not None:
+            self.send_header("X-Generation-Id", generation.id)
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_stream(self, reply: StreamReply) -> None:
+    def _send_stream(self, reply: StreamReply, generation: _Generation | None) -> None:
         if reply.open_delay and self._wait(reply.open_delay):
+            if generation is not None:
+                generation.cancelled = True
             return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
@@ -313,15 +437,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         if reply.chunked:
             self.send_header("Transfer-Encoding", "chunked")
+        if generation is not None:
+            self.send_header("X-Generation-Id", generation.id)
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.end_headers()
+        id_bytes = b'"id": ' + json.dumps(generation.id).encode() if generation is not None else b""
         for index, data in enumerate(reply.writes):
             if index and reply.delay and self._wait(reply.delay):
+                if generation is not None:
+                    generation.cancelled = True  # the client went away mid-stream
                 return
             if not data:
                 continue  # an empty chunk would end a chunked body
+            if generation is not None:
+                data = data.replace(_PLACEHOLDER_ID_BYTES, id_bytes)
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if reply.chunked else data)
+            if generation is not None and index in generation.script.piece_writes:
+                generation.completion_tokens += 1
         if reply.drop_connection:
             # Cut the connection without the terminating chunk.
             with contextlib.suppress(OSError):
@@ -381,11 +514,20 @@ class FakeOpenRouter:
         self.requests: list[RecordedRequest] = []
         # Set when a client closed a connection while we were still answering it.
         self.disconnected = threading.Event()
+        # The generation registry (see the module docstring): id -> the record served as
+        # {"data": ...}, or a JsonReply served as is instead.
+        self.generations: dict[str, dict[str, Any] | JsonReply] = {}
+        self.generation_lag = 0  # each id answers 404 to its first `generation_lag` lookups
+        self.generation_price: tuple[float, float] = DEFAULT_GENERATION_PRICE
+        self._generation_ids: list[str] = []
+        self._generations_done: set[str] = set()
+        self._lookups: collections.Counter[str] = collections.Counter()
         self._queue: collections.deque[Reply] = collections.deque()
         self._chooser: ReplyChooser | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._request_seen = threading.Condition(self._lock)
+        self._generation_done = threading.Condition(self._lock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -451,6 +593,61 @@ class FakeOpenRouter:
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
         with self._request_seen:
             return self._request_seen.wait_for(lambda: len(self.requests) >= count, timeout)
+
+    @property
+    def generation_ids(self) -> list[str]:
+        """The ids of the generations served so far, in the order their replies started."""
+        with self._lock:
+            return list(self._generation_ids)
+
+    def generation_lookups(self, generation_id: str) -> int:
+        """How many times `GET /generation?id=<generation_id>` was asked."""
+        with self._lock:
+            return self._lookups[generation_id]
+
+    def wait_for_generation(self, generation_id: str, timeout: float = 5.0) -> bool:
+        """Wait until the handler serving `generation_id` finished (its record is final)."""
+        with self._generation_done:
+            return self._generation_done.wait_for(lambda: generation_id in self._generations_done, timeout)
+
+    def _start_generation(self, request: RecordedRequest, reply: Reply) -> _Generation | None:
+        """A new generation for `reply`, if it is a 2xx built by `completion()`/`sse_stream()`."""
+        if reply.generation is None or not 200 <= reply.status < 300:
+            return None
+        with self._lock:
+            generation_id = f"gen-fake-{len(self._generation_ids) + 1}"
+            self._generation_ids.append(generation_id)
+            request.generation_id = generation_id
+        return _Generation(id=generation_id, script=reply.generation, streamed=isinstance(reply, StreamReply))
+
+    def _finish_generation(self, generation: _Generation) -> None:
+        """Register the record of a generation whose handler is done (unless a test already
+        put one there)."""
+        script = generation.script
+        prompt = DEFAULT_PROMPT_TOKENS if script.prompt_tokens is None else script.prompt_tokens
+        completion_ = generation.completion_tokens
+        prompt_price, completion_price = self.generation_price
+        cost = prompt * Decimal(str(prompt_price)) + completion_ * Decimal(str(completion_price))
+        record = {"id": generation.id, "model": script.model, "streamed": generation.streamed,
+                  "native_tokens_prompt": prompt, "native_tokens_completion": completion_,
+                  "tokens_prompt": prompt, "tokens_completion": completion_,
+                  "total_cost": float(cost), "cancelled": generation.cancelled}
+        with self._generation_done:
+            self.generations.setdefault(generation.id, record)
+            self._generations_done.add(generation.id)
+            self._generation_done.notify_all()
+
+    def _lookup(self, generation_id: str) -> JsonReply:
+        """The answer to `GET /generation?id=<generation_id>`."""
+        with self._lock:
+            self._lookups[generation_id] += 1
+            lagging = self._lookups[generation_id] <= self.generation_lag
+            entry = None if lagging else self.generations.get(generation_id)
+        if isinstance(entry, JsonReply):
+            return entry
+        if entry is None:
+            return http_error(404, f"Generation {generation_id} not found")
+        return JsonReply(body={"data": entry})
 
     def _record(self, request: RecordedRequest) -> None:
         with self._request_seen:

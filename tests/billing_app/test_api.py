@@ -50,7 +50,8 @@ def test_usage_page_and_session_filter(alice, alice_api, bob):
     filtered = alice_api.get(f"/api/v1/usage?session={s1}").json()
     assert filtered["count"] == 2
     assert set(filtered["results"][0]) == {"id", "session_id", "turn_id", "model", "provider_model", "prompt_tokens",
-                                           "completion_tokens", "total_tokens", "estimated", "cost", "created_at"}
+                                           "completion_tokens", "total_tokens", "estimated", "reconciled", "cost",
+                                           "created_at"}
     assert filtered["results"][0]["cost"] == "0.000005"
     bad = alice_api.get("/api/v1/usage?session=not-a-uuid")
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_session"

@@ -60,6 +60,7 @@ class Recorder:
         turn = SimpleNamespace(id=prepared.turn_id, status=outcome.status, cost=Decimal("0.1"),
                                provider_model=outcome.provider_model,
                                prompt_tokens=3, completion_tokens=4, total_tokens=7, usage_estimated=False,
+                               reconciled=False,
                                error_code=outcome.error_code, error_message=outcome.error_message,
                                finish_reason=outcome.finish_reason)
         return SimpleNamespace(turn=turn, message=message, balance=Decimal("1"))

@@ -50,7 +50,8 @@ def test_stream_persists_once_at_close_and_done_matches_the_database(alice, alic
     assert turn.status == done["status"] == "completed" and turn.streamed
     # 12 * 0.001 + 2 * 0.002
     assert done["cost"] == "0.016000" and turn.cost == Decimal("0.016")
-    assert done["usage"] == {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14, "estimated": False}
+    assert done["usage"] == {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14, "estimated": False,
+                             "reconciled": False}
     assert done["balance"] == "9.984000" == f"{Wallet.objects.get(user=alice).balance:.6f}"
     assert done["provider_model"] == fake_openrouter.DEFAULT_MODEL == turn.provider_model
     assert done["message_id"] == str(turn.messages.get(role="assistant").id)

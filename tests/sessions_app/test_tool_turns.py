@@ -45,7 +45,8 @@ def test_tool_loop_reads_the_file_and_answers_from_it(rich, session_of, fake_ope
     body = response.json()
     assert body["message"]["content"] == "Your file says the launch code is PAN-1234."
     # Usage of both rounds is summed into the turn: 300 * 0.001 + 35 * 0.002
-    assert body["usage"] == {"prompt_tokens": 300, "completion_tokens": 35, "total_tokens": 335, "estimated": False}
+    assert body["usage"] == {"prompt_tokens": 300, "completion_tokens": 35, "total_tokens": 335, "estimated": False,
+                             "reconciled": False}
     assert body["cost"] == "0.370000"
 
     first, second = fake_openrouter.requests

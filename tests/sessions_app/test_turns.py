@@ -32,7 +32,8 @@ def test_turn_answers_and_pays(alice, alice_api, session_of, fake_openrouter):
     assert set(body) == {"turn", "message", "usage", "cost", "balance"}
     # 12 * 1000/1e6 + 7 * 2000/1e6 = 0.012 + 0.014
     assert body["cost"] == "0.026000" and body["balance"] == "9.974000"
-    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19, "estimated": False}
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19, "estimated": False,
+                             "reconciled": False}
     assert body["message"]["role"] == "assistant" and body["message"]["content"] == "Hello Alice"
     turn = body["turn"]
     assert turn["status"] == "completed" and turn["model"] == MODEL
