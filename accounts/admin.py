@@ -1,7 +1,12 @@
-from django.contrib import admin, messages
+from django.contrib import admin
+from django.template.response import TemplateResponse
 from django.utils import timezone
 
-from accounts.models import ApiKey
+from accounts.login_limit import AdminLoginForm
+from accounts.models import ApiKey, LoginAttempt
+
+# The admin's password form counts towards the login rate limit, as the chat page's does.
+admin.site.login_form = AdminLoginForm
 
 
 @admin.register(ApiKey)
@@ -22,10 +27,44 @@ class ApiKeyAdmin(admin.ModelAdmin):
             return
         key, raw = ApiKey.issue(user=obj.user, name=obj.name)
         obj.pk = key.pk
-        # The only time the key is ever shown: it is stored as a hash.
-        messages.warning(request, f"New API key for {obj.user} (copy it now, it will not be shown again): {raw}")
+        # Kept in this request's memory only, for response_add: the key is stored as a hash.
+        obj._issued = (key, raw)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        """The only time a key is ever shown: in the answer to the POST that created it.
+        Not through a redirect and a message, which would carry it in the messages cookie
+        (signed, not encrypted); admin pages are sent `Cache-Control: no-store`."""
+        issued = getattr(obj, "_issued", None)
+        if issued is None:
+            return super().response_add(request, obj, post_url_continue)
+        key, raw = issued
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "New API key",
+            "opts": self.opts,
+            "api_key": key,
+            "raw_key": raw,
+        }
+        return TemplateResponse(request, "admin/accounts/apikey/key_created.html", context)
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset):
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} key(s).")
+
+
+@admin.register(LoginAttempt)
+class LoginAttemptAdmin(admin.ModelAdmin):
+    """Failed password logins still counted by the login rate limit; deleting a username's
+    rows lifts its lock at once."""
+
+    list_display = ["created_at", "username", "ip"]
+    search_fields = ["username", "ip"]
+    ordering = ["-created_at"]
+    readonly_fields = ["username", "ip", "created_at"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -56,3 +56,26 @@ class ApiKey(models.Model):
         if self.revoked_at is None:
             self.revoked_at = timezone.now()
             self.save(update_fields=["revoked_at"])
+
+
+class LoginAttempt(models.Model):
+    """A password login (the chat page's or the admin's) that was tried and has not
+    succeeded: while its password is being checked, and then, if it failed, for
+    PANTHEON_LOGIN_WINDOW_SECONDS. accounts.login_limit counts these rows per username and
+    per client address; being rows of the database, the counts hold across every worker."""
+
+    id = models.BigAutoField(primary_key=True)
+    # Case-folded; "" once the user logged in (the row then counts for the address only).
+    username = models.CharField(max_length=150, blank=True)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["username", "created_at"], name="loginattempt_user_idx"),
+            models.Index(fields=["ip", "created_at"], name="loginattempt_ip_idx"),
+            models.Index(fields=["created_at"], name="loginattempt_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.username or '-'} from {self.ip or '?'}"

@@ -33,7 +33,14 @@ class BillingError(Exception):
 
 
 class InsufficientCredits(BillingError):
+    """A 402: `available` credits (balance less holds) and, when it was sized, `needed` (the
+    least this turn can cost: its prompt and the minimum output)."""
+
     code = "insufficient_credits"
+
+    def __init__(self, message: str, *, available: Decimal | None = None, needed: Decimal | None = None) -> None:
+        super().__init__(message)
+        self.available, self.needed = available, needed
 
 
 class UnknownModel(BillingError):
@@ -156,13 +163,14 @@ def wallet_snapshot(user_id: int, *, lock: bool = False) -> tuple[Decimal, Decim
 
 
 def _size_hold(available: Decimal, *, price: ModelPrice, prompt_tokens: int, cap: int, minimum: int,
-               rounds: int) -> tuple[int, Decimal] | str:
+               rounds: int) -> tuple[int, Decimal] | InsufficientCredits:
     """(output tokens granted, amount to hold), or the refusal."""
     def cost_of(output_tokens: int) -> Decimal:
         return compute_cost(prompt_tokens=prompt_tokens, completion_tokens=output_tokens * rounds, price=price)
 
     if available <= 0:
-        return f"Your wallet has no available credits ({format_money(available)})."
+        return InsufficientCredits(f"Your wallet has no available credits ({format_money(available)}).",
+                                   available=available, needed=cost_of(minimum))
     if price.completion_price_per_mtok == 0:
         granted = cap
     else:
@@ -174,8 +182,9 @@ def _size_hold(available: Decimal, *, price: ModelPrice, prompt_tokens: int, cap
     while granted > 0 and cost_of(granted) > available:
         granted -= 1
     if granted < minimum or cost_of(0) > available:
-        return (f"This turn needs {format_money(cost_of(minimum))} credits (its prompt and {minimum} "
-                f"output tokens); {format_money(available)} are available.")
+        return InsufficientCredits(f"This turn needs {format_money(cost_of(minimum))} credits (its prompt and "
+                                   f"{minimum} output tokens); {format_money(available)} are available.",
+                                   available=available, needed=cost_of(minimum))
     return granted, cost_of(granted)
 
 
@@ -210,8 +219,8 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
             balance, held = snapshot or (Decimal(0), Decimal(0))
             sized = _size_hold(balance - held, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
                                rounds=rounds)
-            if isinstance(sized, str):
-                raise InsufficientCredits(sized)
+            if isinstance(sized, InsufficientCredits):
+                raise sized
             granted, amount = sized
             reserved = sql.fetch_one(_RESERVE, {"amount": amount, "now": sql.value(Wallet, "updated_at", now),
                                                 "user": user_id})

@@ -1,5 +1,7 @@
 import uuid
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import generics
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
@@ -14,8 +16,11 @@ from billing_app.serializers import (
     WalletSerializer,
 )
 from core.api import ApiError
+from core.schema import errors
 
 
+@extend_schema_view(get=extend_schema(operation_id="models_list", tags=["models"],
+                                      responses={200: ModelPriceSerializer(many=True), **errors(401)}))
 class ModelListView(generics.ListAPIView):
     """The priced catalogue: the models a session may use."""
 
@@ -27,11 +32,15 @@ class ModelListView(generics.ListAPIView):
 class WalletView(APIView):
     permission_classes = [IsAuthenticated]
 
+    @extend_schema(operation_id="wallet_retrieve", tags=["wallet"], responses={200: WalletSerializer, **errors(401)})
     def get(self, request):
         summary = selectors.wallet_summary(user_id=request.user.pk)
         return Response(WalletSerializer(summary).data)
 
 
+@extend_schema_view(get=extend_schema(
+    operation_id="wallet_ledger_list", tags=["wallet"],
+    responses={200: LedgerEntrySerializer(many=True), **errors(401, (404, "No such page."))}))
 class LedgerView(generics.ListAPIView):
     serializer_class = LedgerEntrySerializer
 
@@ -39,6 +48,12 @@ class LedgerView(generics.ListAPIView):
         return LedgerEntry.objects.filter(user=self.request.user).order_by("-created_at", "-id")
 
 
+@extend_schema_view(get=extend_schema(
+    operation_id="usage_list", tags=["usage"],
+    parameters=[OpenApiParameter("session", OpenApiTypes.UUID, description="Only this session's usage.")],
+    responses={200: UsageRecordSerializer(many=True),
+               **errors((400, "`session` is not a UUID (`invalid_session`)."), 401, (404, "No such page."))},
+))
 class UsageView(generics.ListAPIView):
     serializer_class = UsageRecordSerializer
 

@@ -7,8 +7,10 @@ authentication classes that raise these).
 from django.http import JsonResponse
 
 
-def error_response(status: int, code: str, detail: str) -> JsonResponse:
-    return JsonResponse({"detail": detail, "code": code}, status=status)
+def error_response(status: int, code: str, detail: str, **extra: object) -> JsonResponse:
+    """The error body of every API answer: `detail` and `code`, and `extra` fields (a
+    402's `needed` and `available`)."""
+    return JsonResponse({"detail": detail, "code": code, **extra}, status=status)
 
 
 class AuthFailure(Exception):

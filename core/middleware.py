@@ -10,11 +10,21 @@ session that was used, storing messages, or checking a form's CSRF token.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import time
+import uuid
+
 from asgiref.sync import sync_to_async
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
 from django.middleware import clickjacking, common, csrf, security
+from django.utils.deprecation import MiddlewareMixin
+from django.utils.functional import SimpleLazyObject, empty
+
+from core.logging import begin_log_context, end_log_context
 
 
 class InlineHooks:
@@ -77,3 +87,83 @@ class MessageMiddleware(InlineHooks, messages.MessageMiddleware):
 
 class XFrameOptionsMiddleware(InlineHooks, clickjacking.XFrameOptionsMiddleware):
     pass
+
+
+access_logger = logging.getLogger("pantheon.access")
+# An incoming X-Request-ID is kept when it looks like an id (nginx's $request_id, a UUID, a
+# trace id); anything else is replaced, so a log line cannot be forged through it.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:=+/-]{1,128}", re.ASCII)
+
+
+class RequestLogMiddleware(MiddlewareMixin):
+    """The request id and the access log line, first in MIDDLEWARE.
+
+    Every request gets a `LogContext` (core/logging.py) with its request id: the client's
+    `X-Request-ID` if sane, else a new one, echoed in the response's `X-Request-ID`. One
+    access line per request (logger `pantheon.access`: method, path, status, duration_ms,
+    and user_id/turn_id when known) is written when the response is complete: for a
+    streamed response (SSE) when its body ends, from Django's `close()` of it (also when the
+    client left mid-stream), with `headers_ms` for the time to the first byte; a client
+    gone before any response is status 499. No work per streamed chunk, no thread hop."""
+
+    def __call__(self, request):
+        if self.async_mode:
+            return self.__acall__(request)
+        started = time.perf_counter()
+        context, token = self._begin(request)
+        try:
+            response = self.get_response(request)
+            self._finish(request, response, context, started)
+            return response
+        finally:
+            end_log_context(token)  # a sync server's thread serves the next request
+
+    async def __acall__(self, request):
+        # The context is not reset here: the request's task goes on after the middleware
+        # (Django sends a streamed body from it) and ends with the request.
+        started = time.perf_counter()
+        context, _ = self._begin(request)
+        try:
+            response = await self.get_response(request)
+        except asyncio.CancelledError:
+            self._log(request, context, 499, started)
+            raise
+        self._finish(request, response, context, started)
+        return response
+
+    @staticmethod
+    def _begin(request):
+        incoming = request.headers.get("X-Request-ID", "")
+        request_id = incoming if _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        return begin_log_context(request_id)
+
+    def _finish(self, request, response, context, started: float) -> None:
+        response["X-Request-ID"] = context.request_id
+        if not response.streaming:
+            self._log(request, context, response.status_code, started)
+            return
+        headers_ms = round((time.perf_counter() - started) * 1000, 1)
+        response._resource_closers.append(
+            lambda: self._log(request, context, response.status_code, started, headers_ms=headers_ms))
+
+    @staticmethod
+    def _log(request, context, status: int, started: float, **fields) -> None:
+        if context.user_id is None:
+            context.user_id = _loaded_user_id(request)
+        duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        access_logger.info("%s %s %s %.1fms", request.method, request.path, status, duration_ms,
+                           extra={"method": request.method, "path": request.path, "status": status,
+                                  "duration_ms": duration_ms, **fields})
+
+
+def _loaded_user_id(request) -> int | None:
+    """The request's user id if something already loaded the user (DRF's authentication,
+    the session): the access log never queries the database for it."""
+    user = request.__dict__.get("user")
+    if isinstance(user, SimpleLazyObject):
+        user = user._wrapped
+        if user is empty:
+            return None
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    return user.pk

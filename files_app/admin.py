@@ -10,17 +10,18 @@ PREVIEW_CHARS = 2000
 
 @admin.register(UploadedFile)
 class UploadedFileAdmin(admin.ModelAdmin):
-    list_display = ["filename", "user", "status", "content_type", "human_size", "text_length", "created_at"]
-    list_filter = ["status", "content_type", "created_at"]
+    list_display = ["filename", "user", "status", "content_type", "human_size", "text_length", "truncated",
+                    "created_at"]
+    list_filter = ["status", "truncated", "content_type", "created_at"]
     search_fields = ["filename", "user__username", "id"]
     list_select_related = ["user"]
     date_hierarchy = "created_at"
     ordering = ["-created_at"]
     # Everything but the name is the system's record of the upload and its extraction.
     fields = ["id", "user", "filename", "content_type", "size", "stored", "status", "failure_reason",
-              "text_length", "text_preview", "created_at", "updated_at"]
+              "text_length", "truncated", "text_preview", "created_at", "updated_at"]
     readonly_fields = ["id", "user", "content_type", "size", "stored", "status", "failure_reason",
-                       "text_length", "text_preview", "created_at", "updated_at"]
+                       "text_length", "truncated", "text_preview", "created_at", "updated_at"]
     actions = ["requeue_extraction"]
 
     def has_add_permission(self, request):

@@ -33,10 +33,12 @@ class UploadedFile(models.Model):
     size = models.PositiveBigIntegerField(help_text="Bytes.")
     content_type = models.CharField(max_length=100, help_text="Decided by the server from the file's type.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
-    failure_reason = models.TextField(blank=True)
+    failure_reason = models.TextField(blank=True, help_text="Why extraction failed (the API's `error`).")
     stored = models.FileField(upload_to=upload_path, max_length=300)
     text = models.TextField(blank=True, help_text="Extracted text, what file_read pages through.")
     text_length = models.PositiveBigIntegerField(default=0, help_text="Characters in the extracted text.")
+    truncated = models.BooleanField(default=False, help_text="The text was cut at PANTHEON_EXTRACT_MAX_CHARS "
+                                                             "(a note at its end says so).")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 

@@ -24,7 +24,13 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from core.api import ApiError
-from files_app.extraction import ExtractionError, detect_content_type, extract_text, supported_extensions
+from files_app.extraction import (
+    Extracted,
+    ExtractionError,
+    detect_content_type,
+    extract_text,
+    supported_extensions,
+)
 from files_app.models import UploadedFile
 
 logger = logging.getLogger(__name__)
@@ -139,14 +145,27 @@ def delete_file(row: UploadedFile) -> None:
 
 def requeue_stale_pending(*, older_than: timedelta) -> int:
     """Queue extraction again for files pending longer than `older_than` (a lost task, a
-    worker killed mid-run). Safe: extraction of a file that is no longer pending does nothing."""
+    worker killed mid-run). Safe: extraction of a file that is no longer pending does nothing.
+    A file whose extraction is still waiting in the queue (a backlog, not a loss) is left out."""
     cutoff = timezone.now() - older_than
-    ids = list(UploadedFile.objects.filter(status=UploadedFile.Status.PENDING, updated_at__lt=cutoff)
-               .values_list("id", flat=True))
+    waiting = _files_waiting_for_extraction()
+    ids = [file_id for file_id in UploadedFile.objects.filter(status=UploadedFile.Status.PENDING,
+                                                               updated_at__lt=cutoff).values_list("id", flat=True)
+           if str(file_id) not in waiting]
     for file_id in ids:
         UploadedFile.objects.filter(pk=file_id, status=UploadedFile.Status.PENDING).update(updated_at=timezone.now())
         enqueue_extraction(file_id)
     return len(ids)
+
+
+def _files_waiting_for_extraction() -> set[str]:
+    """Ids of the files whose extraction task is queued and not yet started."""
+    from django_tasks_db.models import DBTaskResult
+
+    from files_app.tasks import extract_file_text
+
+    queued = DBTaskResult.objects.filter(task_path=extract_file_text.module_path, status="READY")
+    return {str((args_kwargs.get("args") or [None])[0]) for args_kwargs in queued.values_list("args_kwargs", flat=True)}
 
 
 # --- Extraction (the task body) -------------------------------------------------------
@@ -166,11 +185,11 @@ def run_extraction(file_id: uuid.UUID | str) -> str:
     if row.status != UploadedFile.Status.PENDING:
         return f"already_{row.status}"
 
-    text, reason = "", ""
+    extracted, reason = Extracted(""), ""
     try:
         with row.stored.open("rb") as fh:
             data = fh.read()
-        text = extract_text(data, row.content_type)
+        extracted = extract_text(data, row.content_type)
     except ExtractionError as exc:
         reason = str(exc)
     except OSError as exc:
@@ -182,9 +201,11 @@ def run_extraction(file_id: uuid.UUID | str) -> str:
 
     fields: dict[str, Any] = {"updated_at": timezone.now()}
     if reason:
-        fields.update(status=UploadedFile.Status.FAILED, failure_reason=reason[:1000], text="", text_length=0)
+        fields.update(status=UploadedFile.Status.FAILED, failure_reason=reason[:1000], text="", text_length=0,
+                      truncated=False)
     else:
-        fields.update(status=UploadedFile.Status.READY, failure_reason="", text=text, text_length=len(text))
+        fields.update(status=UploadedFile.Status.READY, failure_reason="", text=extracted.text,
+                      text_length=len(extracted.text), truncated=extracted.truncated)
     written = UploadedFile.objects.filter(pk=pk, status=UploadedFile.Status.PENDING).update(**fields)
     if not written:
         return "skipped"

@@ -7,8 +7,12 @@ from django.tasks import task
 from core.tasks import schedule_once
 from files_app import services
 
+# Its own queue: an extraction may take up to PANTHEON_EXTRACT_TIMEOUT_SECONDS, and the turn
+# sweep and reconciliation (queue "default") must not wait behind a row of uploads.
+FILES_QUEUE = "files"
 
-@task()
+
+@task(queue_name=FILES_QUEUE)
 def extract_file_text(file_id: str) -> str:
     """Extract the text of an uploaded file; marks it `ready` or `failed`. Safe to run twice."""
     return services.run_extraction(file_id)

@@ -1,6 +1,8 @@
-from rest_framework import generics, status
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view, inline_serializer
+from rest_framework import generics, serializers, status
 from rest_framework.response import Response
 
+from core.schema import errors
 from files_app import services
 from files_app.models import UploadedFile
 from files_app.serializers import FileSerializer
@@ -11,6 +13,20 @@ def _own_files(request):
     return UploadedFile.objects.filter(user=request.user).defer("text")
 
 
+@extend_schema_view(
+    get=extend_schema(operation_id="files_list", tags=["files"],
+                      responses={200: FileSerializer(many=True), **errors(401, (404, "No such page."))}),
+    post=extend_schema(
+        operation_id="files_create", tags=["files"],
+        description="Upload one file as the multipart field `file`. Its text is extracted in the background: "
+                    "`status` goes from `pending` to `ready` or `failed`.",
+        request={"multipart/form-data": inline_serializer("FileUpload", {"file": serializers.FileField()})},
+        responses={201: FileSerializer,
+                   **errors((400, "No file, more than one, an empty file or an unsupported type (`file_required`, "
+                                  "`too_many_files`, `empty_file`, `unsupported_file_type`)."),
+                            401, 403, 413, (503, "The file could not be stored (`storage_unavailable`)."))},
+    ),
+)
 class FileListCreateView(generics.GenericAPIView):
     serializer_class = FileSerializer
 
@@ -33,6 +49,12 @@ class FileListCreateView(generics.GenericAPIView):
         return Response(FileSerializer(row).data, status=status.HTTP_201_CREATED)
 
 
+@extend_schema_view(
+    get=extend_schema(operation_id="files_retrieve", tags=["files"], responses={200: FileSerializer,
+                                                                               **errors(401, 404)}),
+    delete=extend_schema(operation_id="files_destroy", tags=["files"],
+                         responses={204: OpenApiResponse(description="Deleted."), **errors(401, 403, 404)}),
+)
 class FileDetailView(generics.RetrieveDestroyAPIView):
     serializer_class = FileSerializer
     lookup_url_kwarg = "file_id"

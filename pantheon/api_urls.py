@@ -1,8 +1,9 @@
 from django.urls import path
 
 from billing_app import views as billing
+from core.schema import documented
 from files_app import views as files
-from sessions_app import turn_views
+from sessions_app import turn_schema, turn_views
 from sessions_app import views as sessions
 
 urlpatterns = [
@@ -13,11 +14,17 @@ urlpatterns = [
     path("sessions", sessions.SessionListCreateView.as_view(), name="sessions"),
     path("sessions/<uuid:session_id>", sessions.SessionDetailView.as_view(), name="session-detail"),
     path("sessions/<uuid:session_id>/messages", sessions.SessionMessagesView.as_view(), name="session-messages"),
-    path("sessions/<uuid:session_id>/turns", turn_views.turns, name="session-turns"),
-    path("sessions/<uuid:session_id>/turns/stream", turn_views.stream_turn, name="session-turns-stream"),
-    path("turns/<uuid:turn_id>", turn_views.turn_detail, name="turn-detail"),
-    path("turns/<uuid:turn_id>/events", turn_views.turn_events, name="turn-events"),
-    path("turns/<uuid:turn_id>/cancel", turn_views.turn_cancel, name="turn-cancel"),
+    # Plain async views; each documented() by its stand-in in sessions_app.turn_schema.
+    path("sessions/<uuid:session_id>/turns", documented(turn_views.turns, by=turn_schema.SessionTurnsSchema),
+         name="session-turns"),
+    path("sessions/<uuid:session_id>/turns/stream",
+         documented(turn_views.stream_turn, by=turn_schema.SessionTurnStreamSchema), name="session-turns-stream"),
+    path("turns/<uuid:turn_id>", documented(turn_views.turn_detail, by=turn_schema.TurnDetailSchema),
+         name="turn-detail"),
+    path("turns/<uuid:turn_id>/events", documented(turn_views.turn_events, by=turn_schema.TurnEventsSchema),
+         name="turn-events"),
+    path("turns/<uuid:turn_id>/cancel", documented(turn_views.turn_cancel, by=turn_schema.TurnCancelSchema),
+         name="turn-cancel"),
     path("files", files.FileListCreateView.as_view(), name="files"),
     path("files/<uuid:file_id>", files.FileDetailView.as_view(), name="file-detail"),
 ]

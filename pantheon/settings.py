@@ -13,13 +13,41 @@ from pantheon.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DEBUG = env_bool("DJANGO_DEBUG", True)
+# Off unless asked for: bin/run sets DJANGO_DEBUG=true for the local run.
+DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env_str("DJANGO_SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG=false")
     SECRET_KEY = get_random_secret_key()  # debug only: sessions do not survive a restart
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+# Origins (scheme://host[:port]) whose unsafe requests with the session cookie pass the
+# CSRF check, e.g. https://chat.example.com when the proxy's host differs from the Host header.
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+# --- Behind TLS (docs/deploy.md) -------------------------------------------------------
+# PANTHEON_HTTPS=true: cookies only over HTTPS, HSTS, and plain HTTP redirected to HTTPS
+# (except /healthz and /metrics, which a load balancer or Prometheus may fetch over plain
+# HTTP from inside). Behind a proxy that ends TLS, PANTHEON_PROXY_SSL_HEADER=true trusts
+# its X-Forwarded-Proto (only when every request comes through that proxy, which must set
+# the header itself).
+PANTHEON_HTTPS = env_bool("PANTHEON_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = PANTHEON_HTTPS
+SECURE_SSL_REDIRECT = env_bool("PANTHEON_SSL_REDIRECT", PANTHEON_HTTPS)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env_int("PANTHEON_HSTS_SECONDS", 31_536_000 if PANTHEON_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PANTHEON_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = env_bool("PANTHEON_HSTS_PRELOAD", False)
+if env_bool("PANTHEON_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# The middleware are subclasses of Django's (core/middleware.py), which Django's checks for
+# SecurityMiddleware, XFrameOptionsMiddleware and CsrfViewMiddleware do not recognise (they
+# look for the exact dotted path, and then skip every check of their settings):
+# core/checks.py runs those checks against the subclasses instead. Preloading HSTS is a
+# commitment of the whole domain, chosen with PANTHEON_HSTS_PRELOAD, not a warning.
+SILENCED_SYSTEM_CHECKS = ["security.W001", "security.W002", "security.W003"]
+if not SECURE_HSTS_PRELOAD:
+    SILENCED_SYSTEM_CHECKS.append("security.W021")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -44,6 +72,7 @@ INSTALLED_APPS = [
 # one thread hop per hook (core/middleware.py); a sync middleware would cost a thread per
 # request.
 MIDDLEWARE = [
+    "core.middleware.RequestLogMiddleware",  # first: the request id, the access log line
     "core.middleware.SecurityMiddleware",
     "core.middleware.SessionMiddleware",
     "core.middleware.CommonMiddleware",
@@ -135,10 +164,36 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,
 }
-SPECTACULAR_SETTINGS = {"TITLE": "Pantheon API", "VERSION": "1.0.0"}
+# The OpenAPI schema (/api/schema/, docs page /api/docs/; see docs/api.md).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Pantheon API",
+    "VERSION": "1.0.0",
+    "DESCRIPTION": (
+        "The JSON API of Pantheon, an LLM chat backend. Authenticate with an API key "
+        "(`Authorization: Bearer <key>`) or, from the browser, with the session cookie (writes need the "
+        "`X-CSRFToken` header). Every error answers `{\"detail\", \"code\"}`. Ids are UUIDs; money is a "
+        "decimal string with 6 places. Lists are pages: `{\"count\", \"next\", \"previous\", \"results\"}`."
+    ),
+    "SERVE_INCLUDE_SCHEMA": False,  # the schema describes the API, not itself
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    # Separate request and response components, so what every response carries is `required`.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "core.schema.require_response_fields", "core.schema.drf_refusals"],
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
+    "ENUM_NAME_OVERRIDES": {
+        "TurnStatusEnum": "sessions_app.models.Turn.Status",
+        "MessageRoleEnum": "sessions_app.models.Message.Role",
+        "FileStatusEnum": "files_app.models.UploadedFile.Status",
+        "LedgerKindEnum": "billing_app.models.LedgerEntry.Kind",
+    },
+}
 
 # --- Background tasks ------------------------------------------------------------------
-TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+# Queues: "default" (turn sweep, reconciliation) and "files" (text extraction, which may
+# take up to PANTHEON_EXTRACT_TIMEOUT_SECONDS a file): a worker per queue keeps the sweep
+# from waiting behind uploads (docs/files.md).
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default", "files"]}}
 
 # --- Pantheon -------------------------------------------------------------------------
 OPENROUTER_API_KEY = env_str("OPENROUTER_API_KEY")
@@ -159,6 +214,13 @@ PANTHEON_UPSTREAM_TIMEOUT_SECONDS = env_float("PANTHEON_UPSTREAM_TIMEOUT_SECONDS
 PANTHEON_MAX_TURN_SECONDS = env_float("PANTHEON_MAX_TURN_SECONDS", 900.0, minimum=1)
 PANTHEON_UPSTREAM_MAX_RETRIES = env_int("PANTHEON_UPSTREAM_MAX_RETRIES", 2)
 PANTHEON_MAX_UPLOAD_BYTES = env_int("PANTHEON_MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1)
+# Text extraction of uploads (docs/files.md): a PDF with more pages fails; text is cut at
+# MAX_CHARS (the file is ready, `truncated`); a PDF is read in a child process killed
+# after TIMEOUT seconds and limited to MAX_MEMORY_MB of address space (0: no limit).
+PANTHEON_PDF_MAX_PAGES = env_int("PANTHEON_PDF_MAX_PAGES", 500, minimum=1)
+PANTHEON_EXTRACT_MAX_CHARS = env_int("PANTHEON_EXTRACT_MAX_CHARS", 2_000_000, minimum=1)
+PANTHEON_EXTRACT_TIMEOUT_SECONDS = env_float("PANTHEON_EXTRACT_TIMEOUT_SECONDS", 30.0, minimum=1)
+PANTHEON_EXTRACT_MAX_MEMORY_MB = env_int("PANTHEON_EXTRACT_MAX_MEMORY_MB", 512, minimum=0)
 # A running turn renews its lease (and so its hold) at least every third of this; the
 # sweep closes a turn whose lease lapsed, and runs on the db_worker this often (SPEC 10).
 PANTHEON_TURN_LEASE_SECONDS = env_float("PANTHEON_TURN_LEASE_SECONDS", 30.0, minimum=2)
@@ -173,14 +235,49 @@ PANTHEON_MAX_TOOL_ROUNDS = env_int("PANTHEON_MAX_TOOL_ROUNDS", 4, minimum=1)
 PANTHEON_FAKE_CHUNK_DELAY_SECONDS = env_float("PANTHEON_FAKE_CHUNK_DELAY_SECONDS", 0.05)
 PANTHEON_APP_URL = env_str("PANTHEON_APP_URL", "https://github.com/pantheon")
 PANTHEON_APP_TITLE = env_str("PANTHEON_APP_TITLE", "Pantheon")
+# Password logins (/accounts/login/, /admin/login/; accounts/login_limit.py): a username
+# with this many failures in the window, or a client address with this many, is refused
+# (429) until its oldest failures leave the window; counted in the database, so across all
+# workers. A success clears the username's count.
+PANTHEON_LOGIN_FAILURES_PER_USER = env_int("PANTHEON_LOGIN_FAILURES_PER_USER", 5, minimum=1)
+PANTHEON_LOGIN_FAILURES_PER_IP = env_int("PANTHEON_LOGIN_FAILURES_PER_IP", 20, minimum=1)
+PANTHEON_LOGIN_WINDOW_SECONDS = env_int("PANTHEON_LOGIN_WINDOW_SECONDS", 900, minimum=1)
+# How many proxies of ours append to X-Forwarded-For in front of the app (nginx: 1): the
+# client address of the login limit is the one the outermost saw. 0: REMOTE_ADDR.
+PANTHEON_TRUSTED_PROXY_COUNT = env_int("PANTHEON_TRUSTED_PROXY_COUNT", 0)
+# GET /metrics (Prometheus, docs/metrics.md): set, it needs `Authorization: Bearer <token>`;
+# unset, only direct loopback clients (no proxy headers) may read it.
+PANTHEON_METRICS_TOKEN = env_str("PANTHEON_METRICS_TOKEN")
 # Upload bodies above this stay on disk while parsed, not in memory.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(2_621_440, PANTHEON_MAX_UPLOAD_BYTES + 1_048_576)
 
+# --- Logs (core/logging.py) ------------------------------------------------------------
+# One handler, on the root logger, writing to stderr: one JSON object per line in
+# production, readable lines when debugging; each with request_id, user_id, turn_id.
+PANTHEON_LOG_FORMAT = env_str("PANTHEON_LOG_FORMAT", "text" if DEBUG else "json")
+if PANTHEON_LOG_FORMAT not in {"json", "text"}:
+    raise ImproperlyConfigured("PANTHEON_LOG_FORMAT must be 'json' or 'text'")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {
+        "json": {"()": "core.logging.JsonFormatter"},
+        "text": {"()": "core.logging.TextFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": PANTHEON_LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env_str("PANTHEON_LOG_LEVEL", "INFO")},
-    # One line per upstream request is too much at INFO; LLM events record every call.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {
+        # Django's default logging gives "django" a console handler of its own (active
+        # with DEBUG), and its records also reach root's: every line was printed twice.
+        "django": {"handlers": [], "propagate": True},
+        # 4xx are in the access log already (pantheon.access); 5xx stay, with the traceback.
+        "django.request": {"level": "ERROR"},
+        # uvicorn's lines (start-up, its errors) in the same format. Not "uvicorn": that
+        # would reset its child "uvicorn.access", and uvicorn's access log would come back
+        # with --no-access-log (the middleware writes one, with user and timings).
+        "uvicorn.error": {"handlers": ["console"], "propagate": False},
+        # One line per upstream request is too much at INFO; LLM events record every call.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
 }

@@ -1,17 +1,19 @@
-from django.conf import settings
 from django.contrib import admin
-from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
+from django.urls import include, path, re_path
 
-from pantheon.views import healthz
+from pantheon.metrics_view import metrics_view
+from pantheon.schema import SchemaView
+from pantheon.views import api_docs, api_not_found, healthz
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),  # Prometheus: docs/metrics.md
     path("api/v1/", include("pantheon.api_urls")),
-    # A fixed version: drf-spectacular would copy ?version= into a header (a 500 for "%0a").
-    path("api/schema/", SpectacularAPIView.as_view(api_version=settings.SPECTACULAR_SETTINGS["VERSION"]),
-         name="schema"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
+    path("api/docs/", api_docs, name="api-docs"),  # Swagger UI over the schema (docs/api.md)
+    # Anything else under /api/: a JSON 404, with DEBUG on too (not Django's HTML page).
+    re_path(r"^api(?:/|$)", api_not_found),
     # The browser chat page at "/" and /accounts/login/, /accounts/logout/.
     path("", include("web.urls")),
 ]

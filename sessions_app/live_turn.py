@@ -24,7 +24,8 @@ from django.conf import settings
 from django.db import DatabaseError
 
 from core.db import db_call
-from sessions_app import turn_signals
+from core.logging import bind_log_context
+from sessions_app import metrics, turn_signals
 from sessions_app.models import Turn
 from sessions_app.turns import PreparedTurn, Renewal, TurnOutcome, TurnResult, close_turn, renew_turn
 
@@ -98,10 +99,12 @@ async def start_turn(begin: Callable[[], Awaitable[PreparedTurn]]) -> PreparedTu
     `cancelled` (nothing reached the provider, so it costs nothing) before re-raising."""
     task = in_background(begin())
     try:
-        return await asyncio.shield(task)
+        prepared = await asyncio.shield(task)
     except asyncio.CancelledError:
         in_background(_close_if_begun(task))
         raise
+    bind_log_context(user_id=prepared.user_id, turn_id=prepared.turn_id)  # the request's log lines
+    return prepared
 
 
 async def _close_if_begun(task: asyncio.Task) -> None:
@@ -118,7 +121,7 @@ async def finish_turn(prepared: PreparedTurn, outcome: TurnOutcome) -> TurnResul
     worked. Run it under `asyncio.shield` where the caller may be cancelled."""
     for delay in (*CLOSE_RETRY_DELAYS, None):
         try:
-            return await _close(prepared.turn_id, outcome, price=prepared.price)
+            result = await _close(prepared.turn_id, outcome, price=prepared.price)
         except DatabaseError as exc:
             if delay is None:
                 logger.error("turn %s: the close-time write failed for good (%s); the sweep will close it",
@@ -127,9 +130,13 @@ async def finish_turn(prepared: PreparedTurn, outcome: TurnOutcome) -> TurnResul
             logger.warning("turn %s: the close-time write failed (%s); retrying in %.1fs",
                            prepared.turn_id, exc, delay)
             await asyncio.sleep(delay)
+            continue
         except Exception as exc:
             logger.exception("turn %s: the close-time write raised", prepared.turn_id)
             raise PersistenceFailed(prepared.turn_id) from exc
+        if result.closed:  # committed by this call (not closed before by someone else)
+            metrics.observe_closed_turn(result.turn, outcome.records)
+        return result
     raise AssertionError("unreachable")
 
 

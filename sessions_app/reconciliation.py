@@ -82,7 +82,8 @@ def reconcile_turn(turn_id: uuid.UUID, *, gateway: LlmGateway | None = None) -> 
         if event.generation_id:
             record = records[event.generation_id]
             event.prompt_tokens, event.completion_tokens = record.prompt_tokens, record.completion_tokens
-            event.provider_cost = record.total_cost
+            if record.total_cost is not None:
+                event.provider_cost = record.total_cost
         elif not _accepted(event):
             continue
         prompt += event.prompt_tokens or 0

@@ -29,6 +29,23 @@ class SessionCreateSerializer(serializers.Serializer):
         return attrs
 
 
+class SessionUpdateSerializer(serializers.Serializer):
+    """The body of `PATCH /sessions/{id}`: what a user may change, validated as on create
+    (a NUL or an unpaired surrogate is a 400 `invalid_text`). Fields left out stay as they are."""
+
+    title = serializers.CharField(max_length=200, required=False, allow_blank=True,
+                                  help_text="The new title; empty makes the session untitled.")
+    system_prompt = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False,
+                                          max_length=settings.PANTHEON_MAX_MESSAGE_CHARS)
+
+    def validate(self, attrs):
+        # SPEC section 17's branch switch is not built yet: refused, rather than ignored.
+        if "current_leaf_id" in self.initial_data:
+            raise serializers.ValidationError(
+                {"current_leaf_id": "Switching branches is not supported yet."}, code="not_supported")
+        return attrs
+
+
 def turn_usage(turn: Turn) -> dict:
     return {"prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
             "total_tokens": turn.total_tokens, "estimated": turn.usage_estimated,
@@ -47,7 +64,35 @@ def turn_data(turn: Turn) -> dict:
     }
 
 
-class TurnSerializer(serializers.BaseSerializer):
+MONEY_FIELD = {"max_digits": 20, "decimal_places": 6}
+
+
+class TurnUsageSerializer(serializers.Serializer):
+    """A turn's token counts (schema of `turn_usage`)."""
+
+    prompt_tokens = serializers.IntegerField(min_value=0)
+    completion_tokens = serializers.IntegerField(min_value=0)
+    total_tokens = serializers.IntegerField(min_value=0)
+    estimated = serializers.BooleanField(help_text="The provider reported no usage: counted from the text.")
+    reconciled = serializers.BooleanField(help_text="An estimate since replaced by the provider's own record.")
+
+
+class TurnSerializer(serializers.Serializer):
+    """The turn object of SPEC section 4. The fields declare its schema; the data is `turn_data`."""
+
+    id = serializers.UUIDField()
+    session_id = serializers.UUIDField()
+    status = serializers.ChoiceField(choices=Turn.Status.choices, help_text=(
+        "`running` until the turn ends; then `completed`, `cancelled` (the client went away or asked to stop), "
+        "`failed` (upstream error) or `interrupted` (the process serving it died)."))
+    model = serializers.CharField(help_text="The model asked for.")
+    provider_model = serializers.CharField(allow_blank=True, help_text="The model that answered, as the provider "
+                                                                       "named it (empty until known).")
+    usage = TurnUsageSerializer()
+    cost = serializers.DecimalField(**MONEY_FIELD, help_text="Credits debited for the turn.")
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
     def to_representation(self, instance: Turn) -> dict:
         return turn_data(instance)
 
@@ -56,3 +101,34 @@ class MessageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Message
         fields = ["id", "turn_id", "role", "content", "created_at"]
+
+
+# --- The turn endpoints' bodies (sessions_app.turn_views parses them itself: these declare
+# the schema, `/api/schema/`).
+
+class TurnRequestSerializer(serializers.Serializer):
+    """The body of `POST .../turns` and `POST .../turns/stream`."""
+
+    content = serializers.CharField(max_length=settings.PANTHEON_MAX_MESSAGE_CHARS, trim_whitespace=False,
+                                    help_text="The user's message (not only whitespace; no NUL characters).")
+    model = serializers.CharField(required=False, min_length=1, help_text="A priced model for this turn; "
+                                                                          "default: the session's.")
+    tools_enabled = serializers.BooleanField(default=False, help_text=(
+        "Offer the model the `file_read` tool over your ready files. Non-streaming turns only: the stream "
+        "answers 422 `tools_not_supported_in_stream`."))
+    max_tokens = serializers.IntegerField(required=False, min_value=1, help_text=(
+        "Upper bound of the answer's tokens (capped by the server and by what the credits afford)."))
+    resumable = serializers.BooleanField(default=False, help_text=(
+        "Streams only: the turn goes on for a grace period when the client goes away; any client may "
+        "attach with `GET /turns/{id}/events`."))
+
+
+class TurnResultSerializer(serializers.Serializer):
+    """The answer of `POST .../turns`: the closed turn, the stored answer and the balance after it."""
+
+    turn = TurnSerializer()
+    message = MessageSerializer(allow_null=True, help_text="The assistant's answer (null when there is none, "
+                                                           "e.g. the turn was cancelled before any text).")
+    usage = TurnUsageSerializer()
+    cost = serializers.DecimalField(**MONEY_FIELD)
+    balance = serializers.DecimalField(**MONEY_FIELD, help_text="The wallet's balance after the debit.")

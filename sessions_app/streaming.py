@@ -38,7 +38,7 @@ from core.db import db_call
 from core.money import format_money
 from llm_gateway import GatewayError, StreamingContext
 from llm_gateway.sse import encode_comment, encode_event
-from sessions_app import turn_signals
+from sessions_app import metrics, turn_signals
 from sessions_app.live_turn import (
     LeaseKeeper,
     PersistenceFailed,
@@ -129,6 +129,8 @@ class LiveTurn:
         _live[self.prepared.turn_id] = self
         serve_locally(self.prepared.turn_id, self.stop)
         self.task = in_background(self._produce())
+        metrics.stream_started()
+        self.task.add_done_callback(metrics.stream_ended_callback)
         return self
 
     def stop(self) -> None:

@@ -163,7 +163,7 @@ async def _prepare(request: HttpRequest, session_id: uuid.UUID, *,
     except AuthFailure as exc:
         return exc.response()
     except TurnRejected as exc:
-        return error_response(REJECTION_STATUS.get(exc.code, 400), exc.code, exc.detail)
+        return error_response(REJECTION_STATUS.get(exc.code, 400), exc.code, exc.detail, **exc.extra)
     except (OperationalError, InterfaceError):
         # The database is unreachable (or the pool exhausted): nothing was held or stored.
         logger.exception("turn preflight: the database is unavailable")

@@ -38,11 +38,13 @@ from billing_app import selectors
 from billing_app import services as billing
 from billing_app.models import LedgerEntry, ModelPrice, UsageRecord, Wallet
 from core import sql
+from core.money import format_money
 from core.text import clean_text
 from files_app.services import FILE_READ_TOOL, ready_files_for
 from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
 from llm_gateway import CallRecord, ChatMessage, GatewayError, Usage
 from llm_gateway.tokens import estimate_prompt_tokens
+from sessions_app import metrics
 from sessions_app.models import ChatSession, IdempotencyKey, LlmEvent, Message, Turn
 
 logger = logging.getLogger(__name__)
@@ -59,9 +61,10 @@ class TurnRejected(Exception):
     `code` says why (`not_found`, `insufficient_credits`, `unknown_model`, ...); the view
     layer maps it to a status."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: str, detail: str, *, extra: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.code, self.detail = code, detail
+        self.extra = extra or {}  # more fields for the error body (a 402's amounts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,14 +298,19 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                 sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
                                          sql.value(ApiKey, "id", preflight.key_id)], count=False)
     except billing.InsufficientCredits as exc:
-        raise TurnRejected("insufficient_credits", str(exc)) from None
+        amounts = {name: format_money(value) for name, value in (("needed", exc.needed),
+                                                                 ("available", exc.available)) if value is not None}
+        raise TurnRejected("insufficient_credits", str(exc), extra=amounts) from None
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key made its turn first; this
         # transaction (and its hold) was rolled back.
         earlier = find_repeat(preflight.user_id, *request.idempotency) if request.idempotency else None
-        if earlier is None:
-            raise
-        raise AlreadyRequested(earlier) from None
+        if earlier is not None:
+            raise AlreadyRequested(earlier) from None
+        if not ChatSession.objects.filter(pk=session.id).exists():
+            # The session was deleted while this preflight ran (its turn's foreign key failed).
+            raise TurnRejected("not_found", "Not found.") from None
+        raise
     return PreparedTurn(
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
@@ -387,6 +395,7 @@ class TurnResult:
     turn: Turn
     message: Message | None
     balance: Decimal
+    closed: bool = False  # this call closed the turn (False: it was already closed, returned as stored)
 
 
 def _fit(model: type[Model], field: str, value: str) -> str:
@@ -529,7 +538,7 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, model=turn.model,
                   streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
                   resumable=turn.resumable, created_at=turn.created_at, **ended)
-    return TurnResult(turn=stored, message=Message(**assistant), balance=balance)
+    return TurnResult(turn=stored, message=Message(**assistant), balance=balance, closed=True)
 
 
 def reconciliation_at_close(usage: Usage, records: list[CallRecord]) -> str:
@@ -616,13 +625,14 @@ def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
                     turn = _lock_turn(turn_id, lapsed_before=now)
                     if turn is None:  # closed meanwhile, or another sweeper has it
                         continue
-                    _close_locked(turn, _interrupted(turn), price=None)
+                    closed = _close_locked(turn, _interrupted(turn), price=None)
             except Exception:
                 # One turn that cannot be closed (its model's price was deleted) must not stop
                 # the others; it stays running, and in the log, until an operator fixes it.
                 logger.exception("sweep: turn %s could not be closed", turn_id)
                 failed += 1
                 continue
+            metrics.observe_closed_turn(closed.turn)  # committed; its calls were the dead process's
             interrupted += 1
         if len(ids) < SWEEP_BATCH or interrupted == closed_before or failed:
             break

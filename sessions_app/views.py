@@ -1,16 +1,30 @@
+from django.db import transaction
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import generics, status
 from rest_framework.response import Response
 
+from core.api import ApiError
+from core.schema import errors
 from sessions_app.models import ChatSession, Message, Turn
 from sessions_app.serializers import (
     MessageSerializer,
     SessionCreateSerializer,
     SessionSerializer,
+    SessionUpdateSerializer,
     TurnSerializer,
 )
 
 
+@extend_schema_view(
+    get=extend_schema(operation_id="sessions_list", tags=["sessions"], description="Newest first.",
+                      responses={200: SessionSerializer(many=True), **errors(401, (404, "No such page."))}),
+    post=extend_schema(operation_id="sessions_create", tags=["sessions"], request=SessionCreateSerializer,
+                       responses={201: SessionSerializer,
+                                  **errors((400, "Invalid body; a model not in the price list is `unknown_model`."),
+                                           401, 403)}),
+)
 class SessionListCreateView(generics.GenericAPIView):
     serializer_class = SessionSerializer
 
@@ -28,12 +42,50 @@ class SessionListCreateView(generics.GenericAPIView):
         return Response(SessionSerializer(session).data, status=status.HTTP_201_CREATED)
 
 
+@extend_schema_view(
+    get=extend_schema(operation_id="sessions_retrieve", tags=["sessions"],
+                      responses={200: SessionSerializer, **errors(401, 404)}),
+)
 class SessionDetailView(generics.RetrieveAPIView):
     serializer_class = SessionSerializer
     lookup_url_kwarg = "session_id"
 
     def get_queryset(self):
         return ChatSession.objects.filter(user=self.request.user)
+
+    @extend_schema(operation_id="sessions_partial_update", tags=["sessions"], request=SessionUpdateSerializer,
+                   description="Rename a session or change its system prompt; fields left out stay as they are.",
+                   responses={200: SessionSerializer,
+                              **errors((400, "Invalid body (`invalid_text`, `invalid_max_length`, ...); "
+                                             "`current_leaf_id` is `not_supported` yet."), 401, 403, 404)})
+    def patch(self, request, session_id):
+        session = self.get_object()
+        incoming = SessionUpdateSerializer(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        changes = incoming.validated_data
+        if changes:
+            for field, value in changes.items():
+                setattr(session, field, value)
+            session.updated_at = timezone.now()
+            session.save(update_fields=[*changes, "updated_at"])
+        return Response(SessionSerializer(session).data)
+
+    @extend_schema(operation_id="sessions_destroy", tags=["sessions"],
+                   description="Delete a session with its turns and messages. Its ledger entries and usage "
+                               "records stay (they name the turn and session by id).",
+                   responses={204: None, **errors(401, 403, 404, (409, "A turn of the session is still running "
+                                                                       "(`turn_running`): stop it or let it end."))})
+    def delete(self, request, session_id):
+        with transaction.atomic():
+            # The row lock orders this against a turn starting in the session (its insert
+            # checks the session row): either that turn is seen running here, or it fails.
+            session = get_object_or_404(self.get_queryset().select_for_update(), pk=session_id)
+            if Turn.objects.filter(session=session, status=Turn.Status.RUNNING).exists():
+                # A running turn holds credits and settles into this session's rows.
+                raise ApiError(409, "turn_running", "A turn of this session is still running; stop it "
+                                                    "(POST /turns/{id}/cancel) or wait for it to end.")
+            session.delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class _SessionChildList(generics.ListAPIView):
@@ -43,6 +95,9 @@ class _SessionChildList(generics.ListAPIView):
         return get_object_or_404(ChatSession, pk=self.kwargs["session_id"], user=self.request.user)
 
 
+@extend_schema_view(get=extend_schema(
+    operation_id="sessions_messages_list", tags=["sessions"], description="Oldest first.",
+    responses={200: MessageSerializer(many=True), **errors(401, (404, "No such session (or not yours), or page."))}))
 class SessionMessagesView(_SessionChildList):
     serializer_class = MessageSerializer
 

@@ -7,8 +7,7 @@ app_name = "web"
 
 urlpatterns = [
     path("", views.chat, name="chat"),
-    path("accounts/login/", auth_views.LoginView.as_view(template_name="web/login.html",
-                                                         redirect_authenticated_user=True), name="login"),
+    path("accounts/login/", views.LoginView.as_view(), name="login"),  # rate limited: accounts.login_limit
     # Django's LogoutView answers POST only (a GET link could be forged by any page).
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]

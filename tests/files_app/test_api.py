@@ -16,7 +16,7 @@ from tests.files_app.helpers import upload
 
 pytestmark = pytest.mark.django_db
 
-FILE_FIELDS = {"id", "filename", "size", "content_type", "status", "created_at"}
+FILE_FIELDS = {"id", "filename", "size", "content_type", "status", "error", "truncated", "created_at"}
 
 
 def test_upload_answers_201_pending_and_stores_bytes_per_user(alice, alice_api, media_root):
@@ -179,9 +179,11 @@ def test_detail_shows_status_after_extraction(alice, alice_api, make_file):
     ready = make_file(alice, "ok.json", b'{"a": 1}')
     failed = make_file(alice, "bad.json", b"{nope")
 
-    assert alice_api.get(f"/api/v1/files/{ready.id}").json()["status"] == "ready"
+    body = alice_api.get(f"/api/v1/files/{ready.id}").json()
+    assert (body["status"], body["error"], body["truncated"]) == ("ready", "", False)
     body = alice_api.get(f"/api/v1/files/{failed.id}").json()
     assert body["status"] == "failed"
+    assert body["error"].startswith("invalid JSON") and body["truncated"] is False
     assert body["id"] == str(failed.id)
 
 

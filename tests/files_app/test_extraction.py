@@ -134,4 +134,4 @@ def test_detect_content_type():
 def test_extract_text_rejects_unknown_types():
     with pytest.raises(ExtractionError):
         extract_text(b"x", "image/png")
-    assert json.loads(extract_text(b'{"a": "b"}', "application/json")) == {"a": "b"}
+    assert json.loads(extract_text(b'{"a": "b"}', "application/json").text) == {"a": "b"}

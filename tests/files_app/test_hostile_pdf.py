@@ -23,7 +23,7 @@ def pdf_mapping_a_to(unicode_hex: str) -> bytes:
 @pytest.mark.parametrize("unicode_hex", ["D800", "DFFF", "0000"])
 def test_pdf_text_with_unstorable_code_points_is_cleaned(unicode_hex):
     pytest.importorskip("pypdf")
-    text = extract_text(pdf_mapping_a_to(unicode_hex), "application/pdf")
+    text = extract_text(pdf_mapping_a_to(unicode_hex), "application/pdf").text
     assert find_unstorable(text) == -1, repr(text)
     assert "B" in text
 

@@ -57,3 +57,15 @@ def test_periodic_task_requeues_and_queues_its_next_run(stale):
     nxt = DBTaskResult.objects.get(task_path=requeue_stale_uploads.module_path)
     assert nxt.args_kwargs["args"] == [120, 600]
     assert queued(extract_file_text) == [[str(stale.id)]]
+
+
+def test_a_file_still_waiting_in_the_queue_is_not_queued_twice(stale):
+    """A backlog on the files queue is not a lost task: no duplicates pile up behind it."""
+    services.enqueue_extraction(stale.id)
+    assert services.requeue_stale_pending(older_than=timedelta(minutes=10)) == 0
+    assert queued(extract_file_text) == [[str(stale.id)]]
+
+    # Its worker claimed it and died mid-run: now it is lost, and queued again.
+    DBTaskResult.objects.filter(task_path=extract_file_text.module_path).update(status="RUNNING")
+    assert services.requeue_stale_pending(older_than=timedelta(minutes=10)) == 1
+    assert queued(extract_file_text) == [[str(stale.id)], [str(stale.id)]]

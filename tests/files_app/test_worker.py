@@ -45,7 +45,7 @@ def run_worker(media_root: Path) -> str:
     if url is None:
         from django_tasks_db.management.commands.db_worker import Worker
 
-        Worker(queue_names=["default"], interval=0, batch=True, backend_name="default", startup_delay=False,
+        Worker(queue_names=["*"], interval=0, batch=True, backend_name="default", startup_delay=False,
                max_tasks=None, worker_id="files-test-worker", excluded_queue_names=[]).run()
         return "in-process"
     env = {**os.environ, "DATABASE_URL": url, "PANTHEON_MEDIA_ROOT": str(media_root),

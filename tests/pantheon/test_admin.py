@@ -59,13 +59,22 @@ def test_grant_credits_action_rejects_a_bad_amount(admin_client, alice):
 
 
 def test_api_key_is_shown_once_on_creation_and_can_be_revoked(admin_client, alice):
-    response = admin_client.post("/admin/accounts/apikey/add/", {"user": alice.pk, "name": "laptop"}, follow=True)
+    # Shown in the answer to the POST itself: no redirect, so no message (and no cookie) carries it.
+    response = admin_client.post("/admin/accounts/apikey/add/", {"user": alice.pk, "name": "laptop"})
+    assert response.status_code == 200
     page = response.content.decode()
-    raw = re.search(r"(pk_[A-Za-z0-9_-]{40,})", page).group(1)
+    raw = re.search(r'data-testid="new-api-key"[^>]*>(pk_[A-Za-z0-9_-]{40,})<', page).group(1)
     key = ApiKey.objects.get(key_hash=hash_key(raw))
     assert key.user == alice and key.name == "laptop"
-    listing = admin_client.get("/admin/accounts/apikey/").content.decode()
-    assert raw not in listing  # never shown again
+    assert "no-store" in response["Cache-Control"]
+    for cookie in response.cookies.values():
+        assert raw not in cookie.value and key.prefix not in cookie.value, cookie.key
+    assert "messages" not in response.cookies
+    assert raw not in str(dict(admin_client.session))  # nor the server-side session
+    listing = admin_client.get("/admin/accounts/apikey/")
+    assert raw not in listing.content.decode()  # never shown again
+    assert all(raw not in cookie.value for cookie in listing.cookies.values())
+    assert all(raw not in cookie.value for cookie in admin_client.cookies.values())
     admin_client.post("/admin/accounts/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
     key.refresh_from_db()
     assert key.revoked_at is not None

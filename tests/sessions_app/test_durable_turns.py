@@ -496,8 +496,22 @@ def test_the_402_says_what_was_needed_and_what_is_available(make_user, session_o
     response = httpx.post(f"{live_server_url}{turns_url(session_of(user))}", json={"content": "hi"},
                           headers=auth(client_for(user)))
     assert response.status_code == 402
-    detail = response.json()["detail"]
+    body = response.json()
+    detail = body["detail"]
     assert "0.001000 are available" in detail and "credits (its prompt and 16 output tokens)" in detail
+    # The amounts as fields too, so a client (the chat page) need not parse the text.
+    assert body["available"] == "0.001000" and f"This turn needs {body['needed']} credits" in detail
+    assert Decimal(body["needed"]) > Decimal(body["available"])
+
+
+def test_the_402_of_an_empty_wallet_says_what_a_turn_needs(make_user, session_of, live_server_url):
+    user = make_user("broke")
+    response = httpx.post(f"{live_server_url}{turns_url(session_of(user))}", json={"content": "hi"},
+                          headers=auth(client_for(user)))
+    assert response.status_code == 402
+    body = response.json()
+    assert body["code"] == "insufficient_credits" and body["available"] == "0.000000"
+    assert Decimal(body["needed"]) > 0
 
 
 # --- A running turn is visible -----------------------------------------------------------------

@@ -262,3 +262,17 @@ def test_the_preflight_uses_a_fixed_number_of_queries(alice, session_of):
             Message(session=session, turn_id=prepared.turn_id, user=alice, role="assistant", content=f"m{i}",
                     position=10 + i) for i in range(150)])
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_session_deleted_while_its_preflight_runs_is_a_404_not_a_500(alice, session_of):
+    from sessions_app.turns import TurnInput, TurnRejected, begin_turn
+
+    session = session_of(alice)
+    preflight = load_preflight(session_id=session.pk, model=None, user_id=alice.pk)
+    session.delete()  # between the preflight's read and its transaction
+    with pytest.raises(TurnRejected) as refused:
+        begin_turn(preflight, TurnInput(content="hi"), streamed=True)
+    assert refused.value.code == "not_found"
+    assert not Turn.objects.exists() and not CreditHold.objects.exists()
+    assert Wallet.objects.get(user=alice).held == 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import pytest
@@ -90,6 +90,20 @@ def log_in(page, username: str) -> None:
     page.wait_for_selector("#app[data-ready=true]")
 
 
+def shown_money(value: Decimal | str) -> str:
+    """An amount as the page shows it: 2 places, rounded down (what the wallet has)."""
+    return f"{Decimal(value).quantize(Decimal('0.01'), rounding=ROUND_FLOOR):.2f}"
+
+
+def expect_balance(page, value: Decimal | str) -> None:
+    """The balance shows at 2 places, with the exact amount (6 places) in its tooltip."""
+    exact = f"{Decimal(value):.6f}"
+    balance = page.get_by_test_id("balance")
+    expect(balance).to_have_attribute("data-exact", exact)
+    expect(balance).to_have_text(shown_money(value))
+    expect(balance).to_have_attribute("title", f"{exact} credits")
+
+
 def state_of(locator) -> tuple[str, str]:
     """(data-status, text) of an assistant message, read at one instant."""
     status, text = locator.evaluate("el => [el.dataset.status, el.textContent]")
@@ -128,8 +142,7 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
 def test_answer_streams_live_and_matches_what_was_stored(page, make_user):
     user = orm(make_user, "carol", "10")
     log_in(page, "carol")
-    balance = page.get_by_test_id("balance")
-    expect(balance).to_have_text("10.000000")
+    expect_balance(page, "10")
 
     page.get_by_test_id("model-select").select_option(MODEL)
     page.get_by_test_id("new-session").click()
@@ -166,7 +179,7 @@ def test_answer_streams_live_and_matches_what_was_stored(page, make_user):
     assert final == stored == FakeGateway.reply_for([{"role": "user", "content": prompt}])
     wallet = orm(Wallet.objects.get, user=user)
     assert wallet.balance < Decimal("10")
-    expect(balance).to_have_text(f"{wallet.balance:.6f}")
+    expect_balance(page, wallet.balance)
     expect(page.get_by_test_id("error")).to_be_hidden()
     expect(page.get_by_test_id("user-message").last).to_have_text(prompt)
     expect(page.get_by_test_id("send")).to_be_enabled()
@@ -177,14 +190,15 @@ def test_answer_streams_live_and_matches_what_was_stored(page, make_user):
     page.wait_for_selector("#app[data-ready=true]")
     expect(page.get_by_test_id("assistant-message")).to_have_text(stored)
     expect(page.get_by_test_id("user-message")).to_have_text(prompt)
-    expect(balance).to_have_text(f"{wallet.balance:.6f}")
+    expect_balance(page, wallet.balance)
 
 
 def test_a_user_without_enough_credits_sees_the_402_message(page, make_user):
     user = orm(make_user, "dave", "0.000010")
     orm(ChatSession.objects.create, user=user, model=MODEL)
     log_in(page, "dave")
-    expect(page.get_by_test_id("balance")).to_have_text("0.000010")
+    expect_balance(page, "0.000010")
+    expect(page.get_by_test_id("balance")).to_have_text("0.00")
     page.get_by_test_id("composer").fill("Hello there")
     page.get_by_test_id("send").click()
 
@@ -220,7 +234,7 @@ def test_stop_ends_the_stream_and_the_turn_is_stored_cancelled(page, make_user):
     expect(page.get_by_test_id("stop")).to_be_disabled()
     expect(page.get_by_test_id("error")).to_be_hidden()
     # The page refreshes the balance once the server has stored and billed the cancelled turn.
-    expect(page.get_by_test_id("balance")).to_have_text(f"{orm(Wallet.objects.get, user=user).balance:.6f}")
+    expect_balance(page, orm(Wallet.objects.get, user=user).balance)
 
 
 def test_upstream_errors_before_and_during_the_stream_are_shown(page, make_user):

@@ -16,7 +16,7 @@ from billing_app.models import LedgerEntry, Wallet
 from llm_gateway import FakeGateway
 from sessions_app.models import ChatSession, Message, Turn
 from tests.web import test_chat_page as chat_page
-from tests.web.test_chat_page import MODEL, log_in, orm, state_of, wait_for, watch_answer
+from tests.web.test_chat_page import MODEL, expect_balance, log_in, orm, state_of, wait_for, watch_answer
 
 pytestmark = pytest.mark.browser
 
@@ -101,7 +101,7 @@ def test_a_reload_mid_answer_shows_it_so_far_and_continues_it_live(page, make_us
     assert orm(debits_of, turn.pk) == 1
     wallet = orm(Wallet.objects.get, user=user)
     assert wallet.balance == Decimal("10") - turn.cost
-    expect(page.get_by_test_id("balance")).to_have_text(f"{wallet.balance:.6f}")
+    expect_balance(page, wallet.balance)
     expect(page.get_by_test_id("error")).to_be_hidden()
     expect(page.get_by_test_id("send")).to_be_enabled()
     expect(page.get_by_test_id("stop")).to_be_disabled()
@@ -137,7 +137,7 @@ def test_stop_cancels_the_turn_on_the_server_and_keeps_the_partial_answer(page, 
     full = FakeGateway.reply_for([{"role": "user", "content": LONG_PROMPT}])
     assert shown == stored and 0 < len(stored) < len(full)
     assert orm(debits_of, turn_id) == 1
-    expect(page.get_by_test_id("balance")).to_have_text(f"{orm(Wallet.objects.get, user=user).balance:.6f}")
+    expect_balance(page, orm(Wallet.objects.get, user=user).balance)
     expect(page.get_by_test_id("send")).to_be_enabled()
     expect(page.get_by_test_id("stop")).to_be_disabled()
     expect(page.get_by_test_id("error")).to_be_hidden()

@@ -102,6 +102,7 @@ def test_the_served_app_refuses_an_oversized_upload_before_reading_it(live_serve
 @pytest.mark.parametrize(("path", "content_type"), [
     ("/static/web/chat.js", "text/javascript"),
     ("/static/web/sse.js", "text/javascript"),
+    ("/static/web/money.js", "text/javascript"),
     ("/static/web/chat.css", "text/css"),
 ])
 def test_static_files_are_served_by_the_asgi_app(live_server_url, path, content_type):

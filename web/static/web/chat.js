@@ -7,6 +7,7 @@
 // a reload follows the running turn (see "one streamed turn" below). Model output is only
 // ever written as text (never as HTML).
 
+import { creditAmounts, money, notEnoughCredits } from "./money.js";
 import { SSEParser } from "./sse.js";
 
 const app = document.getElementById("app");
@@ -22,6 +23,17 @@ const els = {
   sessionTitle: document.getElementById("session-title"),
   sessionModel: document.getElementById("session-model"),
   fakeLabel: document.getElementById("fake-label"),
+  sessionsLocked: document.getElementById("sessions-locked"),
+  modelFull: document.getElementById("model-full"),
+  rename: document.getElementById("rename-session"),
+  renameForm: document.getElementById("rename-form"),
+  renameInput: document.getElementById("rename-input"),
+  renameCancel: document.getElementById("rename-cancel"),
+  del: document.getElementById("delete-session"),
+  deleteConfirm: document.getElementById("delete-confirm"),
+  deleteQuestion: document.getElementById("delete-question"),
+  deleteYes: document.getElementById("delete-yes"),
+  deleteNo: document.getElementById("delete-no"),
   messages: document.getElementById("messages"),
   error: document.getElementById("error"),
   form: document.getElementById("composer-form"),
@@ -36,6 +48,7 @@ const state = {
   streaming: null, // the LiveTurn while an answer streams (sent here, or followed after a reload)
   loading: false, // the selected session's history is loading: sending waits for it
   loadToken: 0, // guards against a slow history load overwriting a newer one
+  busy: false, // a rename or delete of the current session is on its way
 };
 
 // --- helpers -------------------------------------------------------------------------
@@ -47,6 +60,13 @@ function csrfToken() {
   }
   const input = document.querySelector("input[name=csrfmiddlewaretoken]");
   return input ? input.value : "";
+}
+
+// An element showing an amount at 2 places, with the exact amount as its tooltip.
+function showMoney(el, value, direction = "down") {
+  el.textContent = money(value, direction);
+  el.title = `${value} credits`;
+  el.dataset.exact = value;
 }
 
 function isFakeModel(model) {
@@ -105,7 +125,28 @@ function showError(message) {
 
 function clearError() {
   els.error.textContent = "";
+  els.error.title = "";
   els.error.hidden = true;
+}
+
+// A 402: the amounts from its body; what is available from the wallet if it did not say.
+async function showNotEnoughCredits(problem) {
+  const amounts = creditAmounts(problem);
+  let available = amounts.available;
+  showError(notEnoughCredits(problem));
+  if (available === null) {
+    try {
+      const wallet = await api("wallet");
+      setBalance(wallet.balance);
+      available = wallet.available;
+      if (!els.error.hidden) showError(notEnoughCredits(problem, available));
+    } catch {
+      return;
+    }
+  }
+  const exact = [amounts.needed !== null ? `needs ${amounts.needed}` : "",
+    available !== null ? `available ${available}` : ""].filter(Boolean).join(", ");
+  if (exact && !els.error.hidden) els.error.title = `Exact amounts: ${exact} credits`;
 }
 
 // A human message for an API error body `{"detail", "code"}` and its status.
@@ -116,7 +157,7 @@ function describeProblem(status, code, detail) {
     case 403:
       return "Your login has expired or this page is out of date. Reload the page and log in again.";
     case 402:
-      return `Not enough credits for this message${more}. Ask an administrator to grant you credits.`;
+      return notEnoughCredits(detail);
     case 404:
       return "This session does not exist any more. Pick another session or start a new one.";
     case 502:
@@ -130,7 +171,7 @@ function describeProblem(status, code, detail) {
 }
 
 function setBalance(balance) {
-  if (typeof balance === "string" && balance) els.balance.textContent = balance;
+  if (typeof balance === "string" && balance) showMoney(els.balance, balance);
 }
 
 async function loadWallet() {
@@ -281,14 +322,26 @@ function renderSessions() {
     return li;
   });
   els.sessionList.replaceChildren(...items);
+  updateComposer();
 }
 
+// While an answer streams it belongs to the session on screen: the list, the new-session
+// button and delete are disabled (visibly, with a note saying why) until it ends.
 function updateComposer() {
   const streaming = state.streaming !== null;
+  const session = currentSession();
   els.composer.disabled = !state.currentId;
   els.send.disabled = !state.currentId || streaming || state.loading;
   els.stop.disabled = !streaming || state.streaming.stopRequested;
   els.newSession.disabled = streaming;
+  els.modelSelect.disabled = streaming;
+  els.rename.disabled = !session || state.busy;
+  els.del.disabled = !session || streaming || state.busy;
+  els.sessionList.classList.toggle("locked", streaming);
+  els.sessionList.setAttribute("aria-disabled", String(streaming));
+  for (const button of els.sessionList.querySelectorAll(".session-item")) button.disabled = streaming;
+  els.sessionsLocked.hidden = !streaming;
+  if (streaming) closeDeleteConfirm();
 }
 
 // --- sessions ------------------------------------------------------------------------
@@ -297,15 +350,36 @@ function currentSession() {
   return state.sessions.find((s) => s.id === state.currentId) || null;
 }
 
-async function selectSession(id) {
-  if (state.streaming) return; // the answer streaming now belongs to the session on screen
-  state.currentId = id;
+function showSessionHeader() {
   const session = currentSession();
-  if (window.location.hash !== `#session=${id}`) history.replaceState(null, "", `#session=${id}`);
-  renderSessions();
-  els.sessionTitle.textContent = session ? sessionLabel(session) : "";
+  els.sessionTitle.textContent = session ? sessionLabel(session) : "No session selected";
+  els.sessionTitle.title = session ? sessionLabel(session) : "";
   els.sessionModel.textContent = session ? session.model : "";
   els.fakeLabel.hidden = !(session && (isFakeModel(session.model) || PROVIDER === "fake"));
+}
+
+function showNoSession() {
+  state.currentId = null;
+  state.loadToken++;
+  state.loading = false;
+  if (window.location.hash) history.replaceState(null, "", window.location.pathname + window.location.search);
+  closeRename();
+  closeDeleteConfirm();
+  showSessionHeader();
+  renderSessions();
+  els.messages.replaceChildren(Object.assign(document.createElement("p"), {
+    className: "empty", textContent: "No sessions yet. Choose a model and press “New session”.",
+  }));
+}
+
+async function selectSession(id) {
+  if (state.streaming) return; // the list is disabled meanwhile (updateComposer)
+  state.currentId = id;
+  if (window.location.hash !== `#session=${id}`) history.replaceState(null, "", `#session=${id}`);
+  closeRename();
+  closeDeleteConfirm();
+  renderSessions();
+  showSessionHeader();
   clearError();
   const token = ++state.loadToken;
   state.loading = true;
@@ -339,11 +413,34 @@ async function loadModels() {
     const option = document.createElement("option");
     option.value = m.model;
     option.textContent = isFakeModel(m.model) ? `${m.model} (offline fake model)` : m.model;
-    option.title = `${m.prompt_price_per_mtok} / ${m.completion_price_per_mtok} credits per million tokens`;
+    option.title = `${m.model}: ${m.prompt_price_per_mtok} credits per million prompt tokens, `
+      + `${m.completion_price_per_mtok} per million answer tokens`;
     if (m.model === DEFAULT_MODEL) option.selected = true;
     return option;
   });
   els.modelSelect.replaceChildren(...options);
+  showModelName();
+}
+
+// A closed <select> cuts a long model name: the name is its tooltip, and when it does not
+// fit, it is written out in full (wrapping) under the select.
+let measureCanvas = null;
+function showModelName() {
+  const option = els.modelSelect.selectedOptions[0];
+  const text = option ? option.textContent : "";
+  els.modelSelect.title = option ? option.value : "";
+  els.modelFull.textContent = text;
+  let cut = false;
+  const width = els.modelSelect.clientWidth;
+  if (text && width > 0) {
+    measureCanvas = measureCanvas || document.createElement("canvas");
+    const context = measureCanvas.getContext("2d");
+    const style = getComputedStyle(els.modelSelect);
+    context.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+    const room = width - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 24; // the arrow
+    cut = context.measureText(text).width > room;
+  }
+  els.modelFull.hidden = !cut;
 }
 
 async function loadSessions() {
@@ -365,6 +462,118 @@ async function newSession() {
     showError(err instanceof ApiProblem ? describeProblem(err.status, err.code, err.detail)
       : `Could not create a session: ${err.message}`);
   } finally {
+    updateComposer();
+  }
+}
+
+// --- rename and delete (PATCH / DELETE /sessions/{id}) -------------------------------
+
+function openRename() {
+  const session = currentSession();
+  if (!session || state.busy) return;
+  closeDeleteConfirm();
+  els.renameInput.value = session.title || "";
+  els.sessionTitle.hidden = true;
+  els.rename.hidden = true;
+  els.renameForm.hidden = false;
+  els.renameInput.focus();
+  els.renameInput.select();
+}
+
+function closeRename() {
+  els.renameForm.hidden = true;
+  els.sessionTitle.hidden = false;
+  els.rename.hidden = false;
+}
+
+function replaceSession(updated) {
+  const index = state.sessions.findIndex((s) => s.id === updated.id);
+  if (index >= 0) state.sessions[index] = updated;
+}
+
+async function saveRename() {
+  const session = currentSession();
+  if (!session || state.busy) return;
+  const title = els.renameInput.value.trim();
+  if (title === (session.title || "")) {
+    closeRename();
+    return;
+  }
+  clearError();
+  state.busy = true;
+  updateComposer();
+  try {
+    const updated = await api(`sessions/${session.id}`, { method: "PATCH", body: { title } });
+    replaceSession(updated);
+    closeRename();
+    renderSessions();
+    showSessionHeader();
+  } catch (err) {
+    if (err instanceof ApiProblem && err.status === 404) {
+      forgetSession(session.id);
+      showError(describeProblem(404, err.code, err.detail));
+    } else if (err instanceof ApiProblem && err.status === 400) {
+      showError(`The title was not accepted: ${err.detail || err.code}`);
+    } else {
+      showError(err instanceof ApiProblem ? describeProblem(err.status, err.code, err.detail)
+        : `Could not rename the session: ${err.message}`);
+    }
+  } finally {
+    state.busy = false;
+    updateComposer();
+  }
+}
+
+function askDelete() {
+  const session = currentSession();
+  if (!session || state.busy || state.streaming) return;
+  closeRename();
+  els.deleteQuestion.textContent = `Delete “${sessionLabel(session)}” and all its messages? This cannot be undone.`;
+  els.deleteConfirm.hidden = false;
+  els.deleteNo.focus();
+}
+
+function closeDeleteConfirm() {
+  els.deleteConfirm.hidden = true;
+}
+
+// The session is gone (deleted here, or elsewhere): out of the list, and the next one opens.
+function forgetSession(id) {
+  const index = state.sessions.findIndex((s) => s.id === id);
+  if (index >= 0) state.sessions.splice(index, 1);
+  if (state.currentId !== id) {
+    renderSessions();
+    return;
+  }
+  const next = state.sessions[Math.min(Math.max(index, 0), state.sessions.length - 1)];
+  if (next) selectSession(next.id);
+  else showNoSession();
+}
+
+async function deleteSession() {
+  const session = currentSession();
+  if (!session || state.busy || state.streaming) return;
+  closeDeleteConfirm();
+  clearError();
+  state.busy = true;
+  updateComposer();
+  try {
+    await api(`sessions/${session.id}`, { method: "DELETE" });
+    state.busy = false;
+    forgetSession(session.id);
+  } catch (err) {
+    state.busy = false;
+    if (err instanceof ApiProblem && err.status === 404) {
+      forgetSession(session.id); // already gone
+    } else if (err instanceof ApiProblem && err.code === "turn_running") {
+      showError("An answer is still being written in this session (perhaps in another tab). "
+        + "Stop it or wait for it to finish, then delete the session.");
+    } else {
+      showError(err instanceof ApiProblem ? describeProblem(err.status, err.code, err.detail)
+        : `Could not delete the session: ${err.message}`);
+    }
+  } finally {
+    state.busy = false;
     updateComposer();
   }
 }
@@ -776,9 +985,15 @@ async function sendMessage() {
       } else {
         // Refused before anything was stored: give the text back.
         userEl.remove();
+        if (!els.messages.children.length) {
+          els.messages.append(Object.assign(document.createElement("p"), {
+            className: "empty", textContent: "No messages yet. Write the first one below.",
+          }));
+        }
         if (!els.composer.value) els.composer.value = content;
       }
-      showError(describeProblem(response.status, body && body.code, body && body.detail));
+      if (response.status === 402) showNotEnoughCredits(body);
+      else showError(describeProblem(response.status, body && body.code, body && body.detail));
       return;
     }
     if (result.resume) result = await followTurn(live);
@@ -804,6 +1019,26 @@ els.stop.addEventListener("click", () => {
   if (state.streaming) state.streaming.stop();
 });
 els.newSession.addEventListener("click", newSession);
+els.modelSelect.addEventListener("change", showModelName);
+window.addEventListener("resize", showModelName);
+els.rename.addEventListener("click", openRename);
+els.renameForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  saveRename();
+});
+els.renameInput.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    event.preventDefault();
+    closeRename();
+  }
+});
+els.renameCancel.addEventListener("click", closeRename);
+els.del.addEventListener("click", askDelete);
+els.deleteYes.addEventListener("click", deleteSession);
+els.deleteNo.addEventListener("click", closeDeleteConfirm);
+els.deleteConfirm.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") closeDeleteConfirm();
+});
 
 async function start() {
   updateComposer();
@@ -817,9 +1052,7 @@ async function start() {
   const wanted = (window.location.hash.match(/^#session=([0-9a-f-]+)$/i) || [])[1];
   const first = state.sessions.find((s) => s.id === wanted) || state.sessions[0];
   if (first) await selectSession(first.id);
-  else els.messages.replaceChildren(Object.assign(document.createElement("p"), {
-    className: "empty", textContent: "No sessions yet. Choose a model and press “New session”.",
-  }));
+  else showNoSession();
   app.dataset.ready = "true";
 }
 
