@@ -8,7 +8,27 @@ provider text (deltas, content, tool call ids, names and arguments, model and pr
 names, error messages) has NUL and unpaired surrogates replaced by U+FFFD
 (`core.text.clean_text`), names are cut to fit their columns, error messages are short, and
 token counts are ints in [0, MAX_TOKEN_COUNT]. Stream deltas are cleaned one by one, so
-their concatenation is the cleaned answer.
+their concatenation is the cleaned answer (a streamed tool call's argument pieces too).
+
+Pass-through parameters (`params` of `generate()` and `stream()`): the OpenAI request fields
+a caller wants sent as they are (`temperature`, `top_p`, `stop`, `seed`, `presence_penalty`,
+`frequency_penalty`, `response_format`, `tool_choice`, `parallel_tool_calls`, `user`, and
+OpenRouter's `models`, ...). The gateway does not check them: the caller (the OpenAI facade)
+decides which client fields may pass. They never replace what the gateway owns: the keys in
+`OWNED_PARAMS` are dropped from `params` whatever their value (`model`, `messages` and
+`max_tokens` are the arguments; `max_completion_tokens` and `n` would defeat the token cap a
+hold is computed from, or bill answers nobody reads; `stream`, `stream_options` and `usage`
+are how the gateway reads the answer and its usage; `tools` comes from `client_tools` or the
+tool loop). `tool_choice` passes, except in the tool loop (`tool_executor`), which sets it
+round by round.
+
+Client tools (`client_tools`): tools the CALLER runs, not Pantheon. They are sent as the
+request's `tools` (with `params`' `tool_choice`, if any), and the model's tool calls come
+back: `Completion.tool_calls` (one round, no loop), or for a stream `ToolCallDelta`s among
+the text deltas and `StreamEnding.tool_calls`. Without `client_tools` (None or empty) no
+caller ever sees a tool call it did not ask for: a stream yields only `str`, whatever the
+provider sends. Messages go upstream as given, so a conversation holding assistant
+`tool_calls` and `tool` messages (the client's earlier round) is sent intact.
 """
 
 from __future__ import annotations
@@ -22,7 +42,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from decimal import Decimal
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 # An OpenAI-format chat message: {"role": ..., "content": ..., "tool_calls"?: ..., "tool_call_id"?: ...}
 ChatMessage = dict[str, Any]
@@ -30,6 +50,29 @@ ChatMessage = dict[str, Any]
 # Runs one tool call for the tool loop: (tool name, parsed arguments) -> result text.
 # It must not raise for bad input; it returns an error text for the model instead.
 ToolExecutor = Callable[[str, dict[str, Any]], Awaitable[str]]
+
+# Request fields the gateway sets itself: a key of `params` in this set is dropped (see the
+# module docstring).
+OWNED_PARAMS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "n", "stream",
+                          "stream_options", "usage", "tools"})
+
+
+def passthrough_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """`params` without the keys the gateway owns (a new dict; {} for None)."""
+    if not params:
+        return {}
+    return {key: value for key, value in params.items() if key not in OWNED_PARAMS}
+
+
+def offered_client_tools(client_tools: list[dict[str, Any]] | None,
+                         tool_executor: ToolExecutor | None = None) -> list[dict[str, Any]] | None:
+    """The client tools to send: None for None or an empty list (OpenAI refuses `"tools": []`).
+    Raises ValueError with a `tool_executor` too: tools are either Pantheon's or the caller's."""
+    if not client_tools:
+        return None
+    if tool_executor is not None:
+        raise ValueError("client_tools and tool_executor cannot be combined")
+    return list(client_tools)
 
 
 # Token counts end up in PositiveIntegerField columns (at most 2**31 - 1), the total too, so
@@ -153,6 +196,25 @@ class ToolCall:
     arguments: str  # JSON text as the model sent it ("" is treated as "{}")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call the model is streaming; yielded by `chunks` (among the text
+    deltas, in the order the provider sent them) only by a stream opened with `client_tools`.
+
+    `index` is the call's position in `StreamEnding.tool_calls`: 0, 1, ... in the order the
+    calls began, whatever indexes the provider used (they only tell its fragments apart). The
+    first delta of a call has its `id` (the provider's, or one made up if it sent none), later
+    ones None; `name` is set on the one delta that names the call (usually the first), else
+    None. `arguments` is the next piece of the arguments' JSON text, maybe "": the pieces of
+    one index concatenate to its `ToolCall.arguments`. Everything is cleaned and bounded like
+    any provider text (`llm_gateway.base`)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
 @dataclasses.dataclass
 class Completion:
     """Result of `generate()`, after every tool round."""
@@ -166,6 +228,9 @@ class Completion:
     # message that asked for tools, then one {"role": "tool", ...} per call. Empty
     # without tools. The final assistant answer is `content`, not in this list.
     tool_messages: list[ChatMessage] = dataclasses.field(default_factory=list)
+    # With `client_tools` only: the tool calls the model asked the caller to run (then
+    # `finish_reason` is "tool_calls"). Empty otherwise.
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
 
 
 class GatewayError(Exception):
@@ -209,8 +274,23 @@ class StreamEnding:
     # As the provider reported it; None if it never did (or the stream was cut first).
     usage: Usage | None
     provider_model: str  # "" if the provider never named one
-    finish_reason: str  # as the provider reported it; "" if it never did
+    # As the provider reported it; "" if it never did. A stream that ended "ok" with tool
+    # calls says "tool_calls" where the provider said "stop" or nothing (some do).
+    finish_reason: str
     records: list[CallRecord]  # `prior_records`, then the stream's own record
+    # A stream opened with `client_tools`: the calls the model made, assembled from their
+    # `ToolCallDelta`s (by index, arguments concatenated), in index order. If the stream did
+    # not end "ok", the calls begun so far, their arguments maybe incomplete. Else empty.
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+
+
+_Delta = TypeVar("_Delta", str, ToolCallDelta)
+
+
+def tool_calls_finish_reason(finish_reason: str, tool_calls: list[ToolCall]) -> str:
+    """The finish reason of an answer with client tool calls: "tool_calls" where the
+    provider said "stop" or nothing (some do, with tool calls); else as reported."""
+    return "tool_calls" if tool_calls and finish_reason in ("", "stop") else finish_reason
 
 
 def ms_since(start: float) -> int:
@@ -222,10 +302,12 @@ class StreamingContext(abc.ABC):
     """A stream opened upstream, and its lifecycle, which is written here once for every
     gateway.
 
-    `chunks` yields text deltas; iterating it raises a `GatewayError` for an error chunk or
-    a truncated stream. `aclose()` closes the upstream at once (client went away); it is
-    safe to call twice, and while another task iterates `chunks` (that task then stops
-    quietly, as it does for whatever the source raises after `aclose()`).
+    `chunks` yields text deltas (`str`) and, only if the stream was opened with
+    `client_tools`, `ToolCallDelta`s too, in the order the provider sent them; iterating it
+    raises a `GatewayError` for an error chunk or a truncated stream. `aclose()` closes the
+    upstream at once (client went away); it is safe to call twice, and while another task
+    iterates `chunks` (that task then stops quietly, as it does for whatever the source raises
+    after `aclose()`).
 
     The stream ends exactly once, with the first of: the chunks exhausted (status "ok"), an
     error raised ("error"), `aclose()`, the reader cancelled or `chunks` closed
@@ -234,13 +316,14 @@ class StreamingContext(abc.ABC):
     opened (usually empty); `records` is all of them plus `record`, in order: store each as
     an LLM event.
 
-    A gateway subclasses this and writes `_chunks()`: an async generator whose whole body
-    runs in `async with self._running():`, which yields each delta through `self._sent()`,
-    sets `_usage`, `_provider_model`, `_provider`, `_finish_reason`, `_generation_id` and
-    `_provider_cost` as the provider reports them, and returns once the provider finished; and
-    `_disconnect()`, which drops the source. It may override `_failure()` (what an exception
-    of the source means). The record's `generation_id` may be set before the stream opens (a
-    response header): a `_generation_id` the stream reports replaces it.
+    A gateway subclasses this and writes `_chunks()`: an async generator (or a method
+    returning one) whose whole body runs in `async with self._running():`, which yields each
+    delta through `self._sent()`, sets `_usage`, `_provider_model`, `_provider`,
+    `_finish_reason`, `_generation_id` and `_provider_cost` as the provider reports them, and
+    returns once the provider finished; and `_disconnect()`, which drops the source. It may
+    override `_failure()` (what an exception of the source means), and `_ending_tool_calls()`
+    (the calls of a stream with client tools). The record's `generation_id` may be set before
+    the stream opens (a response header): a `_generation_id` the stream reports replaces it.
     """
 
     def __init__(self, *, record: CallRecord, started: float,
@@ -257,7 +340,7 @@ class StreamingContext(abc.ABC):
         self._provider_cost: Decimal | None = None
         self._ending: StreamEnding | None = None
         self._closing = False  # aclose() was called
-        self.chunks: AsyncGenerator[str, None] = self._chunks()
+        self.chunks: AsyncGenerator[str | ToolCallDelta, None] = self._chunks()
 
     @property
     def records(self) -> list[CallRecord]:
@@ -291,7 +374,7 @@ class StreamingContext(abc.ABC):
     # -- for the gateways ------------------------------------------------------------------
 
     @abc.abstractmethod
-    def _chunks(self) -> AsyncGenerator[str, None]:
+    def _chunks(self) -> AsyncGenerator[str | ToolCallDelta, None]:
         """The deltas (see the class docstring); created once, as `chunks`."""
 
     @abc.abstractmethod
@@ -305,11 +388,15 @@ class StreamingContext(abc.ABC):
         and the stream ends as cancelled."""
         return None
 
+    def _ending_tool_calls(self) -> list[ToolCall]:
+        """The tool calls for the ending (see `StreamEnding.tool_calls`); none by default."""
+        return []
+
     def _running(self) -> _Running:
         """Wraps the body of `_chunks()`: ends the stream however the body stops."""
         return _Running(self)
 
-    def _sent(self, delta: str) -> str:
+    def _sent(self, delta: _Delta) -> _Delta:
         """`delta`, about to be yielded: the first one sets the time to first token."""
         if self.record.ttft_ms is None:
             self.record.ttft_ms = ms_since(self._started)
@@ -329,8 +416,12 @@ class StreamingContext(abc.ABC):
         # Kept whatever the status: a failed or cancelled call is what gets reconciled.
         record.generation_id = self._generation_id or record.generation_id
         record.provider_cost = self._provider_cost
+        tool_calls = self._ending_tool_calls()
+        finish_reason = self._finish_reason or ""
+        if status == "ok":
+            finish_reason = tool_calls_finish_reason(finish_reason, tool_calls)
         self._ending = StreamEnding(status=status, usage=self._usage, provider_model=record.provider_model,
-                                    finish_reason=self._finish_reason or "", records=self.records)
+                                    finish_reason=finish_reason, records=self.records, tool_calls=tool_calls)
 
     def _fail(self, exc: GatewayError, detail: str = "") -> GatewayError:
         """End the stream with `exc` (the record's error is `detail`, or else its message), and
@@ -395,16 +486,22 @@ class LlmGateway(abc.ABC):
     async def generate(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
                        tools: list[dict[str, Any]] | None = None,
                        tool_executor: ToolExecutor | None = None,
-                       max_tool_rounds: int = 4) -> Completion:
-        """One full completion; with `tools`, runs the tool loop (at most `max_tool_rounds`
-        rounds that call tools, then one final round without tools)."""
+                       max_tool_rounds: int = 4,
+                       params: dict[str, Any] | None = None,
+                       client_tools: list[dict[str, Any]] | None = None) -> Completion:
+        """One full completion; with `tools` and a `tool_executor`, runs the tool loop (at
+        most `max_tool_rounds` rounds that call tools, then one final round without tools).
+        With `client_tools` instead (not both: ValueError), one round whose tool calls are
+        returned in `Completion.tool_calls`. `params`: see the module docstring."""
 
     @abc.abstractmethod
-    async def stream(self, *, model: str, messages: list[ChatMessage],
-                     max_tokens: int) -> StreamingContext:
+    async def stream(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
+                     params: dict[str, Any] | None = None,
+                     client_tools: list[dict[str, Any]] | None = None) -> StreamingContext:
         """Open the upstream stream; returns once the provider accepted the request
         (HTTP 200), so a provider that fails at once raises here, before any byte is
-        sent downstream."""
+        sent downstream. With `client_tools`, `chunks` also yields `ToolCallDelta`s and the
+        ending has the `tool_calls`. `params`: see the module docstring."""
 
     async def generation(self, generation_id: str) -> Generation:
         """The provider's record of a generation (`CallRecord.generation_id`). Raises

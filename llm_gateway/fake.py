@@ -15,6 +15,15 @@ UUID in that message, else in the system messages; if it finds one it calls
 ``"From the file: <first 500 chars of the result>"``. Without a UUID it answers as usual.
 One CallRecord per round, like the real gateway.
 
+Pass-through parameters (`params`) are accepted and ignored, except `stop` (a string or a
+list of strings): the reply is cut before the first occurrence of any of them (finish_reason
+"stop"), before `max_tokens` applies. Keys the gateway owns are dropped as by any gateway
+(`llm_gateway.base.OWNED_PARAMS`). Client tools (`client_tools`) are accepted and ignored:
+the fake never calls one, it answers text (`Completion.tool_calls` and the stream's
+`ending.tool_calls` stay empty, the stream yields only `str`); with a `tool_executor` too
+it raises ValueError, as every gateway does. Tests of client tool calls use the loopback
+fake OpenRouter (tests/fake_openrouter.py) instead.
+
 Failure models, for tests:
 - ``fake/error``: raises `UpstreamError` (status 502) at once, from `generate()` and from
   `stream()` (before the stream opens).
@@ -55,6 +64,8 @@ from .base import (
     Usage,
     content_text,
     ms_since,
+    offered_client_tools,
+    passthrough_params,
 )
 from .tokens import BYTES_PER_TOKEN, estimate_prompt_tokens, estimate_tokens
 
@@ -95,6 +106,15 @@ def _truncate(text: str, max_tokens: int) -> tuple[str, bool]:
         budget = max(0, max_tokens) * BYTES_PER_TOKEN
         out = text.encode()[:budget].decode("utf-8", errors="ignore")
     return out, True
+
+
+def _apply_stop(text: str, params: dict[str, Any] | None) -> str:
+    """`text` cut before the first stop sequence of `params` (`stop`), if it has one."""
+    stop = passthrough_params(params).get("stop")
+    sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    cut = min((found for sequence in sequences if isinstance(sequence, str) and sequence
+               if (found := text.find(sequence)) >= 0), default=-1)
+    return text[:cut] if cut >= 0 else text
 
 
 def _offers(tools: list[dict[str, Any]] | None, name: str) -> bool:
@@ -165,7 +185,10 @@ class FakeGateway(LlmGateway):
     async def generate(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
                        tools: list[dict[str, Any]] | None = None,
                        tool_executor: ToolExecutor | None = None,
-                       max_tool_rounds: int = 4) -> Completion:
+                       max_tool_rounds: int = 4,
+                       params: dict[str, Any] | None = None,
+                       client_tools: list[dict[str, Any]] | None = None) -> Completion:
+        offered_client_tools(client_tools, tool_executor)  # checked, then ignored (see above)
         records: list[CallRecord] = []
         tool_messages: list[ChatMessage] = []
         total: Usage | None = None
@@ -203,6 +226,7 @@ class FakeGateway(LlmGateway):
             records.append(self._record(model, stream=False, started=started, status="error",
                                         error=message))
             raise UpstreamError(message, status=502, records=records, usage=total)
+        reply = _apply_stop(reply, params)
         text, truncated = _truncate(reply, max_tokens)
         usage = self._usage(model, estimate_prompt_tokens(conversation, offered), text)
         records.append(self._record(model, stream=False, started=started,
@@ -212,10 +236,13 @@ class FakeGateway(LlmGateway):
                           finish_reason="length" if truncated else "stop", usage=total,
                           records=records, tool_messages=tool_messages)
 
-    async def stream(self, *, model: str, messages: list[ChatMessage], max_tokens: int) -> StreamingContext:
+    async def stream(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
+                     params: dict[str, Any] | None = None,
+                     client_tools: list[dict[str, Any]] | None = None) -> StreamingContext:
+        offered_client_tools(client_tools)  # ignored (see above)
         self._fail_at_once(model, stream=True, records=[])
         started = time.monotonic()
-        text, truncated = _truncate(self.reply_for(messages), max_tokens)
+        text, truncated = _truncate(_apply_stop(self.reply_for(messages), params), max_tokens)
         return _FakeStream(
             pieces=split_pieces(text),
             model=model,

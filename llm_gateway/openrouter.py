@@ -13,6 +13,7 @@ import email.utils
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -36,13 +37,17 @@ from .base import (
     LlmGateway,
     StreamingContext,
     ToolCall,
+    ToolCallDelta,
     ToolExecutor,
     UpstreamError,
     UpstreamTimeout,
     Usage,
     content_text,
     ms_since,
+    offered_client_tools,
+    passthrough_params,
     token_count,
+    tool_calls_finish_reason,
 )
 from .sse import SSEDecoder, SSEEvent, SSEEventTooLarge
 from .tokens import estimate_prompt_tokens, estimate_tokens
@@ -64,6 +69,7 @@ MAX_MODEL_CHARS = 200
 MAX_PROVIDER_CHARS = 100
 MAX_FINISH_REASON_CHARS = 64
 MAX_TOOL_CALL_ID_CHARS = 200
+MAX_TOOL_NAME_CHARS = 256  # OpenAI allows 64; a tool call's name is stored in its JSON
 MAX_GENERATION_ID_CHARS = 200  # an LLM event's generation_id column
 MAX_GENERATION_BODY_BYTES = 1024 * 1024  # a generation record is a few hundred bytes
 # A reported cost above this many credits is no real call's (and would not fit a money
@@ -73,6 +79,10 @@ _MAX_COST_CHARS = 64  # a numeric string longer than this is no cost
 # Each call becomes a stored tool message (a turn's message positions are small ints) and an
 # executor run: calls past this many in one answer are dropped, from the assistant message too.
 MAX_TOOL_CALLS_PER_ROUND = 128
+# The arguments of a streamed answer's tool calls are kept (to assemble the calls): at most
+# this many characters in all, past which the stream fails as "too large" (a real call's are
+# a few kB; a non-streamed answer is bounded by MAX_BODY_BYTES as a whole).
+MAX_TOOL_ARGUMENTS_CHARS = 16 * 1024 * 1024
 _POOL_LIMITS = httpx.Limits(max_connections=500, max_keepalive_connections=50, keepalive_expiry=30.0)
 
 # One AsyncClient per event loop: a client's pooled connections belong to the loop that
@@ -238,11 +248,26 @@ def _cleaned_content(content: Any) -> str:
     return clean_text(content_text(content))
 
 
-def _parse_tool_calls(raw: Any, round_no: int) -> list[ToolCall]:
+def _new_call_id() -> str:
+    """An id for a tool call the provider sent none for: unique, as some providers require of
+    the ids in a conversation (a client sends them back with its tool results)."""
+    return f"call_{secrets.token_hex(12)}"
+
+
+def _arguments_text(arguments: Any) -> str:
+    """Tool call arguments sent as a JSON value instead of its text (some servers): as text,
+    strings cleaned (json.dumps would escape a NUL, not remove it)."""
+    try:
+        return json.dumps(clean_json_strings(arguments), ensure_ascii=False)
+    except RecursionError:  # json.loads takes deeper nesting than Python code does
+        return "(arguments nested too deeply)"  # not JSON: the model is told so
+
+
+def _parse_tool_calls(raw: Any) -> list[ToolCall]:
     calls: list[ToolCall] = []
     if not isinstance(raw, list):
         return calls
-    for index, item in enumerate(raw):
+    for item in raw:
         if len(calls) >= MAX_TOOL_CALLS_PER_ROUND:
             logger.warning("the model asked for more than %d tool calls at once; the rest are dropped",
                            MAX_TOOL_CALLS_PER_ROUND)
@@ -254,18 +279,142 @@ def _parse_tool_calls(raw: Any, round_no: int) -> list[ToolCall]:
         if arguments is None or arguments == "":
             arguments = "{}"  # seen from Bedrock for calls without arguments
         elif not isinstance(arguments, str):
-            # An object (some servers): json.dumps would escape a NUL, not remove it.
-            try:
-                arguments = json.dumps(clean_json_strings(arguments), ensure_ascii=False)
-            except RecursionError:  # json.loads takes deeper nesting than Python code does
-                arguments = "(arguments nested too deeply)"  # not JSON: the model is told so
+            arguments = _arguments_text(arguments)
         # Ids, names and arguments are stored with the turn and sent back upstream: clean them
         # (the id is cut to fit its column; it is the same wherever it is used).
-        call_id = _label(item.get("id"), MAX_TOOL_CALL_ID_CHARS) or f"call_{round_no}_{index}"
+        call_id = _label(item.get("id"), MAX_TOOL_CALL_ID_CHARS) or _new_call_id()
         name = function.get("name")
-        name = clean_text(name) if isinstance(name, str) else ""
+        name = clean_text(name[:MAX_TOOL_NAME_CHARS]) if isinstance(name, str) else ""
         calls.append(ToolCall(id=call_id, name=name, arguments=clean_text(arguments)))
     return calls
+
+
+_DROPPED = -1  # a streamed tool call past MAX_TOOL_CALLS_PER_ROUND: its fragments are ignored
+
+
+class _ToolCallStream:
+    """A stream's tool-call fragments (`delta.tool_calls`) -> `ToolCallDelta`s, and the calls
+    they add up to.
+
+    A fragment is `{index, id?, type?, function?: {name?, arguments?}}`; the provider is not
+    trusted to send them well. Which call a fragment belongs to: its `index` if it is an int
+    (any int: it is only a key), unless it carries an id other than that call's (providers
+    that give every parallel call index 0): then it begins a new call. Without an int index,
+    the call with that id, a new call for an id not seen, else the latest call. A call's
+    first id and first name win (some providers repeat them in every fragment); a call with
+    no id gets one made up. Calls past MAX_TOOL_CALLS_PER_ROUND are dropped (their fragments
+    too); arguments past MAX_TOOL_ARGUMENTS_CHARS in all fail the stream. Argument pieces are
+    cleaned one by one, a high surrogate ending one kept back for the next piece of its call
+    (as text deltas are), so the pieces still concatenate to the call's arguments.
+    """
+
+    def __init__(self) -> None:
+        self._positions: dict[int, int] = {}  # the provider's index -> the call's position
+        self._by_id: dict[str, int] = {}  # the provider's id -> the call's position
+        self._ids: list[str] = []  # per call: the id given out
+        self._provider_ids: list[str | None] = []  # per call: the provider's id, None if made up
+        self._names: list[str | None] = []
+        self._arguments: list[list[str]] = []
+        self._held: list[str] = []  # per call: a high surrogate kept back
+        self._size = 0  # characters of arguments kept
+        self._last: int | None = None  # the position the last fragment went to
+        self._warned = False
+
+    def feed(self, fragments: Any, out: list[str | ToolCallDelta]) -> None:
+        """Append to `out` the deltas of a chunk's `tool_calls` (anything else is ignored)."""
+        if not isinstance(fragments, list):
+            return
+        for fragment in fragments:
+            if isinstance(fragment, dict):
+                delta = self._fragment(fragment)
+                if delta is not None:
+                    out.append(delta)
+
+    def finish(self) -> list[ToolCallDelta]:
+        """At the end of the stream: the held-back high surrogates, each standing for U+FFFD."""
+        deltas = []
+        for position, held in enumerate(self._held):
+            if held:
+                self._held[position] = ""
+                self._arguments[position].append(REPLACEMENT)
+                deltas.append(ToolCallDelta(index=position, id=None, name=None, arguments=REPLACEMENT))
+        return deltas
+
+    def calls(self) -> list[ToolCall]:
+        return [ToolCall(id=call_id, name=name or "", arguments="".join(arguments))
+                for call_id, name, arguments in zip(self._ids, self._names, self._arguments, strict=True)]
+
+    def _fragment(self, fragment: dict[str, Any]) -> ToolCallDelta | None:
+        index = fragment.get("index")
+        call_id = _label(fragment.get("id"), MAX_TOOL_CALL_ID_CHARS)
+        position: int | None
+        if type(index) is int:  # not a bool, a float or a numeric string
+            position = self._positions.get(index)
+            if position is not None and call_id is not None and self._provider_ids[position] not in (None, call_id):
+                position = None  # another call under the same index
+        elif call_id is not None:
+            position = self._by_id.get(call_id)
+        else:
+            position = self._last
+        if position == _DROPPED:
+            return None
+        new = position is None
+        if position is None:
+            if len(self._ids) >= MAX_TOOL_CALLS_PER_ROUND:
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("the model streamed more than %d tool calls; the rest are dropped",
+                                   MAX_TOOL_CALLS_PER_ROUND)
+                self._last = _DROPPED
+                return None
+            position = len(self._ids)
+            if type(index) is int:
+                self._positions[index] = position
+            if call_id is not None:
+                self._by_id.setdefault(call_id, position)
+            self._ids.append(call_id or _new_call_id())
+            self._provider_ids.append(call_id)
+            self._names.append(None)
+            self._arguments.append([])
+            self._held.append("")
+        self._last = position
+        function = fragment.get("function")
+        if not isinstance(function, dict):
+            function = {}
+        name = None
+        if self._names[position] is None:
+            raw_name = function.get("name")
+            if isinstance(raw_name, str) and raw_name:
+                name = self._names[position] = clean_text(raw_name[:MAX_TOOL_NAME_CHARS])
+        arguments = self._piece(position, function.get("arguments"))
+        if not (new or name or arguments):
+            return None
+        return ToolCallDelta(index=position, id=self._ids[position] if new else None, name=name,
+                             arguments=arguments)
+
+    def _piece(self, position: int, raw: Any) -> str:
+        """The next piece of a call's arguments, cleaned and kept."""
+        if isinstance(raw, str):
+            text = raw
+        elif isinstance(raw, dict | list):
+            text = _arguments_text(raw)
+        else:
+            return ""  # None, numbers: no arguments text
+        held = self._held[position]
+        if held:
+            text, self._held[position] = held + text, ""
+        if not text:
+            return ""
+        if find_unstorable(text) >= 0:
+            if "\ud800" <= text[-1] <= "\udbff":
+                text, self._held[position] = text[:-1], text[-1]
+            text = clean_text(_join_surrogate_pairs(text))
+        self._size += len(text)
+        if self._size > MAX_TOOL_ARGUMENTS_CHARS:
+            raise UpstreamError("the model provider sent tool calls that are too large")
+        if text:
+            self._arguments[position].append(text)
+        return text
 
 
 class _Round:
@@ -413,23 +562,35 @@ class OpenRouterGateway(LlmGateway):
     async def generate(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
                        tools: list[dict[str, Any]] | None = None,
                        tool_executor: ToolExecutor | None = None,
-                       max_tool_rounds: int = 4) -> Completion:
+                       max_tool_rounds: int = 4,
+                       params: dict[str, Any] | None = None,
+                       client_tools: list[dict[str, Any]] | None = None) -> Completion:
+        offered = offered_client_tools(client_tools, tool_executor)
+        extra = passthrough_params(params)  # the gateway's own keys, set after, win anyway
+        records: list[CallRecord] = []
+        if offered is not None:
+            # The caller's tools: one round, whose tool calls are the caller's to run.
+            payload: dict[str, Any] = {**extra, "model": model, "messages": list(messages),
+                                       "max_tokens": max_tokens, "tools": offered}
+            result = await self._complete_once(payload, records=records, usage=None)
+            return Completion(content=result.content, provider_model=result.provider_model,
+                              finish_reason=tool_calls_finish_reason(result.finish_reason, result.tool_calls),
+                              usage=result.usage, records=records, tool_calls=result.tool_calls)
         # Tools are only offered when we can run them.
         use_tools = bool(tools) and tool_executor is not None
         conversation = list(messages)
-        records: list[CallRecord] = []
         tool_messages: list[ChatMessage] = []
         total: Usage | None = None
         tool_rounds = 0
         while True:
             offer_tools = use_tools and tool_rounds < max_tool_rounds
-            payload: dict[str, Any] = {"model": model, "messages": conversation, "max_tokens": max_tokens}
+            payload = {**extra, "model": model, "messages": conversation, "max_tokens": max_tokens}
             if use_tools:
                 # Past the round limit the tools stay declared (the history holds tool calls,
                 # which some providers reject without them) but may not be called.
                 payload["tools"] = tools
                 payload["tool_choice"] = "auto" if offer_tools else "none"
-            result = await self._complete_once(payload, records=records, usage=total, round_no=len(records))
+            result = await self._complete_once(payload, records=records, usage=total)
             total = result.usage if total is None else total + result.usage
             if offer_tools and result.tool_calls:
                 assert tool_executor is not None
@@ -456,7 +617,7 @@ class OpenRouterGateway(LlmGateway):
                               tool_messages=tool_messages)
 
     async def _complete_once(self, payload: dict[str, Any], *, records: list[CallRecord],
-                             usage: Usage | None, round_no: int) -> _Round:
+                             usage: Usage | None) -> _Round:
         response, record, started = await self._open(payload, stream=False, records=records, usage=usage)
         records.append(record)
         try:
@@ -499,7 +660,7 @@ class OpenRouterGateway(LlmGateway):
         choice = choices[0]
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         content = _cleaned_content(message.get("content"))
-        tool_calls = _parse_tool_calls(message.get("tool_calls"), round_no)
+        tool_calls = _parse_tool_calls(message.get("tool_calls"))
         finish_reason = _label(choice.get("finish_reason"), MAX_FINISH_REASON_CHARS) or ""
         if finish_reason == "error":
             raise fail("the model provider finished with an error", None, reported)
@@ -516,8 +677,12 @@ class OpenRouterGateway(LlmGateway):
 
     # -- streaming -----------------------------------------------------------------------
 
-    async def stream(self, *, model: str, messages: list[ChatMessage], max_tokens: int) -> StreamingContext:
+    async def stream(self, *, model: str, messages: list[ChatMessage], max_tokens: int,
+                     params: dict[str, Any] | None = None,
+                     client_tools: list[dict[str, Any]] | None = None) -> StreamingContext:
+        offered = offered_client_tools(client_tools)
         payload: dict[str, Any] = {
+            **passthrough_params(params),  # the gateway's own keys, after, win anyway
             "model": model,
             "messages": list(messages),
             "max_tokens": max_tokens,
@@ -527,9 +692,12 @@ class OpenRouterGateway(LlmGateway):
             "stream_options": {"include_usage": True},
             "usage": {"include": True},
         }
+        if offered is not None:
+            payload["tools"] = offered
         records: list[CallRecord] = []
         response, record, started = await self._open(payload, stream=True, records=records, usage=None)
-        upstream = _UpstreamStream(response, record, started, prior_records=records)
+        upstream = _UpstreamStream(response, record, started, prior_records=records,
+                                   client_tools=offered is not None)
         if response.headers.get("content-type", "").startswith("application/json"):
             # A server that ignored "stream": read the whole answer now, so an error in it
             # still raises before anything went downstream.
@@ -596,11 +764,17 @@ _DONE = object()
 
 class _UpstreamStream(StreamingContext):
     """One open upstream stream over httpx: SSE read as it comes, or a whole JSON answer
-    (`read_json()`) handed out as one piece. The lifecycle is `StreamingContext`'s."""
+    (`read_json()`) handed out as one piece. The lifecycle is `StreamingContext`'s.
+
+    With `client_tools`, the tool-call fragments are read too (`_ToolCallStream`) and handed
+    out among the text deltas; a stream without reads them not at all (one check per chunk
+    that has a delta)."""
 
     def __init__(self, response: httpx.Response, record: CallRecord, started: float,
-                 prior_records: list[CallRecord]) -> None:
+                 prior_records: list[CallRecord], *, client_tools: bool = False) -> None:
         self.response = response
+        self._tools = _ToolCallStream() if client_tools else None
+        self._answer_items: list[str | ToolCallDelta] = []  # a JSON answer's, with client tools
         # The raw values last seen, so a label repeated in every chunk is cleaned only once.
         self._raw_model: Any = None
         self._raw_provider: Any = None
@@ -629,11 +803,19 @@ class _UpstreamStream(StreamingContext):
         error = UpstreamError("truncated stream (connection lost)")
         return error, f"{error.message}: {exc!r}"
 
-    async def _chunks(self) -> AsyncGenerator[str, None]:
+    def _ending_tool_calls(self) -> list[ToolCall]:
+        return [] if self._tools is None else self._tools.calls()
+
+    async def _chunks(self) -> AsyncGenerator[str | ToolCallDelta, None]:
+        """One loop for every stream: `_handle()` gives a text delta, or with client tools a
+        list of items (text deltas and ToolCallDelta), so a stream without client tools costs
+        one class check per delta more than text alone."""
+        tools = self._tools
         async with self._running():
             if self._answer is not None:
-                if self._answer:
-                    yield self._sent(self._answer)
+                items = self._answer_items if tools is not None else [self._answer] if self._answer else []
+                for item in items:
+                    yield self._sent(item)
                 return
             decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
             async for raw in self.response.aiter_bytes():
@@ -647,9 +829,16 @@ class _UpstreamStream(StreamingContext):
                         if self._held:  # a high surrogate nothing paired: it stands for U+FFFD
                             self._held = ""
                             yield self._sent(REPLACEMENT)
+                        if tools is not None:
+                            for item in tools.finish():
+                                yield self._sent(item)
                         return
                     if delta:
-                        yield self._sent(delta)
+                        if delta.__class__ is str:
+                            yield self._sent(delta)
+                        else:
+                            for item in delta:
+                                yield self._sent(item)
             # The body ended without [DONE]. (After aclose() the reader stops quietly instead.)
             decoder.finish()
             raise UpstreamError("truncated stream")
@@ -665,7 +854,9 @@ class _UpstreamStream(StreamingContext):
         return clean_text(_join_surrogate_pairs(text))
 
     def _handle(self, event: SSEEvent) -> Any:
-        """One SSE event -> a text delta, None, or _DONE. Raises UpstreamError for error chunks."""
+        """One SSE event -> a text delta, None, or _DONE; with client tools, a list of text
+        deltas and ToolCallDeltas instead of a text delta. Raises UpstreamError for error
+        chunks."""
         if event.event not in ("message", "error"):
             return None  # unknown event types are not ours to interpret
         data = event.data.strip()
@@ -712,9 +903,22 @@ class _UpstreamStream(StreamingContext):
         delta = choice.get("delta")
         if isinstance(delta, dict):
             content = delta.get("content")
+            if self._tools is not None:
+                return self._tool_items(content, delta.get("tool_calls"))
             if isinstance(content, str) and content:
                 return self._clean_delta(content)
         return None
+
+    def _tool_items(self, content: Any, fragments: Any) -> list[str | ToolCallDelta] | None:
+        """A delta's text, then its tool-call fragments (the order of a chunk that has both)."""
+        items: list[str | ToolCallDelta] = []
+        if isinstance(content, str) and content:
+            text = self._clean_delta(content)
+            if text:
+                items.append(text)
+        if fragments and self._tools is not None:
+            self._tools.feed(fragments, items)
+        return items or None
 
     async def read_json(self) -> None:
         """Read a non-streamed JSON answer now (errors end the stream and raise here);
@@ -744,3 +948,12 @@ class _UpstreamStream(StreamingContext):
         message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
         self._finish_reason = _label(choices[0].get("finish_reason"), MAX_FINISH_REASON_CHARS)
         self._answer = _cleaned_content(message.get("content"))  # cleaned
+        if self._tools is not None:
+            items: list[str | ToolCallDelta] = [self._answer] if self._answer else []
+            fragments = [{"index": index, "id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
+                         for index, call in enumerate(_parse_tool_calls(message.get("tool_calls")))]
+            try:
+                self._tools.feed(fragments, items)
+            except UpstreamError as exc:
+                raise self._fail(exc) from None
+            self._answer_items = items

@@ -25,7 +25,8 @@ request's "stream" flag. `GET /api/v1/generation?id=...` answers from the genera
 registry (below); any other path gets a 404 error body.
 
 Reply constructors (module functions, also reachable as methods of the fixture object):
-`completion()`, `tool_call()`, `http_error()`, `sse_stream()`, `slow_stream()`, `raw_stream()`,
+`completion()`, `tool_call()`, `http_error()`, `sse_stream()`, `sse_tool_calls()` (a streamed
+answer that calls tools: `delta.tool_calls` fragments), `slow_stream()`, `raw_stream()`,
 `raw_json()` (exact body bytes: invalid UTF-8, NaN, deep nesting...), and `sse_data()` to build
 one `data:` event for `raw_stream()`. Text with a lone surrogate (what a JSON "\\ud800" escape
 decodes to) cannot be sent as UTF-8, so it always goes out as JSON escapes; `sse_stream(...,
@@ -36,17 +37,18 @@ was still being written (cancellation tests). The `fake_openrouter_settings` fix
 points the Django settings (so `llm_gateway.get_gateway()`) at the server.
 
 Generations (SPEC section 13, provider cost reconciliation). Every 2xx reply built by
-`completion()` or `sse_stream()` (so the default replies too) gets a new id, `gen-fake-<n>`
-(n = 1, 2, ... per server): it replaces the placeholder id "gen-fake-1" of the JSON body and
-of every SSE chunk as they are written (not with `completion(body_id=False)` or
-`sse_stream(chunk_ids=False)`), comes as the `X-Generation-Id` header, and is the request's
-`RecordedRequest.generation_id`. `raw_stream()`, `raw_json()` and `http_error()`
+`completion()`, `sse_stream()` or `sse_tool_calls()` (so the default replies too) gets a new
+id, `gen-fake-<n>` (n = 1, 2, ... per server): it replaces the placeholder id "gen-fake-1"
+of the JSON body and of every SSE chunk as they are written (not with
+`completion(body_id=False)`, `sse_stream(chunk_ids=False)` or
+`sse_tool_calls(chunk_ids=False)`), comes as the `X-Generation-Id` header, and is the
+request's `RecordedRequest.generation_id`. `raw_stream()`, `raw_json()` and `http_error()`
 replies (and any non-2xx) start no generation. Once its handler is done writing (or has
 seen the client go away), the generation's record goes into `.generations[id]`:
 - prompt tokens: the reply's scripted usage (`usage`, else a stream's `error_usage`), else
   DEFAULT_PROMPT_TOKENS (10);
-- completion tokens: for a stream, 1 per content piece actually written, so a client that
-  goes away after 3 pieces gives 3 (mind that pieces written before the server saw the
+- completion tokens: for a stream, 1 per content piece (or tool-call fragment) actually
+  written, so a client that goes away after 3 pieces gives 3 (mind that pieces written before the server saw the
   disconnect count: use a `delay` for exact numbers); for a JSON completion, the scripted
   usage's, else 1 per word of `content` (billed in full even if the client leaves);
 - `total_cost`: prompt * p + completion * c credits, a float, with
@@ -116,13 +118,15 @@ class RecordedRequest:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationScript:
-    """What a reply built by `completion()` or `sse_stream()` tells the generation registry.
+    """What a reply built by `completion()`, `sse_stream()` or `sse_tool_calls()` tells the
+    generation registry.
     Replies without one (`raw_*`, `http_error`) start no generation and carry no id."""
 
     model: str
     prompt_tokens: int | None  # the scripted usage's; None: DEFAULT_PROMPT_TOKENS
     completion_tokens: int = 0  # a JSON completion's; a stream counts its pieces as written
-    piece_writes: frozenset[int] = frozenset()  # the indexes of a stream's writes that carry a piece
+    # The indexes of a stream's writes that carry a piece (text, or a tool-call fragment).
+    piece_writes: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass
@@ -334,6 +338,88 @@ def sse_stream(pieces: Sequence[str] = DEFAULT_PIECES, *, model: str = DEFAULT_M
                        generation=script)
 
 
+ToolCallArg = tuple[str, dict[str, Any] | str] | tuple[str, dict[str, Any] | str, str]
+
+
+def _split_text(text: str, parts: int) -> list[str]:
+    """`text` in `parts` pieces as equal as can be (fewer if it is shorter; none for "")."""
+    if not text:
+        return []
+    parts = max(1, min(parts, len(text)))
+    size, extra = divmod(len(text), parts)
+    pieces, start = [], 0
+    for index in range(parts):
+        end = start + size + (1 if index < extra else 0)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def sse_tool_calls(calls: Sequence[ToolCallArg] = (("get_weather", '{"city": "Paris"}'),), *,
+                   split: int = 3, pieces: Sequence[str] = (), interleave: bool = False,
+                   model: str = DEFAULT_MODEL, provider: str = DEFAULT_PROVIDER, usage: UsageArg = DEFAULT_USAGE,
+                   finish_reason: str = "tool_calls", done: bool = True, comments: bool = True,
+                   delay: float = 0.0, open_delay: float = 0.0, ensure_ascii: bool = False,
+                   chunk_ids: bool = True) -> StreamReply:
+    """An OpenRouter-style SSE stream of an answer that calls tools, one event per write.
+
+    `calls`: (name, arguments) or (name, arguments, id); arguments a dict (sent as JSON text)
+    or the raw string; the id defaults to `tool_call()`'s. `pieces` of text come first (models
+    often say something before they call). Each call i is sent as fragments of
+    `delta.tool_calls` with `index` i, the way OpenAI and OpenRouter send them: the first
+    carries `id`, `type` and `function.name` with empty arguments, then the arguments in
+    `split` pieces (as equal as can be), `function.arguments` only. With `interleave`, the
+    calls' fragments alternate (parallel calls), else each call's come together. Then a chunk
+    with an empty delta and `finish_reason`, the usage chunk (`"choices": []`, unless
+    `usage=None`) and `data: [DONE]` (unless `done=False`).
+
+    Served, it starts a generation, as `sse_stream()` does: its id is every chunk's `id`
+    (unless `chunk_ids=False`) and the X-Generation-Id header; its record counts 1 completion
+    token per text piece or tool-call fragment actually written, and the prompt tokens of
+    `usage` (else DEFAULT_PROMPT_TOKENS).
+    """
+    writes: list[bytes] = []
+    piece_writes: set[int] = set()
+    chunk = functools.partial(_chunk, ensure_ascii=ensure_ascii, chunk_id=chunk_ids)
+    if comments:
+        writes.append(b": OPENROUTER PROCESSING\n\n")
+    writes.append(chunk(model, provider, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None, "native_finish_reason": None,
+                                           "logprobs": None}]))
+    for piece in pieces:
+        piece_writes.add(len(writes))
+        writes.append(chunk(model, provider, [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
+    per_call: list[list[dict[str, Any]]] = []
+    for index, spec in enumerate(calls):
+        name, arguments = spec[0], spec[1]
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        call_id = spec[2] if len(spec) > 2 else tool_call(name, text)["id"]
+        fragments = [{"index": index, "id": call_id, "type": "function",
+                      "function": {"name": name, "arguments": ""}}]
+        fragments += [{"index": index, "function": {"arguments": part}} for part in _split_text(text, split)]
+        per_call.append(fragments)
+    if interleave:
+        ordered = [fragments[step] for step in range(max(map(len, per_call), default=0))
+                   for fragments in per_call if step < len(fragments)]
+    else:
+        ordered = [fragment for fragments in per_call for fragment in fragments]
+    for fragment in ordered:
+        piece_writes.add(len(writes))
+        writes.append(chunk(model, provider, [{"index": 0, "delta": {"tool_calls": [fragment]},
+                                               "finish_reason": None}]))
+        if comments and len(piece_writes) == 2:
+            writes.append(b": OPENROUTER PROCESSING\n\n")
+    writes.append(chunk(model, provider, [{"index": 0, "delta": {}, "finish_reason": finish_reason,
+                                           "native_finish_reason": finish_reason}]))
+    if usage is not None:
+        writes.append(chunk(model, provider, [], usage=_usage_dict(usage)))
+    if done:
+        writes.append(b"data: [DONE]\n\n")
+    script = GenerationScript(model=model, piece_writes=frozenset(piece_writes),
+                              prompt_tokens=_scripted_count(usage, 0))
+    return StreamReply(writes=writes, delay=delay, open_delay=open_delay, generation=script)
+
+
 def slow_stream(pieces: int = 200, *, delay: float = 0.05, **kwargs: Any) -> StreamReply:
     """A long stream written slowly (cancellation tests): "w0 w1 w2 ..."."""
     return sse_stream([f"w{i} " for i in range(pieces)], delay=delay, **kwargs)
@@ -505,6 +591,7 @@ class FakeOpenRouter:
     tool_call = staticmethod(tool_call)
     http_error = staticmethod(http_error)
     sse_stream = staticmethod(sse_stream)
+    sse_tool_calls = staticmethod(sse_tool_calls)
     slow_stream = staticmethod(slow_stream)
     raw_stream = staticmethod(raw_stream)
     raw_json = staticmethod(raw_json)
