@@ -15,6 +15,9 @@ class ChatSession(models.Model):
     title = models.CharField(max_length=200, blank=True)
     model = models.CharField(max_length=200)
     system_prompt = models.TextField(blank=True)
+    # The session of an API key's OpenAI-compatible calls (SPEC section 14), made on first use.
+    api_key = models.OneToOneField("accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="api_session")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 

@@ -615,6 +615,27 @@ def chunk(turn_id: object, created: int, model: str, delta: dict[str, Any], fini
     return data_line(chunk_body(turn_id, created, model, delta, finish_reason))
 
 
+class ContentChunks:
+    """The content chunks of one stream, rendered as `chunk(..., content_delta(text))` would
+    be, byte for byte, with only the text encoded per chunk: the rest of the line is the
+    same for the whole stream, and a stream has a chunk per token."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, turn_id: object, created: int, model: str) -> None:
+        marker = "\x00"  # a placeholder the text's encoding cannot produce (NUL is escaped)
+        line = chunk(turn_id, created, model, content_delta(marker)).decode()
+        head, tail = line.split(json.dumps(marker), 1)
+        self._head, self._tail = head.encode(), tail.encode()
+
+    def __call__(self, text: str) -> bytes:
+        try:
+            encoded = json.dumps(text, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate slipped through: escaped, still valid JSON
+            encoded = json.dumps(text).encode()
+        return self._head + encoded + self._tail
+
+
 def usage_chunk(turn_id: object, created: int, model: str, usage: UsageLike, cost: Decimal) -> bytes:
     """The final usage chunk (`choices: []`), sent only when `stream_options.include_usage` asked."""
     return data_line({"id": completion_id(turn_id), "object": "chat.completion.chunk", "created": created,

@@ -100,7 +100,8 @@ def ended_outcome(ctx: StreamingContext, status: str, content: str, **extra) -> 
     reason, records); the provider had the prompt."""
     ending = ctx.ending
     return TurnOutcome(status=status, content=content, usage=ending.usage, provider_model=ending.provider_model,
-                       records=ending.records, finish_reason=ending.finish_reason, prompt_processed=True, **extra)
+                       records=ending.records, finish_reason=ending.finish_reason, prompt_processed=True,
+                       tool_calls=list(ending.tool_calls), **extra)
 
 
 class LiveTurn:
@@ -111,9 +112,13 @@ class LiveTurn:
         self.ctx = ctx
         self.deadline = deadline  # loop time after which the answer is cut off
         self.resumable = resumable
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # the text deltas (checkpointed; the event ids stand on them)
+        # Everything the stream handed out, in order: the text deltas and, with the client's
+        # tools (the OpenAI front door), its ToolCallDelta pieces; the same list without.
+        self.items: list = [] if prepared.client_tools else self.parts
         self.start = start_frame(prepared.turn_id, prepared.session_id, prepared.model)
         self.ending: bytes | None = None
+        self.result: TurnResult | None = None  # the stored turn, once closed
         self.ending_id = 0
         self.followers = 0
         self.watched_until = 0.0  # loop time until which a client in another process follows
@@ -194,7 +199,10 @@ class LiveTurn:
         try:
             async with asyncio.timeout_at(self.deadline):
                 async for delta in ctx.chunks:
-                    self.parts.append(delta)
+                    if delta.__class__ is str:
+                        self.parts.append(delta)
+                    if self.items is not self.parts:
+                        self.items.append(delta)
                     if self._waiters:
                         self._wake()
             outcome = ended_outcome(ctx, Turn.Status.COMPLETED, "".join(self.parts))
@@ -226,7 +234,7 @@ class LiveTurn:
         outcome.chunk_ends = chunk_ends(self.parts) or None
         self.ending_id = len(self.parts) + 2
         try:
-            result = await asyncio.shield(in_background(finish_turn(prepared, outcome)))
+            result = self.result = await asyncio.shield(in_background(finish_turn(prepared, outcome)))
             self.ending = ending_frame(result, self.ending_id)
         except Exception:
             if not isinstance(sys.exception(), PersistenceFailed):
@@ -249,7 +257,7 @@ def live_turn(turn_id: uuid.UUID) -> LiveTurn | None:
     return _live.get(turn_id)
 
 
-class _Heartbeat:
+class Heartbeat:
     """Wakes a follower's current wait with True when it sent nothing for `seconds`: one
     timer per follower, not one per wait."""
 
@@ -281,7 +289,7 @@ async def follow_live(live: LiveTurn, after: int, *, requester: bool = False) ->
     live.attach()
     if requester:
         live.requester_followed = True
-    beat = _Heartbeat(settings.PANTHEON_HEARTBEAT_SECONDS)
+    beat = Heartbeat(settings.PANTHEON_HEARTBEAT_SECONDS)
     try:
         if after < 1:
             yield live.start

@@ -228,10 +228,23 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
         return prepared
     if isinstance(prepared, AlreadyRequested):
         return await _repeat_answer(prepared.turn_id)
+    try:
+        result = await run_plain_turn(prepared)
+    except PersistenceFailed:
+        return _persistence_failure(prepared.turn_id)
+    # What is returned is what was stored (if the turn was closed elsewhere meanwhile, that).
+    return _turn_body(result)
+
+
+async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
+    """A prepared non-streaming turn, from the model call to the stored result; every front
+    door's plain turn. Raises PersistenceFailed; the client going away (the calling task
+    cancelled) stores the turn as cancelled and re-raises."""
     executor = make_file_read_executor(prepared.user_id) if prepared.tools else None
     call = asyncio.ensure_future(get_gateway().generate(
         model=prepared.model, messages=prepared.messages, max_tokens=prepared.max_tokens,
         tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
+        params=prepared.params, client_tools=prepared.client_tools,
     ))
     serve_locally(prepared.turn_id, call.cancel)  # POST .../cancel stops the call
     keeper = LeaseKeeper(prepared.turn_id, on_cancel=call.cancel).start()
@@ -262,16 +275,11 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
         outcome = TurnOutcome(status=Turn.Status.COMPLETED, content=completion.content, usage=completion.usage,
                               provider_model=completion.provider_model, records=completion.records,
                               tool_messages=completion.tool_messages, finish_reason=completion.finish_reason,
-                              prompt_processed=True)
+                              prompt_processed=True, tool_calls=list(completion.tool_calls))
     finally:
         await keeper.stop()
     done_serving(prepared.turn_id)
-    try:
-        result = await _finish_shielded(prepared, outcome)
-    except PersistenceFailed:
-        return _persistence_failure(prepared.turn_id)
-    # What is returned is what was stored (if the turn was closed elsewhere meanwhile, that).
-    return _turn_body(result)
+    return await _finish_shielded(prepared, outcome)
 
 
 @csrf_exempt
@@ -282,21 +290,33 @@ async def stream_turn(request: HttpRequest, session_id: uuid.UUID) -> HttpRespon
         return prepared
     if isinstance(prepared, AlreadyRequested):  # the first request's stream, from its start
         return TurnStreamResponse(follow(prepared.turn_id, 0))
-    # Opened before the response starts, so a provider that fails at once gets a JSON error;
-    # the lease is kept while retries wait.
+    try:
+        live = await open_live_turn(prepared)
+    except PersistenceFailed:
+        return _persistence_failure(prepared.turn_id)
+    except GatewayError as exc:
+        return _upstream_failure(exc, prepared.turn_id)
+    return stream_response(live)
+
+
+async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
+    """Open the upstream stream of a prepared turn and start its producer; every front
+    door's streamed turn. The upstream is opened before the response starts, so a provider
+    that fails at once gets an HTTP error: the GatewayError is raised once the failed turn
+    is stored (or PersistenceFailed). The lease is kept while retries wait. The client going
+    away meanwhile (the calling task cancelled) is handled as SPEC section 10 says, and
+    re-raised."""
     deadline = asyncio.get_running_loop().time() + settings.PANTHEON_MAX_TURN_SECONDS
     keeper = LeaseKeeper(prepared.turn_id).start()
     opening = asyncio.ensure_future(get_gateway().stream(model=prepared.model, messages=prepared.messages,
-                                                         max_tokens=prepared.max_tokens))
+                                                         max_tokens=prepared.max_tokens, params=prepared.params,
+                                                         client_tools=prepared.client_tools))
     try:
         ctx = await asyncio.shield(opening)
     except GatewayError as exc:
         await keeper.stop()
-        try:
-            await _finish_shielded(prepared, TurnOutcome.from_error(exc))
-        except PersistenceFailed:
-            return _persistence_failure(prepared.turn_id)
-        return _upstream_failure(exc, prepared.turn_id)
+        await _finish_shielded(prepared, TurnOutcome.from_error(exc))
+        raise
     except asyncio.CancelledError:
         if prepared.resumable:
             # The client left (a reload right after sending): the turn goes on without it,
@@ -310,8 +330,7 @@ async def stream_turn(request: HttpRequest, session_id: uuid.UUID) -> HttpRespon
         in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED)))
         raise
     await keeper.stop()
-    live = LiveTurn(prepared, ctx, deadline=deadline, resumable=prepared.resumable).begin()
-    return stream_response(live)
+    return LiveTurn(prepared, ctx, deadline=deadline, resumable=prepared.resumable).begin()
 
 
 async def _run_unattended(prepared: PreparedTurn, opening: asyncio.Future, keeper: LeaseKeeper,

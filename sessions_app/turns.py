@@ -42,7 +42,7 @@ from core.money import format_money
 from core.text import clean_text
 from files_app.services import FILE_READ_TOOL, ready_files_for
 from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
-from llm_gateway import CallRecord, ChatMessage, GatewayError, Usage
+from llm_gateway import CallRecord, ChatMessage, GatewayError, ToolCall, Usage
 from llm_gateway.tokens import estimate_prompt_tokens
 from sessions_app import metrics
 from sessions_app.models import ChatSession, IdempotencyKey, LlmEvent, Message, Turn
@@ -76,6 +76,11 @@ class TurnInput:
     resumable: bool = False
     # (Idempotency-Key, fingerprint of the request) when the client sent a key.
     idempotency: tuple[str, str] | None = None
+    # The OpenAI-compatible front door (SPEC section 14): the client's own messages are the
+    # context (no history is read), its parameters and tools go to the provider as they are.
+    context: list[ChatMessage] | None = None
+    params: dict[str, Any] | None = None
+    client_tools: list[dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +104,12 @@ class Preflight:
 
 
 @functools.cache
-def _preflight_sql(by_key: bool, vendor: str) -> str:
+def _preflight_sql(by_key: bool, vendor: str, api_session: bool = False) -> str:
     key, user, session = sql.table(ApiKey), sql.table(User), sql.table(ChatSession)
     price, wallet = sql.table(ModelPrice), sql.table(Wallet)
-    joins = (f"LEFT JOIN {session} s ON s.id = %(session)s AND s.user_id = u.id "
+    # The session asked for, or (the OpenAI front door) the key's own API session.
+    which = (f"s.{sql.column(ChatSession, 'api_key')} = k.id" if api_session else "s.id = %(session)s")
+    joins = (f"LEFT JOIN {session} s ON {which} AND s.user_id = u.id "
              f"LEFT JOIN {price} p ON p.model = COALESCE(%(model)s, s.model) "
              f"LEFT JOIN {wallet} w ON w.user_id = u.id ")
     columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, "
@@ -120,17 +127,24 @@ def _history_sql(vendor: str) -> str:
             f"AND content <> '' ORDER BY created_at DESC, position DESC LIMIT {HISTORY_LIMIT}")
 
 
-def load_preflight(*, session_id: uuid.UUID, model: str | None, key_hash: str | None = None,
+def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash: str | None = None,
                    user_id: int | None = None) -> Preflight | None:
     """Everything a turn request needs to know, in one round trip (two reads, pipelined on
     PostgreSQL): by API key (`key_hash`; None when no active key of an active user has that
     hash) or by a user already authenticated (`user_id`). The history is read whoever owns
-    the session and dropped unless the requester does."""
+    the session and dropped unless the requester does.
+
+    `session_id=None` (the OpenAI front door, by key): the key's own API session, if it has
+    one yet, and no history (the client sends its whole context): one read."""
     stale = timezone.now() - LAST_USED_RESOLUTION
     params = {"session": sql.value(ChatSession, "id", session_id), "model": model, "true": True,
               "hash": key_hash, "user": user_id, "stale": sql.value(ApiKey, "last_used_at", stale)}
-    found, history = sql.fetch_together([(_preflight_sql(key_hash is not None, connection.vendor), params),
-                                         (_history_sql(connection.vendor), [params["session"]])])
+    if session_id is None:
+        assert key_hash is not None, "the API session is found by key"
+        found, history = sql.fetch_all(_preflight_sql(True, connection.vendor, True), params), []
+    else:
+        found, history = sql.fetch_together([(_preflight_sql(key_hash is not None, connection.vendor), params),
+                                             (_history_sql(connection.vendor), [params["session"]])])
     if not found:
         return None
     (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
@@ -182,6 +196,8 @@ class PreparedTurn:
     price: ModelPrice
     tools: list[dict[str, Any]] | None
     resumable: bool = False
+    params: dict[str, Any] | None = None  # passed to the provider (the OpenAI front door)
+    client_tools: list[dict[str, Any]] | None = None  # the client's tools: offered, never run here
 
 
 _RENEW = (f"UPDATE {sql.table(Turn)} SET lease_until = %s WHERE id = %s AND status = 'running' "
@@ -260,8 +276,11 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     if request.tools_enabled:
         extra_system = _tool_system_message(ready_files_for(preflight.user_id))
         tools = [FILE_READ_TOOL]
-    messages = build_context(session.system_prompt, preflight.history, request.content, extra_system=extra_system)
-    prompt_estimate = estimate_prompt_tokens(messages, tools)
+    if request.context is not None:
+        messages = list(request.context)
+    else:
+        messages = build_context(session.system_prompt, preflight.history, request.content, extra_system=extra_system)
+    prompt_estimate = estimate_prompt_tokens(messages, tools or request.client_tools)
     held_prompt = billing.tool_turn_prompt_tokens(prompt_estimate, rounds=rounds,
                                                   tool_output_chars=TOOL_OUTPUT_BUDGET_CHARS)
     turn_id = uuid.uuid4()
@@ -314,6 +333,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     return PreparedTurn(
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
+        params=request.params, client_tools=request.client_tools,
     )
 
 
@@ -382,6 +402,8 @@ class TurnOutcome:
     prompt_processed: bool = False
     # Where each streamed delta ends in `content` (the stream's event ids stand on them).
     chunk_ends: list[int] | None = None
+    # The client's tools the model asked for (the OpenAI front door), stored with the answer.
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_error(cls, exc: GatewayError, *, content: str = "", status: str = Turn.Status.FAILED) -> TurnOutcome:
@@ -517,7 +539,10 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
              "tool_call_id": _fit(Message, "tool_call_id", extra.get("tool_call_id", "")), "position": position}
             for position, extra in enumerate(outcome.tool_messages, start=1)]
     assistant = {**common, "id": uuid.uuid4(), "role": Message.Role.ASSISTANT, "content": content,
-                 "tool_calls": None, "tool_call_id": "", "position": len(rows) + 1}
+                 "tool_calls": [{"id": call.id, "type": "function",
+                                 "function": {"name": call.name, "arguments": call.arguments}}
+                                for call in outcome.tool_calls] or None,
+                 "tool_call_id": "", "position": len(rows) + 1}
     sql.insert(Message, [*rows, assistant])
     if usage.total_tokens:
         sql.insert(UsageRecord, [{

@@ -860,3 +860,14 @@ async def test_the_async_sdk_reads_a_stream(server):
     stream = await server.async_client().chat.completions.create(model="m", messages=[USER], stream=True)
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == "Checking Oslo."
+
+
+@pytest.mark.parametrize("text", ["p0", "", "a \"quoted\" \\ line\nbreak", "é ünïcode 🙂", "\u2028", "\ud800 lone"])
+def test_content_chunks_render_exactly_as_chunk_does(text):
+    import uuid
+
+    from sessions_app.openai_format import ContentChunks, chunk, content_delta
+
+    turn = uuid.uuid4()
+    rendered = ContentChunks(turn, 1700000000, "openai/gpt-4o-mini")(text)
+    assert rendered == chunk(turn, 1700000000, "openai/gpt-4o-mini", content_delta(text))

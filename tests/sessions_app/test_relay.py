@@ -16,7 +16,8 @@ from sessions_app.streaming import LiveTurn, follow_live
 
 
 def prepared():
-    return SimpleNamespace(turn_id=uuid.uuid4(), session_id=uuid.uuid4(), model="m", resumable=False)
+    return SimpleNamespace(turn_id=uuid.uuid4(), session_id=uuid.uuid4(), model="m", resumable=False,
+                           client_tools=None)
 
 
 class Scripted(StreamingContext):
