@@ -622,6 +622,36 @@ def test_closing_the_stream_early_cancels_the_turn_and_the_upstream(alice, alice
     assert balance_of(alice) == Decimal("10") - turn.cost
 
 
+def test_a_facade_call_billed_on_an_estimate_is_reconciled_like_any_turn(alice, alice_oa, fake_openrouter):
+    from billing_app.models import LedgerEntry
+    from billing_app.services import compute_cost, get_price
+    from sessions_app.models import LlmEvent
+    from sessions_app.tasks import reconcile_turn_task
+
+    fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=100, delay=0.05))
+    stream = alice_oa.client.chat.completions.create(**chat_request(stream=True))
+    turn_id = None
+    for chunk in stream:
+        turn_id = turn_id_of(chunk.id)
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    turn = wait_until_closed(pk=turn_id)
+    assert turn.status == "cancelled" and turn.usage_estimated and turn.reconciliation == "pending"
+    estimated = turn.cost
+    event = LlmEvent.objects.get(turn=turn)
+    assert fake_openrouter.wait_for_generation(event.generation_id)
+    record = fake_openrouter.generations[event.generation_id]
+    assert reconcile_turn_task.call(str(turn.id)) == "done"
+    turn.refresh_from_db()
+    real = compute_cost(prompt_tokens=record["native_tokens_prompt"],
+                        completion_tokens=record["native_tokens_completion"], price=get_price(turn.model))
+    assert turn.reconciled and turn.cost == real
+    adjustments = [e.amount for e in LedgerEntry.objects.filter(turn_id=turn.id, kind="adjustment")]
+    assert adjustments == ([] if real == estimated else [estimated - real])
+    assert balance_of(alice) == Decimal("10") - real
+
+
 def test_a_non_streamed_call_whose_client_gave_up_still_closes_its_turn(alice, alice_oa, fake_openrouter):
     fake_openrouter.enqueue(completion("late answer", delay=1.5))
     with pytest.raises(openai.APITimeoutError):
