@@ -1,6 +1,8 @@
 import os
 
+from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import ImproperlyConfigured
 
 from core.asgi import SharedThreads
 from files_app.asgi import UploadSizeLimit
@@ -9,6 +11,13 @@ from web.asgi import ContentTypeGuard, StaticFiles
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pantheon.settings")
 
 django_application = get_asgi_application()
+
+# pantheon.settings lets commands that need no key run without one; serving needs it, so
+# a server without it stops here, at start, not at its first signed cookie.
+try:
+    _ = settings.SECRET_KEY  # Django raises ImproperlyConfigured for an empty key
+except ImproperlyConfigured:
+    raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG=false") from None
 
 # Static files (the chat page's JS and CSS) are served by uvicorn itself, with no CDN and
 # no collectstatic step: Django's ASGIStaticFilesHandler (web.asgi.StaticFiles) answers

@@ -15,11 +15,10 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 # Off unless asked for: bin/run sets DJANGO_DEBUG=true for the local run.
 DEBUG = env_bool("DJANGO_DEBUG", False)
-SECRET_KEY = env_str("DJANGO_SECRET_KEY")
-if not SECRET_KEY:
-    if not DEBUG:
-        raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG=false")
-    SECRET_KEY = get_random_secret_key()  # debug only: sessions do not survive a restart
+# Debug only: a random key (sessions do not survive a restart). Without debug it must be
+# set to serve: pantheon/asgi.py refuses to start without it, and Django raises wherever a
+# key is used; commands that need none (migrate, makemigrations --check) still run.
+SECRET_KEY = env_str("DJANGO_SECRET_KEY") or (get_random_secret_key() if DEBUG else "")
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
 # Origins (scheme://host[:port]) whose unsafe requests with the session cookie pass the
 # CSRF check, e.g. https://chat.example.com when the proxy's host differs from the Host header.

@@ -47,12 +47,26 @@ SHOW_SETTINGS = ("import django, os; os.environ['DJANGO_SETTINGS_MODULE'] = 'pan
                  "from django.conf import settings as s; print(s.DEBUG, s.PANTHEON_LOG_FORMAT)")
 
 
-def test_debug_is_off_unless_asked_for_and_then_a_secret_key_is_required():
+def test_debug_is_off_unless_asked_for_and_then_serving_needs_a_secret_key():
     done = python(SHOW_SETTINGS, clean_env(DJANGO_SECRET_KEY=SECRET))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "json"]
+    # Without a key the settings load (commands that need none run), but serving refuses.
     done = python(SHOW_SETTINGS, clean_env())
+    assert done.returncode == 0 and done.stdout.split() == ["False", "json"], done.stderr
+    done = python("import os; os.environ['DJANGO_SETTINGS_MODULE'] = 'pantheon.settings'; import pantheon.asgi",
+                  clean_env())
     assert done.returncode != 0 and "DJANGO_SECRET_KEY is required when DJANGO_DEBUG=false" in done.stderr
+    done = python("import os; os.environ['DJANGO_SETTINGS_MODULE'] = 'pantheon.settings'; import pantheon.asgi",
+                  clean_env(DJANGO_SECRET_KEY=SECRET))
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_migration_check_runs_in_a_clean_environment():
+    """`manage.py makemigrations --check` as CI and a newcomer run it: no key, no variables."""
+    done = manage("makemigrations", "--check", "--dry-run", env=clean_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No changes detected" in done.stdout
     done = python(SHOW_SETTINGS, clean_env(DJANGO_DEBUG="true"))  # the local run (bin/run sets it)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "text"]
