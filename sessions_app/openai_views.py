@@ -10,12 +10,9 @@ errors. Calls land in the key's own session, `API: <key name or prefix>`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator
 
 from django.conf import settings
@@ -35,7 +32,7 @@ from sessions_app import openai_format as fmt
 from sessions_app.live_turn import PersistenceFailed, start_turn
 from sessions_app.models import ChatSession, Turn
 from sessions_app.streaming import Heartbeat, LiveTurn, TurnStreamResponse
-from sessions_app.turn_views import REPEAT_POLL_SECONDS, open_live_turn, run_plain_turn
+from sessions_app.turn_views import ended_result, idempotency, open_live_turn, run_plain_turn
 from sessions_app.turns import (
     AlreadyRequested,
     PreparedTurn,
@@ -45,8 +42,6 @@ from sessions_app.turns import (
     begin_turn,
     find_repeat,
     load_preflight,
-    replay_result,
-    turn_progress,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,16 +93,6 @@ def make_api_session(key_hash: str, model: str) -> None:
                                    title=f"API: {key.name or key.prefix}"[:200])
 
 
-def _idempotency(request: HttpRequest, chat: fmt.ChatRequest) -> tuple[str, str] | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= 200 or not all(" " <= ch <= "~" for ch in key):
-        raise fmt.OpenAIError(400, "invalid_idempotency_key",
-                              "Idempotency-Key must be 1 to 200 printable ASCII characters.")
-    return key, hashlib.sha256(f"v1/chat/completions\n{chat.canonical()}".encode()).hexdigest()
-
-
 @db_call
 def _preflight(request: HttpRequest, parsed: list[fmt.ChatRequest]) -> PreparedTurn:
     """Everything before the model call, in one database call: 401, 400, 404, 402. The
@@ -121,7 +106,10 @@ def _preflight(request: HttpRequest, parsed: list[fmt.ChatRequest]) -> PreparedT
         _key(request)  # a bad key is a 401 whatever the body
         raise
     parsed.append(chat)
-    idempotency = _idempotency(request, chat)
+    try:
+        key = idempotency(request, "v1/chat/completions", chat.canonical())
+    except TurnRejected as exc:
+        raise _rejected(exc) from None
     # One read: the key, its user, its API session, the price, the wallet.
     preflight = load_preflight(session_id=None, model=chat.model, key_hash=key_hash)
     if preflight is not None and preflight.session is None:  # the key's first call
@@ -130,13 +118,13 @@ def _preflight(request: HttpRequest, parsed: list[fmt.ChatRequest]) -> PreparedT
     if preflight is None or preflight.session is None:
         raise _BAD_KEY
     try:
-        if idempotency is not None:
-            earlier = find_repeat(preflight.user_id, *idempotency)
+        if key is not None:
+            earlier = find_repeat(preflight.user_id, *key)
             if earlier is not None:
                 raise AlreadyRequested(earlier)
         params = {name: value for name, value in chat.passthrough.items() if name != "tools"}
         return begin_turn(preflight, TurnInput(
-            content=chat.last_message_text, model=chat.model, max_tokens=chat.max_tokens, idempotency=idempotency,
+            content=chat.last_message_text, model=chat.model, max_tokens=chat.max_tokens, idempotency=key,
             context=chat.chat_messages(), params=params, client_tools=chat.tools,
         ), streamed=chat.stream)
     except TurnRejected as exc:
@@ -200,20 +188,6 @@ def _completion(result: TurnResult) -> HttpResponse:
     return response
 
 
-_replay = db_call(replay_result)
-_progress = db_call(turn_progress)
-
-
-async def _ended(turn_id: uuid.UUID) -> TurnResult | None:
-    """A turn (the first request's, for a repeat) once it ended."""
-    while True:
-        progress = await _progress(turn_id)
-        if progress is None or progress.status != Turn.Status.RUNNING:
-            break
-        await asyncio.sleep(REPEAT_POLL_SECONDS)
-    return await _replay(turn_id)
-
-
 @csrf_exempt  # API keys only: no cookie is read
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     prepared = await _prepare(request)
@@ -221,7 +195,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         return prepared
     chat, turn = prepared
     if isinstance(turn, AlreadyRequested):
-        result = await _ended(turn.turn_id)
+        result = await ended_result(turn.turn_id)
         if result is None:
             return _error(fmt.OpenAIError(404, "not_found", "Not found."))
         if chat.stream:

@@ -73,16 +73,21 @@ def _refuse_unstorable(name: str, value: str) -> None:
         raise TurnRejected("invalid_text", f"{name} contains a NUL character or an unpaired surrogate.")
 
 
-def _idempotency(request: HttpRequest, session_id: uuid.UUID, data: dict, *, streamed: bool) -> tuple[str, str] | None:
-    """(key, fingerprint of this request) when an Idempotency-Key came; 400 if malformed."""
+def idempotency(request: HttpRequest, endpoint: str, canonical_body: str) -> tuple[str, str] | None:
+    """(key, fingerprint of this request: the endpoint and its canonical body) when an
+    Idempotency-Key came (SPEC section 11); TurnRejected (400) if it is malformed. Every
+    front door's."""
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
     if not 1 <= len(key) <= 200 or not all(" " <= ch <= "~" for ch in key):
         raise TurnRejected("invalid_idempotency_key", "Idempotency-Key must be 1 to 200 printable ASCII characters.")
+    return key, hashlib.sha256(f"{endpoint}\n{canonical_body}".encode()).hexdigest()
+
+
+def _idempotency(request: HttpRequest, session_id: uuid.UUID, data: dict, *, streamed: bool) -> tuple[str, str] | None:
     body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    endpoint = "stream" if streamed else "turns"
-    return key, hashlib.sha256(f"{endpoint}\n{session_id}\n{body}".encode()).hexdigest()
+    return idempotency(request, "stream" if streamed else "turns", f"{session_id}\n{body}")
 
 
 def parse_turn_input(body: bytes, request: HttpRequest | None = None, session_id: uuid.UUID | None = None, *,
@@ -204,15 +209,20 @@ _replay = db_call(replay_result)
 _progress = db_call(turn_progress)
 
 
-async def _repeat_answer(turn_id: uuid.UUID) -> HttpResponse:
-    """A repeated non-streaming request: the first request's answer, once its turn ended
-    (its first request may be served by another process: the turn row says when)."""
+async def ended_result(turn_id: uuid.UUID) -> TurnResult | None:
+    """A turn once it ended, as its first answer said it (a repeated request's: the first
+    request may be served by another process, so the turn row says when). None if none."""
     while True:
         progress = await _progress(turn_id)
         if progress is None or progress.status != Turn.Status.RUNNING:
             break
         await asyncio.sleep(REPEAT_POLL_SECONDS)
-    result = await _replay(turn_id)
+    return await _replay(turn_id)
+
+
+async def _repeat_answer(turn_id: uuid.UUID) -> HttpResponse:
+    """A repeated non-streaming request: the first request's answer, once its turn ended."""
+    result = await ended_result(turn_id)
     if result is None:
         return error_response(404, "not_found", "Not found.")
     return _turn_body(result)

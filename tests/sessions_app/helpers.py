@@ -59,3 +59,21 @@ def read_stream(base_url: str, session, key_headers, body=None, *, comments: lis
     if comments is not None:
         comments.extend(line for line in raw.split(b"\n") if line.startswith(b":"))
     return response, events, raw
+
+
+def read_until(base_url: str, session, key_headers, *, characters: int, then=None) -> str:
+    """Stream a turn and, once `characters` of its answer arrived, call `then()` (e.g. kill
+    the server) if given, and hang up. Returns the answer received."""
+    received = ""
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        with http.stream("POST", stream_url(session), json={"content": "long"}, headers=key_headers) as response:
+            decoder = SSEDecoder()
+            for data in response.iter_raw():
+                for event in decoder.feed(data):
+                    if event.event == "chunk":
+                        received += json.loads(event.data)["delta"]
+                if len(received) >= characters:
+                    if then is not None:
+                        then()
+                    return received
+    raise AssertionError("the stream ended first")

@@ -23,7 +23,7 @@ from sessions_app import live_turn
 from sessions_app.models import Message, Turn
 from sessions_app.turns import sweep_lapsed_turns
 from tests.conftest import client_for
-from tests.sessions_app.helpers import auth, read_stream, stream_url, wait_until_closed
+from tests.sessions_app.helpers import auth, read_stream, read_until, stream_url, wait_until_closed
 
 pytestmark = pytest.mark.usefixtures("fake_openrouter_settings")
 postgres_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="concurrency is tested on PostgreSQL")
@@ -377,22 +377,13 @@ def test_a_killed_server_leaves_a_running_turn_that_the_sweep_closes_and_bills(a
                              PANTHEON_CHECKPOINT_SECONDS="0.2")
     session = session_of(alice)
     fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=200, delay=0.05))
-    received = ""
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        with http.stream("POST", stream_url(session), json={"content": "long"},
-                         headers=auth(client_for(alice))) as response:
-            from llm_gateway.sse import SSEDecoder
 
-            decoder = SSEDecoder()
-            for data in response.iter_raw():
-                for event in decoder.feed(data):
-                    if event.event == "chunk":
-                        received += json.loads(event.data)["delta"]
-                if len(received) > 60:
-                    time.sleep(0.5)  # a checkpoint or two
-                    server.process.send_signal(signal.SIGKILL)
-                    server.process.wait(timeout=10)
-                    break
+    def kill() -> None:
+        time.sleep(0.5)  # a checkpoint or two
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=10)
+
+    read_until(server.url, session, auth(client_for(alice)), characters=61, then=kill)
     turn = Turn.objects.get()
     assert turn.status == "running" and turn.checkpoint and CreditHold.objects.open().count() == 1
     assert sweep_lapsed_turns().interrupted == 0  # its lease has not lapsed yet

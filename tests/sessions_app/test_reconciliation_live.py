@@ -4,26 +4,23 @@ own record of what it sent then replaces the estimate, with the exact adjustment
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
 from decimal import Decimal
 
-import httpx
 import pytest
 from django.conf import settings as django_settings
 
 from billing_app.models import LedgerEntry, UsageRecord, Wallet
 from billing_app.selectors import ledger_problems
 from billing_app.services import compute_cost, get_price
-from llm_gateway.sse import SSEDecoder
 from sessions_app.models import LlmEvent, Turn
 from sessions_app.tasks import reconcile_turn_task
 from sessions_app.turns import sweep_lapsed_turns
 from tests.conftest import MODEL, client_for, subprocess_env
-from tests.sessions_app.helpers import auth, read_stream, stream_url, wait_until_closed
+from tests.sessions_app.helpers import auth, read_stream, read_until, wait_until_closed
 
 pytestmark = pytest.mark.usefixtures("fake_openrouter_settings")
 
@@ -31,21 +28,6 @@ pytestmark = pytest.mark.usefixtures("fake_openrouter_settings")
 @pytest.fixture
 def alice_stream(alice, session_of, live_server_url):
     return live_server_url, session_of(alice), auth(client_for(alice))
-
-
-def read_some(base: str, session, headers, *, characters: int) -> str:
-    """Stream a turn and hang up once `characters` of its answer arrived."""
-    received = ""
-    with httpx.Client(base_url=base, timeout=30) as http:
-        with http.stream("POST", stream_url(session), json={"content": "long"}, headers=headers) as response:
-            decoder = SSEDecoder()
-            for data in response.iter_raw():
-                for event in decoder.feed(data):
-                    if event.event == "chunk":
-                        received += json.loads(event.data)["delta"]
-                if len(received) >= characters:
-                    return received
-    raise AssertionError("the stream ended first")
 
 
 def provider_record(fake, turn: Turn) -> dict:
@@ -77,7 +59,7 @@ def test_a_cancelled_stream_is_reconciled_by_the_db_worker(alice, alice_stream, 
     settings.PANTHEON_RECONCILE_DELAY_SECONDS = 0
     base, session, headers = alice_stream
     fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=100, delay=0.05))
-    read_some(base, session, headers, characters=12)
+    read_until(base, session, headers, characters=12)
     turn = wait_until_closed(session=session)
     assert turn.status == "cancelled" and turn.usage_estimated and turn.reconciliation == "pending"
     estimated_cost = turn.cost
@@ -134,19 +116,13 @@ def test_an_interrupted_turn_is_reconciled_from_the_providers_record(alice, sess
                              PANTHEON_CHECKPOINT_SECONDS="0.2")
     session = session_of(alice)
     fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=200, delay=0.05))
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        with http.stream("POST", stream_url(session), json={"content": "long"},
-                         headers=auth(client_for(alice))) as response:
-            decoder, received = SSEDecoder(), ""
-            for data in response.iter_raw():
-                for event in decoder.feed(data):
-                    if event.event == "chunk":
-                        received += json.loads(event.data)["delta"]
-                if len(received) > 30:
-                    time.sleep(0.3)  # a checkpoint
-                    server.process.send_signal(signal.SIGKILL)
-                    server.process.wait(timeout=10)
-                    break
+
+    def kill() -> None:
+        time.sleep(0.3)  # a checkpoint
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=10)
+
+    read_until(server.url, session, auth(client_for(alice)), characters=31, then=kill)
     time.sleep(2.1)  # the lease lapses
     assert sweep_lapsed_turns().interrupted == 1
     turn = Turn.objects.get()
