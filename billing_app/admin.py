@@ -7,13 +7,13 @@ from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
 from django.contrib.auth import get_user_model
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 
 from billing_app import services, usage_report
-from billing_app.models import CreditHold, LedgerEntry, ModelPrice, UsageRecord, Wallet
+from billing_app.models import CreditHold, LedgerEntry, ModelPrice, Provider, UsageRecord, Wallet
 
 
 class ReadOnlyAdminMixin:
@@ -96,10 +96,97 @@ class CreditHoldAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     ordering = ["-created_at"]
 
 
+class ProviderForm(forms.ModelForm):
+    """The stored key is write-only: never rendered back, and a blank field keeps it."""
+
+    api_key = forms.CharField(
+        required=False, max_length=500, label="API key", widget=forms.PasswordInput(render_value=False),
+        help_text="Stored as given, when it is not in the environment. Leave blank to keep the stored key; "
+                  "giving an environment variable instead replaces it.")
+    clear_api_key = forms.BooleanField(required=False, label="Remove the stored key")
+
+    class Meta:
+        model = Provider
+        fields = ["name", "base_url", "api_key_env", "api_key", "timeout_seconds"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial["api_key"] = ""  # the key never reaches the page, and a blank field is "unchanged"
+
+    def clean(self):
+        data = super().clean()
+        if data.get("clear_api_key"):
+            data["api_key"] = ""
+        elif not data.get("api_key") and not data.get("api_key_env"):
+            data["api_key"] = self.instance.api_key  # the instance still holds the saved value here
+        return data
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    form = ProviderForm
+    list_display = ["name", "base_url", "key_source", "timeout_seconds", "model_count", "updated_at"]
+    search_fields = ["name", "base_url"]
+    fields = ["name", "base_url", "api_key_env", "api_key", "clear_api_key", "key_source", "timeout_seconds",
+              "model_count", "created_at", "updated_at"]
+    readonly_fields = ["key_source", "model_count", "created_at", "updated_at"]
+    ordering = ["-created_at"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(model_total=Count("models"))
+
+    @admin.display(description="key")
+    def key_source(self, obj: Provider) -> str:
+        """Where the key comes from, never the key."""
+        if obj.api_key_env:
+            return f"env ${obj.api_key_env}"
+        return "stored" if obj.api_key else "none"
+
+    @admin.display(description="models", ordering="model_total")
+    def model_count(self, obj: Provider) -> int:
+        total = getattr(obj, "model_total", None)  # absent on an unsaved row
+        return total if total is not None else (obj.models.count() if obj.pk else 0)
+
+
+class FallbacksField(forms.CharField):
+    """The JSON list of fallbacks as "m2, m3": a list in, a comma-separated text out."""
+
+    def prepare_value(self, value):
+        return ", ".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value) -> list[str]:
+        text = super().to_python(value)
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+
+class ModelPriceForm(forms.ModelForm):
+    # ModelPrice.clean() checks the list (priced, not itself, no repeats) when the form validates the row.
+    fallbacks = FallbacksField(required=False, widget=forms.TextInput(attrs={"size": 60}),
+                               help_text="Catalogue models tried in order when this one fails, comma-separated: "
+                                         "m2, m3. Blank: none.")
+
+    class Meta:
+        model = ModelPrice
+        fields = ["model", "prompt_price_per_mtok", "completion_price_per_mtok", "provider", "upstream_model",
+                  "fallbacks"]
+
+
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
-    list_display = ["model", "prompt_price_per_mtok", "completion_price_per_mtok", "updated_at"]
-    search_fields = ["model"]
+    form = ModelPriceForm
+    list_display = ["model", "prompt_price_per_mtok", "completion_price_per_mtok", "provider_name",
+                    "upstream_model", "fallback_list", "updated_at"]
+    list_filter = ["provider"]
+    list_select_related = ["provider"]
+    search_fields = ["model", "upstream_model"]
+
+    @admin.display(description="provider", ordering="provider__name")
+    def provider_name(self, obj: ModelPrice) -> str:
+        return obj.provider.name if obj.provider_id else "(configured)"
+
+    @admin.display(description="fallbacks")
+    def fallback_list(self, obj: ModelPrice) -> str:
+        return ", ".join(obj.fallbacks or [])
 
 
 class UsageReportForm(forms.Form):
@@ -146,9 +233,9 @@ def find_user(value: str):
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["created_at", "user", "model", "provider_model", "prompt_tokens",
+    list_display = ["created_at", "user", "model", "served_model", "provider_model", "prompt_tokens",
                     "completion_tokens", "estimated", "reconciled", "cost", "provider_cost"]
-    list_filter = ["estimated", "reconciled", "model"]
+    list_filter = ["estimated", "reconciled", "model", "served_model"]
     search_fields = ["user__username", "turn_id", "session_id"]
     ordering = ["-created_at"]
     change_list_template = "admin/billing_app/usagerecord/change_list.html"

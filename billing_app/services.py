@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Sequence
 from decimal import ROUND_FLOOR, Decimal
+from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from billing_app.models import CreditHold, LedgerEntry, ModelPrice, Wallet
+from billing_app.models import BUILTIN_PROVIDERS, CreditHold, LedgerEntry, ModelPrice, Provider, Wallet
 from core import sql
 from core.money import format_money, quantize_money
 from llm_gateway import Usage
@@ -67,13 +70,46 @@ def get_price(model: str) -> ModelPrice:
         raise UnknownModel(f"Model {model!r} is not in the price list.") from None
 
 
-def set_price(*, model: str, prompt_per_mtok: Decimal, completion_per_mtok: Decimal) -> ModelPrice:
+_UNSET: Any = object()  # "leave the row's value as it is", where None is a value (the configured provider)
+
+
+def set_price(*, model: str, prompt_per_mtok: Decimal, completion_per_mtok: Decimal,
+              provider: Provider | str | None = _UNSET, upstream_model: str | None = None,
+              fallbacks: Sequence[str] | None = None) -> ModelPrice:
+    """Create or update a catalogue model (SPEC sections 7 and 15). The route options that are
+    not given keep the row's values: `provider` is a Provider, its name, or None / "default" /
+    a built-in name for the configured provider; `upstream_model` "" means the model's own
+    name; `fallbacks` [] means none. Raises InvalidAmount for a negative price and
+    ValidationError for an unknown provider or a route the catalogue refuses."""
     if prompt_per_mtok < 0 or completion_per_mtok < 0:
         raise InvalidAmount("Prices cannot be negative.")
-    price, _ = ModelPrice.objects.update_or_create(
-        model=model,
-        defaults={"prompt_price_per_mtok": prompt_per_mtok, "completion_price_per_mtok": completion_per_mtok},
-    )
+    defaults: dict[str, Any] = {"prompt_price_per_mtok": prompt_per_mtok,
+                                "completion_price_per_mtok": completion_per_mtok}
+    if isinstance(provider, str):
+        if provider in BUILTIN_PROVIDERS or provider == "default":  # names of the configured provider
+            provider = None
+        else:
+            row = Provider.objects.filter(name=provider).first()
+            if row is None:
+                rows = Provider.objects.values_list("name", flat=True)
+                known = ", ".join(["default, openrouter or fake (the configured one)", *rows])
+                raise ValidationError({"provider": f"No provider {provider!r}. Known: {known}."})
+            provider = row
+    if provider is not _UNSET:
+        defaults["provider"] = provider
+    if upstream_model is not None:
+        defaults["upstream_model"] = upstream_model
+    if fallbacks is not None:
+        defaults["fallbacks"] = list(fallbacks)
+    route = set(defaults) - {"prompt_price_per_mtok", "completion_price_per_mtok"}
+    if route:
+        # Validate only what changes: a price-only update behaves as it always did, even on a
+        # row whose fallbacks name a model since removed.
+        candidate = ModelPrice(model=model, **defaults)
+        candidate.clean_fields(exclude=[f.name for f in ModelPrice._meta.concrete_fields if f.name not in route])
+        if "fallbacks" in route:
+            candidate.clean()
+    price, _ = ModelPrice.objects.update_or_create(model=model, defaults=defaults)
     return price
 
 

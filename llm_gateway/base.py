@@ -171,6 +171,10 @@ class CallRecord:
     generation_id: str = ""
     # What the provider says the call cost (OpenRouter's `usage.cost`), when it says so.
     provider_cost: Decimal | None = None
+    # Set by `llm_gateway.routing`: the caller's name of the model this call tried (one of the
+    # candidates) and of the provider it went to. Empty for a call made without routing.
+    model: str = ""
+    upstream: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +248,8 @@ class GatewayError(Exception):
         self.message = message
         self.records = records or []
         self.usage = usage  # usage the provider reported before failing, if any
+        # Set by `llm_gateway.routing`: the candidate that failed last (the turn's served model).
+        self.model = ""
 
 
 class UpstreamError(GatewayError):
@@ -251,9 +257,12 @@ class UpstreamError(GatewayError):
 
     code = "upstream_error"
 
-    def __init__(self, message: str, *, status: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, message: str, *, status: int | None = None, unreachable: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.status = status
+        # No answer at all: the connection was refused, reset or lost before one came.
+        self.unreachable = unreachable
 
 
 class UpstreamTimeout(GatewayError):
@@ -341,6 +350,9 @@ class StreamingContext(abc.ABC):
         self._ending: StreamEnding | None = None
         self._closing = False  # aclose() was called
         self.chunks: AsyncGenerator[str | ToolCallDelta, None] = self._chunks()
+        # What `prefetch()` read from `chunks` (the first delta, or nothing if the stream
+        # ended at once): a consumer hands these out before iterating `chunks`.
+        self.prefetched: list[str | ToolCallDelta] = []
 
     @property
     def records(self) -> list[CallRecord]:
@@ -359,6 +371,22 @@ class StreamingContext(abc.ABC):
         if self._ending is None:
             raise RuntimeError("the stream has not ended yet")
         return self._ending
+
+    def add_prior_records(self, records: list[CallRecord]) -> None:
+        """Put `records` (earlier attempts: other candidates, `llm_gateway.routing`) before
+        this stream's own, also in an ending already reached."""
+        self.prior_records = [*records, *self.prior_records]
+        if self._ending is not None:
+            self._ending = dataclasses.replace(self._ending, records=self.records)
+
+    async def prefetch(self) -> None:
+        """Read the first delta now, before anything goes downstream: a provider that
+        accepted the request and then fails (an error chunk, a stall past the timeout, a
+        lost connection) raises its GatewayError here, while another model can still answer
+        (`llm_gateway.routing`). A stream that ends at once ends here."""
+        async for delta in self.chunks:
+            self.prefetched.append(delta)
+            return
 
     async def aclose(self) -> None:
         if self._closing:
@@ -481,6 +509,7 @@ class _Running:
 
 class LlmGateway(abc.ABC):
     name: str = "base"
+    upstream_name: str = "base"  # the operator's name for the provider it talks to
 
     @abc.abstractmethod
     async def generate(self, *, model: str, messages: list[ChatMessage], max_tokens: int,

@@ -139,6 +139,7 @@ def _find_file_id(messages: list[ChatMessage]) -> str | None:
 
 class FakeGateway(LlmGateway):
     name = "fake"
+    upstream_name = "fake"
 
     def __init__(self, chunk_delay_seconds: float = 0.05) -> None:
         self.chunk_delay_seconds = chunk_delay_seconds

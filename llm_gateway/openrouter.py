@@ -433,7 +433,9 @@ class OpenRouterGateway(LlmGateway):
     name = "openrouter"
 
     def __init__(self, base_url: str, api_key: str, timeout_seconds: float, max_retries: int = 2,
-                 backoff_seconds: float = 0.5, app_url: str = "", app_title: str = "") -> None:
+                 backoff_seconds: float = 0.5, app_url: str = "", app_title: str = "",
+                 upstream_name: str = "openrouter") -> None:
+        self.upstream_name = upstream_name  # the operator's name for this provider (messages)
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout_seconds = timeout_seconds
@@ -505,9 +507,9 @@ class OpenRouterGateway(LlmGateway):
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 # Nothing reached the provider: safe to retry.
                 timed_out = isinstance(exc, httpx.ConnectTimeout)
-                error: GatewayError = (UpstreamTimeout if timed_out else UpstreamError)(
-                    "timed out connecting to the model provider" if timed_out
-                    else "could not connect to the model provider")
+                error: GatewayError = (
+                    UpstreamTimeout("timed out connecting to the model provider") if timed_out
+                    else UpstreamError("could not connect to the model provider", unreachable=True))
                 self._fail(record, started, f"{error.message}: {exc!r}")
             except httpx.TimeoutException as exc:
                 self._fail(record, started, f"timeout: {exc!r}")
@@ -518,7 +520,7 @@ class OpenRouterGateway(LlmGateway):
                 self._fail(record, started, f"request failed: {exc!r}")
                 records.append(record)
                 raise UpstreamError("the request to the model provider failed", records=list(records),
-                                    usage=usage) from exc
+                                    usage=usage, unreachable=True) from exc
             else:
                 status = response.status_code
                 record.http_status = status
@@ -535,6 +537,11 @@ class OpenRouterGateway(LlmGateway):
                     await response.aclose()
                 message = _error_message_from_body(body, status)
                 self._fail(record, started, f"HTTP {status}: {message}")
+                if status in (401, 403):
+                    # The provider refused OUR key: say so (callers must never show it as the
+                    # user's 401), with the provider's words for the operator.
+                    message = _message(f"the model provider {self.upstream_name!r} refused Pantheon's "
+                                       f"credentials (HTTP {status}): {message}")
                 if status not in RETRY_STATUSES:
                     records.append(record)
                     raise UpstreamError(message, status=status, records=list(records), usage=usage)
@@ -800,7 +807,7 @@ class _UpstreamStream(StreamingContext):
         if isinstance(exc, httpx.TimeoutException):
             return UpstreamTimeout("the model provider stopped sending (read timeout)"), ""
         # httpx errors, or whatever the transport raises.
-        error = UpstreamError("truncated stream (connection lost)")
+        error = UpstreamError("truncated stream (connection lost)", unreachable=True)
         return error, f"{error.message}: {exc!r}"
 
     def _ending_tool_calls(self) -> list[ToolCall]:

@@ -228,6 +228,10 @@ PANTHEON_CHECKPOINT_SECONDS = env_float("PANTHEON_CHECKPOINT_SECONDS", 2.0, mini
 PANTHEON_RESUME_GRACE_SECONDS = env_float("PANTHEON_RESUME_GRACE_SECONDS", 30.0, minimum=0)
 # SPEC section 13: wait before an estimated turn is checked against the provider's record.
 PANTHEON_RECONCILE_DELAY_SECONDS = env_float("PANTHEON_RECONCILE_DELAY_SECONDS", 60.0, minimum=0)
+# SPEC section 15: a model that failed this many turns in a row is skipped this long (per
+# process) while another candidate remains.
+PANTHEON_COOLDOWN_FAILURES = env_int("PANTHEON_COOLDOWN_FAILURES", 3, minimum=1)
+PANTHEON_COOLDOWN_SECONDS = env_float("PANTHEON_COOLDOWN_SECONDS", 30.0, minimum=0)
 PANTHEON_MAX_MESSAGE_CHARS = env_int("PANTHEON_MAX_MESSAGE_CHARS", 32000, minimum=1)
 PANTHEON_CONTEXT_BUDGET_TOKENS = env_int("PANTHEON_CONTEXT_BUDGET_TOKENS", 8000, minimum=1)
 PANTHEON_MAX_TOOL_ROUNDS = env_int("PANTHEON_MAX_TOOL_ROUNDS", 4, minimum=1)

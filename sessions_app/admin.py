@@ -6,8 +6,8 @@ from sessions_app.models import ChatSession, LlmEvent, Message, Turn
 
 class TurnInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = Turn
-    fields = ["created_at", "status", "model", "provider_model", "prompt_tokens", "completion_tokens", "cost",
-              "reconciliation"]
+    fields = ["created_at", "status", "model", "served_model", "provider_model", "prompt_tokens",
+              "completion_tokens", "cost", "reconciliation"]
     readonly_fields = fields
     ordering = ["-created_at"]
     extra = 0
@@ -33,7 +33,8 @@ class ChatSessionAdmin(admin.ModelAdmin):
 
 @admin.register(Turn)
 class TurnAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["created_at", "user", "status", "model", "provider_model", "streamed", "cost", "reconciliation"]
+    list_display = ["created_at", "user", "status", "model", "served_model", "provider_model", "streamed", "cost",
+                    "reconciliation"]
     list_filter = ["status", "streamed", "reconciliation"]
     search_fields = ["id", "user__username"]
     ordering = ["-created_at"]
@@ -42,9 +43,9 @@ class TurnAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 @admin.register(LlmEvent)
 class LlmEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["created_at", "user", "requested_model", "provider_model", "status", "http_status",
-                    "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "provider_cost"]
-    list_filter = ["status", "streamed"]
-    search_fields = ["turn__id", "user__username", "requested_model", "generation_id"]
+    list_display = ["created_at", "user", "model", "upstream", "requested_model", "provider_model", "status",
+                    "http_status", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "provider_cost"]
+    list_filter = ["status", "streamed", "upstream"]
+    search_fields = ["turn__id", "user__username", "model", "requested_model", "generation_id"]
     readonly_fields = ["generation_id", "provider_cost"]  # the provider's record (SPEC section 13)
     ordering = ["-created_at"]

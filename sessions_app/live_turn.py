@@ -121,7 +121,8 @@ async def finish_turn(prepared: PreparedTurn, outcome: TurnOutcome) -> TurnResul
     worked. Run it under `asyncio.shield` where the caller may be cancelled."""
     for delay in (*CLOSE_RETRY_DELAYS, None):
         try:
-            result = await _close(prepared.turn_id, outcome, price=prepared.price)
+            result = await _close(prepared.turn_id, outcome,
+                                  price=prepared.price_of(outcome.served_model or prepared.model))
         except DatabaseError as exc:
             if delay is None:
                 logger.error("turn %s: the close-time write failed for good (%s); the sweep will close it",
@@ -159,10 +160,12 @@ class LeaseKeeper:
                  on_lost: Callable[[], Awaitable[None]] | None = None,
                  on_cancel: Callable[[], None] | None = None,
                  watched: Callable[[], bool] | None = None,
-                 generation_id: Callable[[], str] | None = None) -> None:
+                 generation_id: Callable[[], str] | None = None,
+                 served_model: str = "") -> None:
         self.turn_id = turn_id
         self.parts = parts  # the deltas so far (the relay appends to this list)
         self.generation_id = generation_id  # the provider's id of the call, saved with checkpoints
+        self.served_model = served_model  # the candidate answering, saved with checkpoints
         self.on_lost = on_lost
         self.on_cancel = on_cancel
         self.watched = watched
@@ -208,7 +211,8 @@ class LeaseKeeper:
                 checkpoint, ends = "".join(parts), chunk_ends(parts)
             try:
                 state = await _renew(self.turn_id, checkpoint=checkpoint, chunk_ends=ends,
-                                     generation_id=self.generation_id() if self.generation_id is not None else "")
+                                     generation_id=self.generation_id() if self.generation_id is not None else "",
+                                     served_model=self.served_model)
             except DatabaseError as exc:
                 # Keep streaming: the next period tries again; the lease has slack for that.
                 logger.warning("turn %s: lease renewal failed (%s)", self.turn_id, exc)

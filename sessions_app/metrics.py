@@ -18,6 +18,7 @@ Two kinds:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -25,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llm_gateway import CallRecord
+from llm_gateway.routing import COOLDOWNS
 from sessions_app.models import Turn
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,26 @@ UPSTREAM_ERRORS = Counter(
     "pantheon_upstream_errors", "Failed upstream calls, by code: the HTTP status the provider answered, "
     "else the turn's error code (upstream_timeout, upstream_error).", ["code"])
 CREDITS_DEBITED = Counter("pantheon_credits_debited", "Credits debited for closed turns (the sum of their costs).")
+FALLBACKS = Counter(
+    "pantheon_fallbacks", "Candidate models abandoned for the next one (SPEC section 15): failed before any "
+    "output, by the abandoned model.", ["model"])
+COOLDOWNS_STARTED = Counter(
+    "pantheon_model_cooldowns", "Cooldowns started: a model skipped while other candidates remain, after "
+    "PANTHEON_COOLDOWN_FAILURES failures in a row (per process).", ["model"])
+COOLDOWN_UNTIL = Gauge(
+    "pantheon_model_cooldown_until_timestamp_seconds", "Unix time at which the model's latest cooldown ends "
+    "(in the past: not cooling down); the latest over processes.", ["model"], multiprocess_mode="max")
+
+def cooldown_started(model: str, seconds: float) -> None:
+    """A cooldown started in this process (a `llm_gateway.routing.COOLDOWNS` listener)."""
+    try:
+        COOLDOWNS_STARTED.labels(model).inc()
+        COOLDOWN_UNTIL.labels(model).set(time.time() + seconds)
+    except Exception:
+        logger.exception("metrics: cooldown of %s not recorded", model)
+
+
+COOLDOWNS.listeners.append(cooldown_started)
 
 for _status in Turn.Status.values:
     if _status != Turn.Status.RUNNING:
@@ -73,6 +95,10 @@ def observe_closed_turn(turn: Turn, records: Sequence[CallRecord] = ()) -> None:
         if turn.cost:
             CREDITS_DEBITED.inc(float(turn.cost))
         failed = False
+        abandoned = {record.model for record in records
+                     if record.model and record.model != turn.served_model and record.status == "error"}
+        for model in abandoned:
+            FALLBACKS.labels(model).inc()
         for record in records:
             UPSTREAM_LATENCY.observe(record.latency_ms / 1000)
             if record.stream and record.ttft_ms is not None:

@@ -53,7 +53,10 @@ class Turn(models.Model):
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="turns")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
-    model = models.CharField(max_length=200)
+    model = models.CharField(max_length=200)  # the model asked for
+    # The catalogue model that answered (a fallback's, SPEC section 15; for a failed turn the
+    # last one tried), billed at its price; saved with the checkpoints while running.
+    served_model = models.CharField(max_length=200, blank=True)
     provider_model = models.CharField(max_length=200, blank=True)
     streamed = models.BooleanField(default=False)
     tools_enabled = models.BooleanField(default=False)
@@ -147,7 +150,10 @@ class LlmEvent(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_events")
     turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="llm_events")
-    requested_model = models.CharField(max_length=200)
+    # The catalogue model this call tried, and the provider (our name for it) it went to.
+    model = models.CharField(max_length=200, blank=True)
+    upstream = models.CharField(max_length=100, blank=True)
+    requested_model = models.CharField(max_length=200)  # the id sent to the provider
     provider_model = models.CharField(max_length=200, blank=True)
     provider = models.CharField(max_length=100, blank=True)
     status = models.CharField(max_length=16)

@@ -125,7 +125,7 @@ def _preflight(request: HttpRequest, parsed: list[fmt.ChatRequest]) -> PreparedT
         params = {name: value for name, value in chat.passthrough.items() if name != "tools"}
         return begin_turn(preflight, TurnInput(
             content=chat.last_message_text, model=chat.model, max_tokens=chat.max_tokens, idempotency=key,
-            context=chat.chat_messages(), params=params, client_tools=chat.tools,
+            context=chat.chat_messages(), params=params, client_tools=chat.tools, models=chat.models,
         ), streamed=chat.stream)
     except TurnRejected as exc:
         raise _rejected(exc) from None
@@ -155,7 +155,8 @@ def _stored_tool_calls(result: TurnResult) -> list[ToolCall]:
 
 
 def _served_model(turn: Turn) -> str:
-    return turn.provider_model or turn.model
+    """The facade's `model`: the catalogue model that answered (SPEC sections 14, 15)."""
+    return turn.served_model or turn.model
 
 
 def _created(turn: Turn) -> int:
@@ -253,7 +254,7 @@ async def _live_chunks(live: LiveTurn, include_usage: bool) -> AsyncGenerator[by
     live.requester_followed = True
     beat = Heartbeat(settings.PANTHEON_HEARTBEAT_SECONDS)
     created = int(time.time())
-    model = prepared.model
+    model = live.served_model  # known before the first chunk: a fallback answered, or the model asked for
     tool_calls = False
     content = fmt.ContentChunks(prepared.turn_id, created, model)
     try:

@@ -23,8 +23,9 @@ from decimal import Decimal
 from asgiref.sync import async_to_sync
 from django.db import transaction
 
+from billing_app import catalogue
 from billing_app import services as billing
-from billing_app.models import UsageRecord
+from billing_app.models import ModelPrice, Provider, UsageRecord
 from core.money import format_money
 from llm_gateway import GatewayError, Generation, LlmGateway, Usage, get_gateway
 from sessions_app.models import LlmEvent, Turn
@@ -46,10 +47,11 @@ def _accepted(event: LlmEvent) -> bool:
     return event.http_status is not None and 200 <= event.http_status < 300
 
 
-async def _look_up(gateway: LlmGateway, ids: list[str]) -> dict[str, Generation] | None:
-    """Every generation's record, or None if any is missing or has no counts yet."""
+async def _look_up(gateways: dict[str, LlmGateway], ids: list[str]) -> dict[str, Generation] | None:
+    """Every generation's record (each asked of the provider that made it), or None if any
+    is missing or has no counts yet."""
     try:
-        found = await asyncio.gather(*(gateway.generation(generation_id) for generation_id in ids))
+        found = await asyncio.gather(*(gateways[generation_id].generation(generation_id) for generation_id in ids))
     except GatewayError as exc:
         logger.info("reconcile: a generation record is not available yet (%s)", exc.message)
         return None
@@ -70,9 +72,14 @@ def reconcile_turn(turn_id: uuid.UUID, *, gateway: LlmGateway | None = None) -> 
     turn = Turn.objects.filter(pk=turn_id).first()
     if turn is None or turn.reconciliation != Turn.Reconciliation.PENDING:
         return Reconciled.NOTHING_TO_DO
-    events = list(LlmEvent.objects.filter(turn_id=turn_id))
+    served = turn.served_model or turn.model
+    # Only the served model's calls are billed: a candidate abandoned for a fallback failed
+    # before any output and costs nothing (SPEC section 15).
+    events = [event for event in LlmEvent.objects.filter(turn_id=turn_id) if not event.model or event.model == served]
     ids = sorted({event.generation_id for event in events if event.generation_id})
-    records = async_to_sync(_look_up)(gateway or get_gateway(), ids) if ids else None
+    gateways = {event.generation_id: gateway or _gateway_of(event.upstream, served) for event in events
+                if event.generation_id}
+    records = async_to_sync(_look_up)(gateways, ids) if ids else None
     if records is None:
         return Reconciled.NOT_YET
 
@@ -100,7 +107,7 @@ def reconcile_turn(turn_id: uuid.UUID, *, gateway: LlmGateway | None = None) -> 
         if turn.reconciliation != Turn.Reconciliation.PENDING:
             return Reconciled.NOTHING_TO_DO  # another run got here first
         cost = billing.compute_cost(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                                    price=billing.get_price(turn.model))
+                                    price=billing.get_price(served))
         difference = turn.cost - cost
         before = (turn.prompt_tokens, turn.completion_tokens)
         turn.prompt_tokens, turn.completion_tokens = usage.prompt_tokens, usage.completion_tokens
@@ -110,7 +117,7 @@ def reconcile_turn(turn_id: uuid.UUID, *, gateway: LlmGateway | None = None) -> 
         LlmEvent.objects.bulk_update([e for e in events if e.generation_id],
                                      ["prompt_tokens", "completion_tokens", "provider_cost"])
         UsageRecord.objects.update_or_create(turn_id=turn.id, defaults={
-            "user_id": turn.user_id, "session_id": turn.session_id, "model": turn.model,
+            "user_id": turn.user_id, "session_id": turn.session_id, "model": turn.model, "served_model": served,
             "provider_model": turn.provider_model, "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
             "estimated": False, "reconciled": True, "cost": cost, "provider_cost": provider_cost,
@@ -119,6 +126,17 @@ def reconcile_turn(turn_id: uuid.UUID, *, gateway: LlmGateway | None = None) -> 
             billing.adjust_turn(user_id=turn.user_id, turn_id=turn.id, amount=difference,
                                 note=_note(turn, before, usage, difference))
     return Reconciled.DONE
+
+
+def _gateway_of(upstream: str, served: str) -> LlmGateway:
+    """The gateway of the provider a call went to: the row of that name, else the one the
+    served model is routed to now (the sweep's record of a dead process names none), else
+    the configured provider."""
+    provider = Provider.objects.filter(name=upstream).first() if upstream else None
+    if provider is None and not upstream:
+        price = ModelPrice.objects.select_related("provider").filter(model=served).first()
+        provider = price.provider if price is not None else None
+    return get_gateway(catalogue.upstream_of(provider))
 
 
 def _note(turn: Turn, before: tuple[int, int], usage: Usage, difference: Decimal) -> str:

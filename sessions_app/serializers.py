@@ -57,7 +57,8 @@ def turn_data(turn: Turn) -> dict:
     """The turn object of SPEC section 4 (also used by the turn endpoints)."""
     return {
         "id": str(turn.id), "session_id": str(turn.session_id), "status": turn.status,
-        "model": turn.model, "provider_model": turn.provider_model, "usage": turn_usage(turn),
+        "model": turn.model, "served_model": turn.served_model or (turn.model if turn.status != "running" else None),
+        "provider_model": turn.provider_model, "usage": turn_usage(turn),
         "cost": format_money(turn.cost),
         "created_at": serializers.DateTimeField().to_representation(turn.created_at),
         "finished_at": serializers.DateTimeField().to_representation(turn.finished_at),
@@ -86,6 +87,9 @@ class TurnSerializer(serializers.Serializer):
         "`running` until the turn ends; then `completed`, `cancelled` (the client went away or asked to stop), "
         "`failed` (upstream error) or `interrupted` (the process serving it died)."))
     model = serializers.CharField(help_text="The model asked for.")
+    served_model = serializers.CharField(allow_null=True, help_text=(
+        "The catalogue model that answered: `model`, or one of its fallbacks (for a failed turn the last one "
+        "tried); billed at its price. Null while running until known."))
     provider_model = serializers.CharField(allow_blank=True, help_text="The model that answered, as the provider "
                                                                        "named it (empty until known).")
     usage = TurnUsageSerializer()
@@ -113,6 +117,11 @@ class TurnRequestSerializer(serializers.Serializer):
                                     help_text="The user's message (not only whitespace; no NUL characters).")
     model = serializers.CharField(required=False, min_length=1, help_text="A priced model for this turn; "
                                                                           "default: the session's.")
+    models = serializers.ListField(child=serializers.CharField(min_length=1), required=False, max_length=16,
+                                   help_text=(
+        "Fallbacks for this turn, tried in order after `model` when it fails before any output (provider "
+        "down, timeout, 429, 5xx); replaces the model's configured fallbacks, `[]` for none. Without "
+        "`model`, the first is the model asked for. Every one must be priced."))
     tools_enabled = serializers.BooleanField(default=False, help_text=(
         "Offer the model the `file_read` tool over your ready files. Non-streaming turns only: the stream "
         "answers 422 `tools_not_supported_in_stream`."))

@@ -82,7 +82,8 @@ def ending_frame(result: TurnResult, event_id: int) -> bytes:
     return encode_event("done", {
         "turn_id": str(turn.id), "message_id": str(result.message.id) if result.message else None,
         "status": turn.status, "usage": turn_usage(turn), "cost": format_money(turn.cost),
-        "balance": format_money(result.balance), "provider_model": turn.provider_model,
+        "balance": format_money(result.balance), "served_model": turn.served_model,
+        "provider_model": turn.provider_model,
         "finish_reason": turn.finish_reason or None,
     }, event_id)
 
@@ -95,21 +96,24 @@ def split_text(text: str, ends: list[int] | None) -> list[str]:
     return [text[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
-def ended_outcome(ctx: StreamingContext, status: str, content: str, **extra) -> TurnOutcome:
+def ended_outcome(ctx: StreamingContext, status: str, content: str, served_model: str, **extra) -> TurnOutcome:
     """The turn's outcome from what the ended stream says (usage, provider model, finish
     reason, records); the provider had the prompt."""
     ending = ctx.ending
     return TurnOutcome(status=status, content=content, usage=ending.usage, provider_model=ending.provider_model,
                        records=ending.records, finish_reason=ending.finish_reason, prompt_processed=True,
-                       tool_calls=list(ending.tool_calls), **extra)
+                       tool_calls=list(ending.tool_calls), served_model=served_model, **extra)
 
 
 class LiveTurn:
     """A streamed turn this process serves: the producer task and what it produced so far."""
 
-    def __init__(self, prepared: PreparedTurn, ctx: StreamingContext, *, deadline: float, resumable: bool) -> None:
+    def __init__(self, prepared: PreparedTurn, ctx: StreamingContext, *, deadline: float, resumable: bool,
+                 served_model: str = "") -> None:
         self.prepared = prepared
         self.ctx = ctx
+        # The candidate whose stream this is (SPEC section 15).
+        self.served_model = served_model or prepared.model
         self.deadline = deadline  # loop time after which the answer is cut off
         self.resumable = resumable
         self.parts: list[str] = []  # the text deltas (checkpointed; the event ids stand on them)
@@ -189,15 +193,28 @@ class LiveTurn:
         if self.followers <= 0:
             self.stop()
 
+    def _add(self, delta) -> None:
+        """One delta handed out (the loop in `_produce` has this inline: it runs per chunk)."""
+        if delta.__class__ is str:
+            self.parts.append(delta)
+        if self.items is not self.parts:
+            self.items.append(delta)
+        if self._waiters:
+            self._wake()
+
     async def _produce(self) -> None:
         prepared, ctx = self.prepared, self.ctx
         outcome: TurnOutcome | None = None
         keeper = self.keeper = LeaseKeeper(prepared.turn_id, parts=self.parts, on_lost=ctx.aclose,
                                            on_cancel=self.stop,
                                            watched=lambda: self.watched_until > self._loop.time(),
-                                           generation_id=lambda: ctx.generation_id).start()
+                                           generation_id=lambda: ctx.generation_id,
+                                           served_model=self.served_model).start()
+        served = self.served_model
         try:
             async with asyncio.timeout_at(self.deadline):
+                for delta in ctx.prefetched:  # read by the routing before the stream was handed out
+                    self._add(delta)
                 async for delta in ctx.chunks:
                     if delta.__class__ is str:
                         self.parts.append(delta)
@@ -205,7 +222,7 @@ class LiveTurn:
                         self.items.append(delta)
                     if self._waiters:
                         self._wake()
-            outcome = ended_outcome(ctx, Turn.Status.COMPLETED, "".join(self.parts))
+            outcome = ended_outcome(ctx, Turn.Status.COMPLETED, "".join(self.parts), served)
         except TimeoutError:
             # A provider that only keeps the connection alive must not hold the turn (and
             # its credits) forever.
@@ -213,11 +230,11 @@ class LiveTurn:
             with contextlib.suppress(Exception):
                 await ctx.aclose()
             outcome = ended_outcome(
-                ctx, Turn.Status.FAILED, "".join(self.parts), error_code="upstream_timeout",
+                ctx, Turn.Status.FAILED, "".join(self.parts), served, error_code="upstream_timeout",
                 error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.")
         except GatewayError as exc:
             # Raised by the chunks, so the stream has ended (and `exc` has its records).
-            outcome = TurnOutcome.from_error(exc, content="".join(self.parts))
+            outcome = TurnOutcome.from_error(exc, content="".join(self.parts), served_model=served)
             outcome.finish_reason = ctx.ending.finish_reason
         except asyncio.CancelledError:
             # Stopped: the requesting client left, the grace ran out, or POST .../cancel.
@@ -227,7 +244,7 @@ class LiveTurn:
                 task.uncancel()
             with contextlib.suppress(Exception):
                 await ctx.aclose()
-            outcome = ended_outcome(ctx, Turn.Status.CANCELLED, "".join(self.parts))
+            outcome = ended_outcome(ctx, Turn.Status.CANCELLED, "".join(self.parts), served)
         finally:
             self._closing = True
             await keeper.stop()

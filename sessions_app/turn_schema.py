@@ -32,7 +32,8 @@ n-th `chunk` n + 1, the ending the next). While the provider is silent a comment
   - `done`: `{"turn_id", "message_id" (null when no answer was stored), "status"
     (`completed`, `cancelled` or `interrupted`), "usage": {"prompt_tokens",
     "completion_tokens", "total_tokens", "estimated", "reconciled"}, "cost", "balance",
-    "provider_model", "finish_reason" (null when unknown)}`;
+    "served_model" (the catalogue model that answered: `model` or a fallback), "provider_model",
+    "finish_reason" (null when unknown)}`;
   - `error`: `{"code", "message", "turn_id"}`: `upstream_error` or `upstream_timeout` (the
     provider failed after the stream started; the turn is stored as `failed` with the text
     that had arrived), or `persistence_failed` (the turn could not be stored yet; it is
@@ -61,7 +62,8 @@ data: {"turn_id": "6f1c…", "message_id": "9d2a…", "status": "completed", "us
 
 _DONE_DATA = ('{"turn_id": "6f1c…", "message_id": "9d2a…", "status": "completed", "usage": {"prompt_tokens": 12, '
               '"completion_tokens": 2, "total_tokens": 14, "estimated": false, "reconciled": false}, '
-              '"cost": "0.000014", "balance": "9.999986", "provider_model": "openai/gpt-4o-mini", '
+              '"cost": "0.000014", "balance": "9.999986", "served_model": "openai/gpt-4o-mini", '
+              '"provider_model": "openai/gpt-4o-mini", '
               '"finish_reason": "stop"}')
 EVENT_EXAMPLES = [
     OpenApiExample("start", media_type=EVENT_STREAM, value={

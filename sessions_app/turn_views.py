@@ -27,7 +27,7 @@ from core.json_body import InvalidJson, load_json
 from core.money import format_money
 from core.text import find_unstorable
 from files_app.tools import make_file_read_executor
-from llm_gateway import GatewayError, get_gateway
+from llm_gateway import GatewayError, UpstreamTimeout, routing
 from sessions_app import turn_signals
 from sessions_app.live_turn import (
     LeaseKeeper,
@@ -40,6 +40,7 @@ from sessions_app.live_turn import (
     stop_local,
 )
 from sessions_app.models import Turn
+from sessions_app.openai_format import MAX_MODELS
 from sessions_app.serializers import MessageSerializer, turn_data, turn_usage
 from sessions_app.streaming import LiveTurn, TurnStreamResponse, follow, stream_response
 from sessions_app.turns import (
@@ -114,6 +115,9 @@ def parse_turn_input(body: bytes, request: HttpRequest | None = None, session_id
         if not isinstance(model, str) or not model:
             raise TurnRejected("invalid_model", "model must be a non-empty string.")
         _refuse_unstorable("model", model)
+    models = _models(data.get("models", None), present="models" in data)
+    if model is None and models:
+        model = models[0]  # SPEC section 15: without `model`, the list's first is the one asked for
     tools_enabled = data.get("tools_enabled", False)
     if not isinstance(tools_enabled, bool):
         raise TurnRejected("invalid_tools_enabled", "tools_enabled must be true or false.")
@@ -125,7 +129,21 @@ def parse_turn_input(body: bytes, request: HttpRequest | None = None, session_id
         raise TurnRejected("invalid_resumable", "resumable must be true or false.")
     idempotency = _idempotency(request, session_id, data, streamed=streamed) if request is not None else None
     return TurnInput(content=content, model=model, tools_enabled=tools_enabled, max_tokens=max_tokens,
-                     resumable=resumable, idempotency=idempotency)
+                     resumable=resumable, idempotency=idempotency, models=models)
+
+
+def _models(value, *, present: bool) -> tuple[str, ...] | None:
+    """A request's `models` (SPEC section 15): None when absent (the configured fallbacks
+    apply); else a list of at most MAX_MODELS model names, [] meaning no fallbacks."""
+    if not present or value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+        raise TurnRejected("invalid_models", "models must be a list of non-empty strings.")
+    if len(value) > MAX_MODELS:
+        raise TurnRejected("invalid_models", f"models must have at most {MAX_MODELS} entries.")
+    for name in value:
+        _refuse_unstorable("models", name)
+    return tuple(value)
 
 
 @db_call
@@ -251,8 +269,8 @@ async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
     door's plain turn. Raises PersistenceFailed; the client going away (the calling task
     cancelled) stores the turn as cancelled and re-raises."""
     executor = make_file_read_executor(prepared.user_id) if prepared.tools else None
-    call = asyncio.ensure_future(get_gateway().generate(
-        model=prepared.model, messages=prepared.messages, max_tokens=prepared.max_tokens,
+    call = asyncio.ensure_future(routing.generate(
+        prepared.candidates(), messages=prepared.messages, max_tokens=prepared.max_tokens,
         tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
         params=prepared.params, client_tools=prepared.client_tools,
     ))
@@ -282,10 +300,12 @@ async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
         # Stopped with POST .../cancel: answered like any other ending.
         outcome = TurnOutcome(status=Turn.Status.CANCELLED, prompt_processed=True)
     else:
+        completion, served = completion
         outcome = TurnOutcome(status=Turn.Status.COMPLETED, content=completion.content, usage=completion.usage,
                               provider_model=completion.provider_model, records=completion.records,
                               tool_messages=completion.tool_messages, finish_reason=completion.finish_reason,
-                              prompt_processed=True, tool_calls=list(completion.tool_calls))
+                              prompt_processed=True, tool_calls=list(completion.tool_calls),
+                              served_model=served.model)
     finally:
         await keeper.stop()
     done_serving(prepared.turn_id)
@@ -318,15 +338,23 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
     re-raised."""
     deadline = asyncio.get_running_loop().time() + settings.PANTHEON_MAX_TURN_SECONDS
     keeper = LeaseKeeper(prepared.turn_id).start()
-    opening = asyncio.ensure_future(get_gateway().stream(model=prepared.model, messages=prepared.messages,
-                                                         max_tokens=prepared.max_tokens, params=prepared.params,
-                                                         client_tools=prepared.client_tools))
+    opening = asyncio.ensure_future(routing.stream(prepared.candidates(), messages=prepared.messages,
+                                                   max_tokens=prepared.max_tokens, params=prepared.params,
+                                                   client_tools=prepared.client_tools))
     try:
-        ctx = await asyncio.shield(opening)
+        # Retries and fallbacks included, no longer than a whole turn may take (SPEC 15).
+        async with asyncio.timeout_at(deadline):
+            ctx = await asyncio.shield(opening)
     except GatewayError as exc:
         await keeper.stop()
         await _finish_shielded(prepared, TurnOutcome.from_error(exc))
         raise
+    except TimeoutError:
+        opening.cancel()
+        await keeper.stop()
+        exc = UpstreamTimeout(f"No model answered within {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.")
+        await _finish_shielded(prepared, TurnOutcome.from_error(exc))  # nothing was produced: free
+        raise exc from None
     except asyncio.CancelledError:
         if prepared.resumable:
             # The client left (a reload right after sending): the turn goes on without it,
@@ -340,21 +368,22 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
         in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED)))
         raise
     await keeper.stop()
-    return LiveTurn(prepared, ctx, deadline=deadline, resumable=prepared.resumable).begin()
+    ctx, served = ctx
+    return LiveTurn(prepared, ctx, deadline=deadline, resumable=prepared.resumable, served_model=served.model).begin()
 
 
 async def _run_unattended(prepared: PreparedTurn, opening: asyncio.Future, keeper: LeaseKeeper,
                           deadline: float) -> None:
     """A resumable turn whose client left while its upstream was being opened."""
     try:
-        ctx = await opening
+        ctx, served = await opening
     except GatewayError as exc:
         await keeper.stop()
         with contextlib.suppress(PersistenceFailed):
             await finish_turn(prepared, TurnOutcome.from_error(exc))
         return
     await keeper.stop()
-    LiveTurn(prepared, ctx, deadline=deadline, resumable=True).begin().requester_closed()
+    LiveTurn(prepared, ctx, deadline=deadline, resumable=True, served_model=served.model).begin().requester_closed()
 
 
 # --- one turn: GET /turns/{id}, GET /turns/{id}/events, POST /turns/{id}/cancel -----------

@@ -34,15 +34,16 @@ from django.utils import timezone
 
 from accounts.authentication import LAST_USED_RESOLUTION
 from accounts.models import ApiKey
-from billing_app import selectors
+from billing_app import catalogue, selectors
 from billing_app import services as billing
-from billing_app.models import LedgerEntry, ModelPrice, UsageRecord, Wallet
+from billing_app.models import LedgerEntry, ModelPrice, Provider, UsageRecord, Wallet
 from core import sql
 from core.money import format_money
 from core.text import clean_text
 from files_app.services import FILE_READ_TOOL, ready_files_for
 from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
 from llm_gateway import CallRecord, ChatMessage, GatewayError, ToolCall, Usage
+from llm_gateway.routing import Candidate
 from llm_gateway.tokens import estimate_prompt_tokens
 from sessions_app import metrics
 from sessions_app.models import ChatSession, IdempotencyKey, LlmEvent, Message, Turn
@@ -81,6 +82,9 @@ class TurnInput:
     context: list[ChatMessage] | None = None
     params: dict[str, Any] | None = None
     client_tools: list[dict[str, Any]] | None = None
+    # The request's own fallbacks (SPEC section 15: after `model`, replacing the configured
+    # ones; () means none); None: the model's configured fallbacks.
+    models: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +110,17 @@ class Preflight:
 @functools.cache
 def _preflight_sql(by_key: bool, vendor: str, api_session: bool = False) -> str:
     key, user, session = sql.table(ApiKey), sql.table(User), sql.table(ChatSession)
-    price, wallet = sql.table(ModelPrice), sql.table(Wallet)
+    price, wallet, provider = sql.table(ModelPrice), sql.table(Wallet), sql.table(Provider)
     # The session asked for, or (the OpenAI front door) the key's own API session.
     which = (f"s.{sql.column(ChatSession, 'api_key')} = k.id" if api_session else "s.id = %(session)s")
     joins = (f"LEFT JOIN {session} s ON {which} AND s.user_id = u.id "
              f"LEFT JOIN {price} p ON p.model = COALESCE(%(model)s, s.model) "
-             f"LEFT JOIN {wallet} w ON w.user_id = u.id ")
+             f"LEFT JOIN {wallet} w ON w.user_id = u.id "
+             f"LEFT JOIN {provider} pr ON pr.id = p.provider_id ")
     columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, "
-               "p.id, p.model, p.prompt_price_per_mtok, p.completion_price_per_mtok, w.balance, w.held ")
+               "p.id, p.model, p.prompt_price_per_mtok, p.completion_price_per_mtok, w.balance, w.held, "
+               "p.upstream_model, p.fallbacks, pr.id, pr.name, pr.base_url, pr.api_key_env, pr.api_key, "
+               "pr.timeout_seconds ")
     if by_key:
         return (columns.format(key_columns="k.id, (k.last_used_at IS NULL OR k.last_used_at < %(stale)s)")
                 + f"FROM {key} k JOIN {user} u ON u.id = k.user_id AND u.is_active = %(true)s " + joins
@@ -148,17 +155,27 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
     if not found:
         return None
     (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
-     balance, held) = found[0]
+     balance, held, upstream_model, fallbacks, provider_id, *provider) = found[0]
     return Preflight(
         user_id=user,
         key_id=sql.as_uuid(key_id) if key_id is not None and touch else None,
         session=SessionFacts(id=sql.as_uuid(session), model=session_model, system_prompt=prompt or "")
         if session is not None else None,
         price=ModelPrice(id=price_id, model=price_model, prompt_price_per_mtok=sql.as_money(prompt_price),
-                         completion_price_per_mtok=sql.as_money(completion_price)) if price_id is not None else None,
+                         completion_price_per_mtok=sql.as_money(completion_price), upstream_model=upstream_model,
+                         fallbacks=sql.as_json(fallbacks) or [], provider_id=provider_id,
+                         provider=_provider(provider_id, *provider)) if price_id is not None else None,
         wallet=(sql.as_money(balance), sql.as_money(held)) if balance is not None else None,
         history=list(history) if session is not None else [],
     )
+
+
+def _provider(provider_id: int | None, name: str, base_url: str, api_key_env: str, api_key: str,
+              timeout: float | None) -> Provider | None:
+    if provider_id is None:
+        return None
+    return Provider(id=provider_id, name=name, base_url=base_url, api_key_env=api_key_env, api_key=api_key,
+                    timeout_seconds=timeout)
 
 
 def build_context(system_prompt: str, history: list[tuple[str, str]], content: str, *,
@@ -193,17 +210,27 @@ class PreparedTurn:
     model: str
     messages: list[ChatMessage]
     max_tokens: int
-    price: ModelPrice
+    price: ModelPrice  # what the hold was sized at: the dearest candidate's rates
     tools: list[dict[str, Any]] | None
     resumable: bool = False
     params: dict[str, Any] | None = None  # passed to the provider (the OpenAI front door)
     client_tools: list[dict[str, Any]] | None = None  # the client's tools: offered, never run here
+    # The candidates, in order (SPEC section 15): the model asked for first.
+    routes: list[catalogue.Route] = dataclasses.field(default_factory=list)
+
+    def candidates(self) -> list[Candidate]:
+        return [route.candidate() for route in self.routes]
+
+    def price_of(self, model: str) -> ModelPrice | None:
+        """The price a turn served by `model` is billed at (None: look it up)."""
+        return next((route.price for route in self.routes if route.model == model), None)
 
 
 _RENEW = (f"UPDATE {sql.table(Turn)} SET lease_until = %s WHERE id = %s AND status = 'running' "
           f"RETURNING cancel_requested")
 _RENEW_WITH_CHECKPOINT = (f"UPDATE {sql.table(Turn)} SET lease_until = %s, checkpoint = %s, chunk_ends = %s, "
-                          f"generation_id = %s WHERE id = %s AND status = 'running' RETURNING cancel_requested")
+                          f"generation_id = %s, served_model = %s WHERE id = %s AND status = 'running' "
+                          f"RETURNING cancel_requested")
 _REQUEST_CANCEL = f"UPDATE {sql.table(Turn)} SET cancel_requested = %s WHERE id = %s AND status = 'running'"
 _PROGRESS = f"SELECT status, checkpoint, chunk_ends, session_id, model FROM {sql.table(Turn)} WHERE id = %s"
 _TOUCH_KEY = f"UPDATE {sql.table(ApiKey)} SET last_used_at = %s WHERE id = %s"
@@ -268,9 +295,13 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
         raise TurnRejected("tools_not_supported_in_stream",
                            "Tools are not supported in streamed turns; use POST .../turns.")
     model = request.model or session.model
-    price = preflight.price
-    if price is None:
+    if preflight.price is None:
         raise TurnRejected("unknown_model", f"Model {model!r} is not in the price list.")
+    try:
+        routes = catalogue.candidates(preflight.price, request.models)
+    except billing.UnknownModel as exc:
+        raise TurnRejected("unknown_model", str(exc)) from None
+    price = catalogue.dearest(routes)  # the hold covers whichever candidate answers
 
     rounds, extra_system, tools = turn_rounds(request.tools_enabled), "", None
     if request.tools_enabled:
@@ -301,7 +332,8 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                                     price=price, wallet=preflight.wallet)
             sql.insert(Turn, [{
                 "id": turn_id, "session_id": session.id, "user_id": preflight.user_id, "status": Turn.Status.RUNNING,
-                "model": model, "provider_model": "", "streamed": streamed, "tools_enabled": request.tools_enabled,
+                "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
+                "tools_enabled": request.tools_enabled,
                 "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
                 "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
                 "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
@@ -333,7 +365,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     return PreparedTurn(
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
-        params=request.params, client_tools=request.client_tools,
+        params=request.params, client_tools=request.client_tools, routes=routes,
     )
 
 
@@ -344,17 +376,18 @@ class Renewal(enum.Enum):
 
 
 def renew_turn(turn_id: uuid.UUID, *, checkpoint: str | None = None,
-               chunk_ends: list[int] | None = None, generation_id: str = "") -> Renewal:
+               chunk_ends: list[int] | None = None, generation_id: str = "", served_model: str = "") -> Renewal:
     """Extend a running turn's lease (its hold lives as long) and, if given, save the partial
-    answer (where its deltas end, and the provider's generation id, for the sweep to
-    reconcile the turn if this process dies). One UPDATE, which also tells whether a stop
-    was asked."""
+    answer (where its deltas end, the provider's generation id and the model serving it, for
+    the sweep to bill and reconcile the turn if this process dies). One UPDATE, which also
+    tells whether a stop was asked."""
     lease, turn = sql.value(Turn, "lease_until", _lease_from(timezone.now())), sql.value(Turn, "id", turn_id)
     if checkpoint is None:
         row = sql.fetch_one(_RENEW, [lease, turn])
     else:
         row = sql.fetch_one(_RENEW_WITH_CHECKPOINT, [lease, checkpoint, sql.value(Turn, "chunk_ends", chunk_ends),
-                                                     _fit(Turn, "generation_id", generation_id), turn])
+                                                     _fit(Turn, "generation_id", generation_id),
+                                                     _fit(Turn, "served_model", served_model), turn])
     if row is None:
         return Renewal.GONE
     return Renewal.CANCEL_REQUESTED if row[0] else Renewal.RUNNING
@@ -404,12 +437,17 @@ class TurnOutcome:
     chunk_ends: list[int] | None = None
     # The client's tools the model asked for (the OpenAI front door), stored with the answer.
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+    # The catalogue model that answered (for a failure, the last one tried): billed at its
+    # price. "" when no candidate was reached: the one the turn saved, else the one asked for.
+    served_model: str = ""
 
     @classmethod
-    def from_error(cls, exc: GatewayError, *, content: str = "", status: str = Turn.Status.FAILED) -> TurnOutcome:
+    def from_error(cls, exc: GatewayError, *, content: str = "", status: str = Turn.Status.FAILED,
+                   served_model: str = "") -> TurnOutcome:
         provider_model = next((r.provider_model for r in reversed(exc.records) if r.provider_model), "")
         return cls(status=status, content=content, usage=exc.usage, provider_model=provider_model,
-                   records=list(exc.records), error_code=exc.code, error_message=exc.message)
+                   records=list(exc.records), error_code=exc.code, error_message=exc.message,
+                   served_model=exc.model or served_model)
 
 
 @dataclasses.dataclass
@@ -465,10 +503,11 @@ class LockedTurn:
     chunk_ends: list[int] | None
     resumable: bool
     generation_id: str
+    served_model: str
 
 
 _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
-                  "streamed", "checkpoint", "created_at", "chunk_ends", "resumable", "generation_id")
+                  "streamed", "checkpoint", "created_at", "chunk_ends", "resumable", "generation_id", "served_model")
 
 
 @functools.cache
@@ -494,7 +533,8 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
     return LockedTurn(id=sql.as_uuid(row[0]), status=row[1], user_id=row[2], session_id=sql.as_uuid(row[3]),
                       model=row[4], prompt_tokens=row[5], max_tokens=row[6], tools_enabled=bool(row[7]),
                       streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]),
-                      chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]), generation_id=row[13] or "")
+                      chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]), generation_id=row[13] or "",
+                      served_model=row[14] or "")
 
 
 def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
@@ -513,7 +553,9 @@ def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | 
 
 
 def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice | None) -> TurnResult:
-    price = price or billing.get_price(turn.model)
+    served = outcome.served_model or turn.served_model or turn.model
+    if price is None or price.model != served:
+        price = billing.get_price(served)  # billed at the served model's price (SPEC section 15)
     content = clean_text(outcome.content)
     usage = billing.usage_to_bill(reported=outcome.usage, text=content, prompt_estimate=turn.prompt_tokens,
                                   output_cap=turn.max_tokens * turn_rounds(turn.tools_enabled),
@@ -521,9 +563,10 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     cost = billing.compute_cost(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                                 price=price)
     now = timezone.now()
-    reconciliation = reconciliation_at_close(usage, outcome.records)
+    reconciliation = reconciliation_at_close(usage, outcome.records, served_model=served)
     ended = {
-        "status": outcome.status, "provider_model": _fit(Turn, "provider_model", outcome.provider_model),
+        "status": outcome.status, "served_model": _fit(Turn, "served_model", served),
+        "provider_model": _fit(Turn, "provider_model", outcome.provider_model),
         "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
         "usage_estimated": usage.estimated, "cost": cost, "finish_reason": _fit(Turn, "finish_reason",
                                                                                  outcome.finish_reason),
@@ -547,10 +590,11 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     if usage.total_tokens:
         sql.insert(UsageRecord, [{
             "id": uuid.uuid4(), "user_id": turn.user_id, "session_id": turn.session_id, "turn_id": turn.id,
-            "model": turn.model, "provider_model": ended["provider_model"], "prompt_tokens": usage.prompt_tokens,
+            "model": turn.model, "served_model": ended["served_model"], "provider_model": ended["provider_model"],
+            "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
             "estimated": usage.estimated, "reconciled": False, "cost": cost,
-            "provider_cost": provider_cost(outcome.records), "created_at": now,
+            "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
         }])
     sql.insert(LlmEvent, [_event_row(record, turn, now) for record in outcome.records])
     sql.update(ChatSession, turn.session_id, {"updated_at": now}, count=False)
@@ -566,16 +610,24 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     return TurnResult(turn=stored, message=Message(**assistant), balance=balance, closed=True)
 
 
-def reconciliation_at_close(usage: Usage, records: list[CallRecord]) -> str:
+def billed_records(records: list[CallRecord], served_model: str) -> list[CallRecord]:
+    """The calls a turn is billed for: the served model's (a candidate abandoned for a
+    fallback failed before any output, and costs nothing: SPEC section 15)."""
+    return [r for r in records if not r.model or r.model == served_model]
+
+
+def reconciliation_at_close(usage: Usage, records: list[CallRecord], *, served_model: str = "") -> str:
     """Whether a closing turn will be checked against the provider's record (SPEC section 13).
 
     Only a turn billed on an estimate is. It can be reconciled when the provider can be asked
-    about every call that may have cost something: each call the provider accepted (2xx)
-    has a generation id, or reported its own usage. Otherwise the estimate stands, visibly.
+    about every call that may have cost something (the served model's): each call the
+    provider accepted (2xx) has a generation id, or reported its own usage. Otherwise the
+    estimate stands, visibly.
     """
     if not usage.estimated:
         return Turn.Reconciliation.NOT_NEEDED
-    accepted = [r for r in records if r.http_status is not None and 200 <= r.http_status < 300]
+    accepted = [r for r in billed_records(records, served_model)
+                if r.http_status is not None and 200 <= r.http_status < 300]
     if any(r.generation_id for r in accepted) and all(
             r.generation_id or (r.usage is not None and not r.usage.estimated) for r in accepted):
         return Turn.Reconciliation.PENDING
@@ -600,6 +652,7 @@ def _fitting_ends(ends: list[int] | None, content: str) -> list[int] | None:
 def _event_row(record: CallRecord, turn: LockedTurn, now: datetime) -> dict[str, Any]:
     return {
         "id": uuid.uuid4(), "user_id": turn.user_id, "turn_id": turn.id,
+        "model": _fit(LlmEvent, "model", record.model), "upstream": _fit(LlmEvent, "upstream", record.upstream),
         "requested_model": _fit(LlmEvent, "requested_model", record.requested_model),
         "provider_model": _fit(LlmEvent, "provider_model", record.provider_model),
         "provider": _fit(LlmEvent, "provider", record.provider), "status": _fit(LlmEvent, "status", record.status),
@@ -616,7 +669,8 @@ def _interrupted(turn: LockedTurn) -> TurnOutcome:
     with the provider's generation id it saved (the call's only trace), so it is reconciled."""
     records = []
     if turn.generation_id:
-        records.append(CallRecord(requested_model=turn.model, status="cancelled", http_status=200,
+        served = turn.served_model or turn.model
+        records.append(CallRecord(requested_model=served, model=served, status="cancelled", http_status=200,
                                   stream=turn.streamed, generation_id=turn.generation_id,
                                   error="the process serving this turn stopped"))
     return TurnOutcome(status=Turn.Status.INTERRUPTED, content=turn.checkpoint, chunk_ends=turn.chunk_ends,

@@ -32,7 +32,9 @@ one `data:` event for `raw_stream()`. Text with a lone surrogate (what a JSON "\
 decodes to) cannot be sent as UTF-8, so it always goes out as JSON escapes; `sse_stream(...,
 ensure_ascii=True)` escapes every non-ASCII character (NUL is always escaped as "\\u0000").
 `.requests` lists what arrived (`RecordedRequest`: method, path, lower-cased headers, parsed
-JSON body); `.disconnected` (a threading.Event) is set when a client hung up while a reply
+JSON body; `chat_requests()` only the chat completions ones); with `.api_key` set, a chat
+request without that Bearer key gets a 401 (and consumes no scripted reply);
+`.disconnected` (a threading.Event) is set when a client hung up while a reply
 was still being written (cancellation tests). The `fake_openrouter_settings` fixture also
 points the Django settings (so `llm_gateway.get_gateway()`) at the server.
 
@@ -468,7 +470,11 @@ class _Handler(BaseHTTPRequestHandler):
                                   body=body, raw_body=raw)
         url = urlsplit(self.path)
         route = url.path.rstrip("/")
-        if route == CHAT_PATH:
+        if route == CHAT_PATH and fake.api_key is not None and \
+                request.headers.get("authorization") != f"Bearer {fake.api_key}":
+            fake._record(request)  # a wrong key consumes no scripted reply
+            reply = http_error(401, "No auth credentials found")
+        elif route == CHAT_PATH:
             reply: Reply = fake._take_reply(request)
             generation = fake._start_generation(request, reply)
         elif route == GENERATION_PATH and self.command == "GET":
@@ -606,6 +612,8 @@ class FakeOpenRouter:
         self.generations: dict[str, dict[str, Any] | JsonReply] = {}
         self.generation_lag = 0  # each id answers 404 to its first `generation_lag` lookups
         self.generation_price: tuple[float, float] = DEFAULT_GENERATION_PRICE
+        # When set, a chat request without `Authorization: Bearer <api_key>` gets 401.
+        self.api_key: str | None = None
         self._generation_ids: list[str] = []
         self._generations_done: set[str] = set()
         self._lookups: collections.Counter[str] = collections.Counter()
@@ -676,6 +684,11 @@ class FakeOpenRouter:
     def last_request(self) -> RecordedRequest:
         with self._lock:
             return self.requests[-1]
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        """The chat completion requests that arrived, in order."""
+        with self._lock:
+            return [r for r in self.requests if urlsplit(r.path).path.rstrip("/") == CHAT_PATH]
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
         with self._request_seen:

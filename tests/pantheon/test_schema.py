@@ -179,7 +179,8 @@ def test_the_stream_is_documented_as_server_sent_events(schema):
         assert event["properties"]["event"]["enum"] == ["start", "chunk", "done", "error"]
         assert set(event["required"]) == {"id", "event", "data"}
         for name, fields in {"start": ["turn_id", "session_id", "model"], "chunk": ["delta"],
-                             "done": ["message_id", "status", "usage", "cost", "balance", "provider_model"],
+                             "done": ["message_id", "status", "usage", "cost", "balance", "served_model",
+                                      "provider_model"],
                              "error": ["code", "message", "turn_id"]}.items():
             assert f"`{name}`" in ok["description"], (key, name)
             for field in fields:
@@ -195,13 +196,13 @@ def test_the_turn_bodies_are_declared(schema):
     components = schema["components"]["schemas"]
     request = components["TurnRequestRequest"]
     assert request["required"] == ["content"]
-    assert set(request["properties"]) == {"content", "model", "tools_enabled", "max_tokens", "resumable"}
+    assert set(request["properties"]) == {"content", "model", "models", "tools_enabled", "max_tokens", "resumable"}
     result = operations(schema)[("post", "/sessions/{session_id}/turns")]["responses"]["201"]
     assert result["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/TurnResult"
     assert set(components["TurnResult"]["required"]) == {"turn", "message", "usage", "cost", "balance"}
     turn = components["Turn"]
-    assert set(turn["required"]) == {"id", "session_id", "status", "model", "provider_model", "usage", "cost",
-                                     "created_at", "finished_at"}
+    assert set(turn["required"]) == {"id", "session_id", "status", "model", "served_model", "provider_model",
+                                     "usage", "cost", "created_at", "finished_at"}
     assert components["TurnStatusEnum"]["enum"] == ["running", "completed", "cancelled", "failed", "interrupted"]
     upload = operations(schema)[("post", "/files")]["requestBody"]["content"]
     assert set(upload) == {"multipart/form-data"}

@@ -56,7 +56,7 @@ class StubProvider(LlmGateway):
 @pytest.fixture
 def provider(monkeypatch):
     stub = StubProvider()
-    monkeypatch.setattr(reconciliation, "get_gateway", lambda: stub)
+    monkeypatch.setattr(reconciliation, "get_gateway", lambda upstream=None: stub)
     return stub
 
 

@@ -59,7 +59,7 @@ class Recorder:
         self.calls.append(outcome)
         message = SimpleNamespace(id=uuid.uuid4())
         turn = SimpleNamespace(id=prepared.turn_id, status=outcome.status, cost=Decimal("0.1"),
-                               provider_model=outcome.provider_model,
+                               provider_model=outcome.provider_model, served_model=outcome.served_model,
                                prompt_tokens=3, completion_tokens=4, total_tokens=7, usage_estimated=False,
                                reconciled=False,
                                error_code=outcome.error_code, error_message=outcome.error_message,
