@@ -10,6 +10,7 @@ is served, and the price a turn holds for.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from decimal import Decimal
@@ -18,6 +19,8 @@ from billing_app.models import MAX_FALLBACKS, ModelPrice, Provider
 from billing_app.services import UnknownModel
 from llm_gateway import Upstream
 from llm_gateway.routing import Candidate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +61,21 @@ def candidate_names(primary: ModelPrice, requested: Sequence[str] | None) -> lis
 
 def candidates(primary: ModelPrice, requested: Sequence[str] | None = None) -> list[Route]:
     """Every candidate's route, in order (one more read only when there is more than one).
-    Raises UnknownModel for a candidate that is not priced."""
+    Raises UnknownModel for a model of the request's list that is not priced; a configured
+    fallback that is not (its price was deleted since) is skipped, and logged: the
+    operator's slip must not refuse the user's turn."""
     names = candidate_names(primary, requested)
     others = {price.model: price for price in
               ModelPrice.objects.select_related("provider").filter(model__in=names[1:])} if names[1:] else {}
     routes = [route_of(primary)]
     for name in names[1:]:
         price = others.get(name)
-        if price is None:
+        if price is not None:
+            routes.append(route_of(price))
+        elif requested is not None:
             raise UnknownModel(f"Model {name!r} is not in the price list.")
-        routes.append(route_of(price))
+        else:
+            logger.warning("model %s: its fallback %s is not in the price list; skipped", primary.model, name)
     return routes
 
 

@@ -39,7 +39,7 @@ from .base import (
     UpstreamTimeout,
 )
 
-__all__ = ["COOLDOWNS", "Candidate", "Cooldowns", "falls_back", "generate", "stream"]
+__all__ = ["COOLDOWNS", "Attempts", "Candidate", "Cooldowns", "falls_back", "generate", "stream"]
 
 # The provider statuses after which another model may answer (SPEC section 15).
 FALLBACK_STATUSES = frozenset({401, 403, 404, 408, 429})
@@ -132,13 +132,27 @@ def _label(records: list[CallRecord], candidate: Candidate, upstream_name: str) 
     return records
 
 
-class _Attempts:
-    """The records of the candidates tried so far, and what a failure means."""
+class Attempts:
+    """What a routed call tried so far, for its caller to read while the call runs (a caller
+    cancelled meanwhile still stores them): the failed candidates' records, in order, and
+    the candidate being tried now."""
 
-    def __init__(self, cooldowns: Cooldowns) -> None:
-        self.cooldowns = cooldowns
+    def __init__(self) -> None:
         self.records: list[CallRecord] = []
+        self.current: Candidate | None = None
+
+
+class _Run:
+    """One routed call: its attempts, and what a failure means."""
+
+    def __init__(self, cooldowns: Cooldowns, attempts: Attempts | None) -> None:
+        self.cooldowns = cooldowns
+        self.attempts = attempts if attempts is not None else Attempts()
+        self.records = self.attempts.records
         self.failures, self.seconds = _settings()
+
+    def trying(self, candidate: Candidate) -> None:
+        self.attempts.current = candidate
 
     def failed(self, exc: GatewayError, candidate: Candidate, upstream_name: str, *, last: bool,
                produced: bool = False) -> bool:
@@ -160,29 +174,31 @@ class _Attempts:
 
 
 async def generate(candidates: Sequence[Candidate], *, cooldowns: Cooldowns = COOLDOWNS,
-                   **kwargs: Any) -> tuple[Completion, Candidate]:
+                   attempts: Attempts | None = None, **kwargs: Any) -> tuple[Completion, Candidate]:
     """`LlmGateway.generate()` over the candidates; the completion and the one that gave it.
-    Its `records` are every attempt's. A tool loop that already had a round answered is not
-    started again elsewhere: its failure ends the call."""
+    Its `records` are every attempt's (`attempts`, if given, follows them as they happen).
+    A tool loop that already had a round answered is not started again elsewhere: its
+    failure ends the call."""
     order = _order(candidates, cooldowns)
-    attempts = _Attempts(cooldowns)
+    run = _Run(cooldowns, attempts)
     for position, candidate in enumerate(order):
+        run.trying(candidate)
         gateway = get_gateway(candidate.upstream)
         try:
             completion = await gateway.generate(model=candidate.upstream_model, **kwargs)
         except GatewayError as exc:
             answered = any(record.status == "ok" for record in exc.records)
-            if attempts.failed(exc, candidate, gateway.upstream_name, last=position == len(order) - 1,
-                               produced=answered):
+            if run.failed(exc, candidate, gateway.upstream_name, last=position == len(order) - 1,
+                          produced=answered):
                 continue
             raise
-        completion.records = attempts.succeeded(completion.records, candidate, gateway.upstream_name)
+        completion.records = run.succeeded(completion.records, candidate, gateway.upstream_name)
         return completion, candidate
     raise AssertionError("unreachable")
 
 
 async def stream(candidates: Sequence[Candidate], *, cooldowns: Cooldowns = COOLDOWNS,
-                 **kwargs: Any) -> tuple[StreamingContext, Candidate]:
+                 attempts: Attempts | None = None, **kwargs: Any) -> tuple[StreamingContext, Candidate]:
     """`LlmGateway.stream()` over the candidates; the open stream and its candidate.
 
     With more than one candidate, a stream is handed back once its first delta arrived (in
@@ -192,9 +208,10 @@ async def stream(candidates: Sequence[Candidate], *, cooldowns: Cooldowns = COOL
     provider accepted it, as without routing (its client gets heartbeats while the model
     thinks). Its `prior_records` are then every earlier attempt's."""
     order = _order(candidates, cooldowns)
-    attempts = _Attempts(cooldowns)
+    run = _Run(cooldowns, attempts)
     for position, candidate in enumerate(order):
         last = position == len(order) - 1
+        run.trying(candidate)
         gateway = get_gateway(candidate.upstream)
         ctx: StreamingContext | None = None
         try:
@@ -202,7 +219,7 @@ async def stream(candidates: Sequence[Candidate], *, cooldowns: Cooldowns = COOL
             if len(order) > 1:
                 await ctx.prefetch()
         except GatewayError as exc:
-            if attempts.failed(exc, candidate, gateway.upstream_name, last=last):
+            if run.failed(exc, candidate, gateway.upstream_name, last=last):
                 continue
             raise
         except BaseException:
@@ -211,7 +228,7 @@ async def stream(candidates: Sequence[Candidate], *, cooldowns: Cooldowns = COOL
             raise
         # The stream's own record is labelled now; it is filled in as the stream goes.
         _label([*ctx.prior_records, ctx.record], candidate, gateway.upstream_name)
-        attempts.cooldowns.succeeded(candidate.model)
-        ctx.add_prior_records(attempts.records)
+        run.cooldowns.succeeded(candidate.model)
+        ctx.add_prior_records(list(run.records))
         return ctx, candidate
     raise AssertionError("unreachable")

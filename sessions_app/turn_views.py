@@ -264,13 +264,22 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     return _turn_body(result)
 
 
+def _cut_short(attempts: routing.Attempts, **fields) -> TurnOutcome:
+    """The outcome of a routed call stopped from outside (the client left, a stop, the time
+    limit): the failed attempts so far are stored (the one in flight left no record), and it
+    is billed at the price of the candidate being tried."""
+    current = attempts.current
+    return TurnOutcome(records=list(attempts.records), served_model=current.model if current else "", **fields)
+
+
 async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
     """A prepared non-streaming turn, from the model call to the stored result; every front
     door's plain turn. Raises PersistenceFailed; the client going away (the calling task
     cancelled) stores the turn as cancelled and re-raises."""
     executor = make_file_read_executor(prepared.user_id) if prepared.tools else None
+    attempts = routing.Attempts()
     call = asyncio.ensure_future(routing.generate(
-        prepared.candidates(), messages=prepared.messages, max_tokens=prepared.max_tokens,
+        prepared.candidates(), attempts=attempts, messages=prepared.messages, max_tokens=prepared.max_tokens,
         tools=prepared.tools, tool_executor=executor, max_tool_rounds=settings.PANTHEON_MAX_TOOL_ROUNDS,
         params=prepared.params, client_tools=prepared.client_tools,
     ))
@@ -285,7 +294,7 @@ async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
         # A provider that keeps the connection alive without answering must not hold the
         # turn forever; it had the prompt, so that is billed (an estimate).
         call.cancel()
-        outcome = TurnOutcome(status=Turn.Status.FAILED, error_code="upstream_timeout", prompt_processed=True,
+        outcome = _cut_short(attempts, status=Turn.Status.FAILED, error_code="upstream_timeout", prompt_processed=True,
                               error_message=f"The answer took longer than {settings.PANTHEON_MAX_TURN_SECONDS:g} "
                                             "seconds.")
     except asyncio.CancelledError:
@@ -295,10 +304,11 @@ async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
             # store the turn as cancelled with an estimate of the prompt.
             call.cancel()
             done_serving(prepared.turn_id)
-            in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED, prompt_processed=True)))
+            in_background(finish_turn(prepared, _cut_short(attempts, status=Turn.Status.CANCELLED,
+                                                           prompt_processed=True)))
             raise
         # Stopped with POST .../cancel: answered like any other ending.
-        outcome = TurnOutcome(status=Turn.Status.CANCELLED, prompt_processed=True)
+        outcome = _cut_short(attempts, status=Turn.Status.CANCELLED, prompt_processed=True)
     else:
         completion, served = completion
         outcome = TurnOutcome(status=Turn.Status.COMPLETED, content=completion.content, usage=completion.usage,
@@ -338,7 +348,9 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
     re-raised."""
     deadline = asyncio.get_running_loop().time() + settings.PANTHEON_MAX_TURN_SECONDS
     keeper = LeaseKeeper(prepared.turn_id).start()
-    opening = asyncio.ensure_future(routing.stream(prepared.candidates(), messages=prepared.messages,
+    attempts = routing.Attempts()
+    opening = asyncio.ensure_future(routing.stream(prepared.candidates(), attempts=attempts,
+                                                   messages=prepared.messages,
                                                    max_tokens=prepared.max_tokens, params=prepared.params,
                                                    client_tools=prepared.client_tools))
     try:
@@ -353,7 +365,10 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
         opening.cancel()
         await keeper.stop()
         exc = UpstreamTimeout(f"No model answered within {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.")
-        await _finish_shielded(prepared, TurnOutcome.from_error(exc))  # nothing was produced: free
+        # Nothing was produced: free. The attempts that failed so far are stored.
+        current = attempts.current
+        await _finish_shielded(prepared, TurnOutcome.from_error(exc, records=attempts.records,
+                                                                served_model=current.model if current else ""))
         raise exc from None
     except asyncio.CancelledError:
         if prepared.resumable:
@@ -365,7 +380,7 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
         # produced, so the cancelled turn costs nothing.
         opening.cancel()
         await keeper.stop()
-        in_background(finish_turn(prepared, TurnOutcome(status=Turn.Status.CANCELLED)))
+        in_background(finish_turn(prepared, _cut_short(attempts, status=Turn.Status.CANCELLED)))
         raise
     await keeper.stop()
     ctx, served = ctx

@@ -443,10 +443,12 @@ class TurnOutcome:
 
     @classmethod
     def from_error(cls, exc: GatewayError, *, content: str = "", status: str = Turn.Status.FAILED,
-                   served_model: str = "") -> TurnOutcome:
-        provider_model = next((r.provider_model for r in reversed(exc.records) if r.provider_model), "")
+                   served_model: str = "", records: list[CallRecord] | None = None) -> TurnOutcome:
+        """`records`: the calls made, when `exc` does not carry them (raised from outside)."""
+        records = list(exc.records) if records is None else list(records)
+        provider_model = next((r.provider_model for r in reversed(records) if r.provider_model), "")
         return cls(status=status, content=content, usage=exc.usage, provider_model=provider_model,
-                   records=list(exc.records), error_code=exc.code, error_message=exc.message,
+                   records=records, error_code=exc.code, error_message=exc.message,
                    served_model=exc.model or served_model)
 
 

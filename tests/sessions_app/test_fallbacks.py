@@ -446,3 +446,31 @@ def test_retries_and_fallbacks_stop_at_the_turn_s_time_limit(two_providers, sett
     assert time.monotonic() - started < 4.5
     turn = wait_until_closed(session=setup.session)
     assert (turn.status, turn.cost) == (Turn.Status.FAILED, 0)
+
+
+@pytest.mark.parametrize("path", ["turns", "turns/stream"])
+def test_a_client_leaving_while_the_fallback_works_keeps_the_failed_attempt_s_record(two_providers, path):
+    setup = two_providers
+    Provider.objects.filter(name="beta").update(timeout_seconds=10)
+    setup.alpha.enqueue(http_error(502, "bad gateway"))
+    setup.beta.enqueue(stalled_stream(8) if path.endswith("stream") else stalled_completion(8))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{setup.base}/api/v1/sessions/{setup.session.id}/{path}", json={"content": "Hi"},
+                   headers=setup.headers, timeout=0.7)
+    turn = wait_until_closed(session=setup.session)
+    assert (turn.status, turn.served_model) == (Turn.Status.CANCELLED, BETA)
+    events = _events(turn.id)
+    assert [(e.model, e.status, e.http_status) for e in events] == [(ALPHA, "error", 502)]
+    if path.endswith("stream"):
+        assert turn.cost == 0  # nothing was produced
+    else:  # the provider had the prompt: billed an estimate, at the served model's price
+        assert turn.usage_estimated and turn.cost == compute_cost(
+            prompt_tokens=turn.prompt_tokens, completion_tokens=0, price=ModelPrice.objects.get(model=BETA))
+
+
+def test_a_configured_fallback_whose_price_was_deleted_is_skipped(two_providers):
+    setup = two_providers
+    ModelPrice.objects.filter(model=ALPHA).update(fallbacks=["m/deleted", BETA])
+    setup.alpha.enqueue(http_error(502))
+    response = setup.turn()
+    assert response.status_code == 201 and response.json()["turn"]["served_model"] == BETA
