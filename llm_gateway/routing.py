@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import get_gateway
+from . import Upstream, get_gateway
 from .base import (
     CallRecord,
     Completion,
@@ -48,7 +48,7 @@ FALLBACK_STATUSES = frozenset({401, 403, 404, 408, 429})
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     model: str  # the caller's name of the model (the catalogue's): what cooldowns count
-    upstream: Any  # an llm_gateway.Upstream, or None for the configured provider
+    upstream: Upstream | None  # None: the provider the settings configure
     upstream_model: str  # the id sent to the provider
 
 

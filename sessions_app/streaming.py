@@ -194,7 +194,7 @@ class LiveTurn:
             self.stop()
 
     def _add(self, delta) -> None:
-        """One delta handed out (the loop in `_produce` has this inline: it runs per chunk)."""
+        """One delta handed out: kept, and the followers woken."""
         if delta.__class__ is str:
             self.parts.append(delta)
         if self.items is not self.parts:
@@ -216,12 +216,7 @@ class LiveTurn:
                 for delta in ctx.prefetched:  # read by the routing before the stream was handed out
                     self._add(delta)
                 async for delta in ctx.chunks:
-                    if delta.__class__ is str:
-                        self.parts.append(delta)
-                    if self.items is not self.parts:
-                        self.items.append(delta)
-                    if self._waiters:
-                        self._wake()
+                    self._add(delta)
             outcome = ended_outcome(ctx, Turn.Status.COMPLETED, "".join(self.parts), served)
         except TimeoutError:
             # A provider that only keeps the connection alive must not hold the turn (and

@@ -8,9 +8,7 @@ from collections import defaultdict
 from decimal import Decimal
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.db import connection
-from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -20,14 +18,6 @@ from billing_app.models import UsageRecord
 REPORT = "/admin/billing_app/usagerecord/report/"
 UTC = datetime.UTC
 D = datetime.date
-
-
-@pytest.fixture
-def staff_client(db):
-    get_user_model().objects.create_superuser("root", "root@example.com", "pw")
-    client = Client()
-    client.login(username="root", password="pw")
-    return client
 
 
 def record(user, model, when, *, cost, provider_cost=None, prompt=100, completion=50, estimated=False,
@@ -134,8 +124,8 @@ def test_margin_counts_only_the_records_the_provider_priced(alice):
     assert unpriced.provider_cost is None and unpriced.margin is None and unpriced.without_provider_cost == 1
 
 
-def test_report_page_for_staff(staff_client, spread):
-    response = staff_client.get(REPORT, {"start": "2025-03-02", "end": "2025-03-04"})
+def test_report_page_for_staff(admin_client, spread):
+    response = admin_client.get(REPORT, {"start": "2025-03-02", "end": "2025-03-04"})
     assert response.status_code == 200
     page = response.content.decode()
     assert "<title>2025-03-02 to 2025-03-04 | Usage report |" in page
@@ -154,8 +144,8 @@ def test_report_page_for_staff(staff_client, spread):
     assert "2025-03-05" not in page and "2025-03-01" not in page
 
 
-def test_report_is_linked_from_the_usage_changelist(staff_client):
-    page = staff_client.get("/admin/billing_app/usagerecord/").content.decode()
+def test_report_is_linked_from_the_usage_changelist(admin_client):
+    page = admin_client.get("/admin/billing_app/usagerecord/").content.decode()
     assert f'href="{REPORT}"' in page
 
 
@@ -173,26 +163,26 @@ def test_report_is_staff_only(client, alice):
     ({"start": "2025-03-05", "end": "2025-03-01"}, "The start date is after the end date."),
     ({"end": "9999-12-31"}, "Enter a date from 1970-01-01 to 9998-12-31."),
 ])
-def test_a_bad_date_is_a_form_error(staff_client, spread, query, error):
-    response = staff_client.get(REPORT, query)
+def test_a_bad_date_is_a_form_error(admin_client, spread, query, error):
+    response = admin_client.get(REPORT, query)
     assert response.status_code == 200
     page = response.content.decode()
     assert error in page and "Please correct the error below." in page
     assert "Showing the last 30 days instead." in page
 
 
-def test_user_filter_by_name_or_id(staff_client, spread, alice, bob):
+def test_user_filter_by_name_or_id(admin_client, spread, alice, bob):
     dates = {"start": "2025-03-01", "end": "2025-03-06"}
     expected = usage_report.usage_report(D(2025, 3, 1), D(2025, 3, 6), bob.pk).totals
     for wanted in ("bob", str(bob.pk)):
-        response = staff_client.get(REPORT, {**dates, "user": wanted})
+        response = admin_client.get(REPORT, {**dates, "user": wanted})
         assert response.context["report_user"] == bob
         assert response.context["report"].totals == expected
     assert expected.billed != usage_report.usage_report(D(2025, 3, 1), D(2025, 3, 6)).totals.billed
 
 
-def test_unknown_user_gives_an_empty_report(staff_client, spread):
-    response = staff_client.get(REPORT, {"start": "2025-03-01", "end": "2025-03-06", "user": "nobody"})
+def test_unknown_user_gives_an_empty_report(admin_client, spread):
+    response = admin_client.get(REPORT, {"start": "2025-03-01", "end": "2025-03-06", "user": "nobody"})
     assert response.status_code == 200
     page = response.content.decode()
     assert "No user “nobody”: the report is empty." in page
@@ -200,20 +190,20 @@ def test_unknown_user_gives_an_empty_report(staff_client, spread):
     assert "anthropic/claude" not in page
 
 
-def test_a_user_name_the_form_refuses_gives_an_empty_report(staff_client, spread):
-    response = staff_client.get(REPORT, {"start": "2025-03-01", "end": "2025-03-06", "user": "al\x00ice"})
+def test_a_user_name_the_form_refuses_gives_an_empty_report(admin_client, spread):
+    response = admin_client.get(REPORT, {"start": "2025-03-01", "end": "2025-03-06", "user": "al\x00ice"})
     assert response.status_code == 200
     assert "Null characters are not allowed." in response.content.decode()
     assert response.context["unknown_user"] and response.context["report"].rows == []
 
 
-def test_the_chart_shows_the_last_30_days_and_escapes_text(staff_client, make_user):
+def test_the_chart_shows_the_last_30_days_and_escapes_text(admin_client, make_user):
     evil = make_user("<b>eve</b>")
     today = timezone.localdate()
     record(evil, "<script>x</script>", timezone.now(), cost="2", provider_cost="1.5")
     record(evil, "plain/model", timezone.now() - datetime.timedelta(days=3), cost="1")
     record(evil, "too/old", timezone.now() - datetime.timedelta(days=31), cost="100")
-    page = staff_client.get(REPORT, {"user": "<b>eve</b>"}).content.decode()
+    page = admin_client.get(REPORT, {"user": "<b>eve</b>"}).content.decode()
     svg = re.search(r'<svg class="usage-chart".*?</svg>', page, re.S).group(0)
     assert svg.count('class="slot"') == 30
     assert "<script>" not in page and "<b>eve</b>" not in page
@@ -240,27 +230,27 @@ def test_chart_geometry():
     assert usage_report.chart([]).max_value == 1
 
 
-def test_on_estimate_turns_are_counted_and_linked(staff_client, alice):
+def test_on_estimate_turns_are_counted_and_linked(admin_client, alice):
     day = D(2025, 5, 1)
     record(alice, "m", at(day), cost="1", estimated=True)  # still on an estimate
     record(alice, "m", at(day), cost="1", estimated=True, reconciled=True)
     record(alice, "m", at(day), cost="1")
-    response = staff_client.get(REPORT, {"start": "2025-05-01", "end": "2025-05-01"})
+    response = admin_client.get(REPORT, {"start": "2025-05-01", "end": "2025-05-01"})
     assert response.context["report"].totals.on_estimate == 1
     turns_url = response.context["on_estimate_turns_url"]
     assert turns_url.startswith("/admin/sessions_app/turn/?")
     assert "reconciliation__in=pending%2Cunreconciled" in turns_url
-    assert staff_client.get(turns_url).status_code == 200
+    assert admin_client.get(turns_url).status_code == 200
     usage_url = response.context["on_estimate_usage_url"]
-    assert len(staff_client.get(usage_url).context["cl"].result_list) == 1
+    assert len(admin_client.get(usage_url).context["cl"].result_list) == 1
 
 
-def test_report_queries_do_not_grow_with_the_rows(staff_client, alice, bob):
+def test_report_queries_do_not_grow_with_the_rows(admin_client, alice, bob):
     now = timezone.now()
 
     def queries(**params) -> int:
         with CaptureQueriesContext(connection) as captured:
-            assert staff_client.get(REPORT, params).status_code == 200
+            assert admin_client.get(REPORT, params).status_code == 200
         return len(captured)
 
     record(alice, "one/model", now, cost="1")
@@ -273,13 +263,13 @@ def test_report_queries_do_not_grow_with_the_rows(staff_client, alice, bob):
     assert queries(user="alice") == few_for_user
 
 
-def test_report_query_budget(staff_client, alice, django_assert_max_num_queries):
+def test_report_query_budget(admin_client, alice, django_assert_max_num_queries):
     now = timezone.now()
     for i in range(200):
         record(alice, f"model/{i % 9}", now - datetime.timedelta(hours=3 * i), cost="0.25", provider_cost="0.2")
     # Session and user of the request, the user filter, the table, the chart.
     with django_assert_max_num_queries(5):
-        response = staff_client.get(REPORT, {"user": "alice"})
+        response = admin_client.get(REPORT, {"user": "alice"})
     assert response.context["report"].totals.turns == sum(
         1 for r in UsageRecord.objects.all()
         if timezone.localdate() - datetime.timedelta(days=29) <= timezone.localtime(r.created_at).date())

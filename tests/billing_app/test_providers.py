@@ -6,10 +6,8 @@ from io import StringIO
 
 import pytest
 from django.contrib import admin
-from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
-from django.test import Client
 
 from billing_app import services
 from billing_app.models import ModelPrice, Provider, UsageRecord
@@ -28,14 +26,6 @@ def run(*args) -> str:
 def priced(*models: str) -> None:
     for model in models:
         services.set_price(model=model, prompt_per_mtok=Decimal("1"), completion_per_mtok=Decimal("2"))
-
-
-@pytest.fixture
-def admin_client(db):
-    get_user_model().objects.create_superuser("root", "root@example.com", "pw")
-    client = Client()
-    client.login(username="root", password="pw")
-    return client
 
 
 @pytest.fixture
