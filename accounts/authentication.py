@@ -34,8 +34,10 @@ def request_key_hash(request) -> str | None:
     return hash_key(raw) if raw else ""
 
 
-def user_for_key(raw_key: str):
-    """The active user owning an unrevoked key, or None."""
+def key_for_raw(raw_key: str) -> ApiKey | None:
+    """The key, neither revoked nor expired, of an active user (its `user` loaded), or None;
+    records its use. Read from the database on every request, so a revoked key stops
+    working at once on every worker."""
     if not raw_key:
         return None
     key = ApiKey.objects.active().select_related("user").filter(key_hash=hash_key(raw_key)).first()
@@ -44,18 +46,29 @@ def user_for_key(raw_key: str):
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
-    return key.user
+        key.last_used_at = now
+    return key
+
+
+def user_for_key(raw_key: str):
+    """The active user owning a key neither revoked nor expired, or None."""
+    key = key_for_raw(raw_key)
+    return key.user if key is not None else None
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
+    """`Authorization: Bearer <key>`: `request.user` is the key's user and `request.auth`
+    the ApiKey row (its limits; `is_restricted`). A browser session's `request.auth` is None."""
+
     def authenticate(self, request):
         raw = parse_bearer(request.META.get("HTTP_AUTHORIZATION", ""))
         if raw is None:
             return None  # let session authentication try
-        user = user_for_key(raw)
-        if user is None:
+        key = key_for_raw(raw)
+        if key is None:
+            # Revoked, expired and unknown keys answer alike: the same 401.
             raise exceptions.AuthenticationFailed("Invalid or revoked API key.")
-        return (user, None)
+        return (key.user, key)
 
     def authenticate_header(self, request) -> str:
         # Makes DRF answer 401 (with WWW-Authenticate), not 403, when no credentials came.

@@ -14,6 +14,7 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
             "type": "http",
             "scheme": "bearer",
             "description": "An API key: `Authorization: Bearer <key>`. Keys are made with "
-                           "`manage.py create_api_key USERNAME` (or in the admin), shown once, and "
-                           "can be revoked in the admin.",
+                           "`POST /api/v1/keys` (or the chat page's keys panel, `manage.py create_api_key`, "
+                           "the admin), shown once, may carry limits (SPEC section 16), and are revoked "
+                           "with `DELETE /api/v1/keys/{id}` (or in the admin).",
         }

@@ -135,7 +135,11 @@ for i in range({users}):
     user = get_user_model().objects.create_user(username=f"bench{{i}}")
     services.grant(user_id=user.pk, amount=Decimal("1000"))
     _, key = ApiKey.issue(user=user)
-    out.append((key, str(ChatSession.objects.create(user=user, model="bench/1s").pk)))
+    # A second key with every limit (none binding): what admitting a turn under limits costs.
+    limited, raw_limited = ApiKey.issue(user=user, name="limited")
+    ApiKey.objects.filter(pk=limited.pk).update(rpm=10**6, tpm=10**9, max_parallel=10**5,
+                                                 budget=Decimal("1000"), budget_period="day")
+    out.append((key, str(ChatSession.objects.create(user=user, model="bench/1s").pk), raw_limited))
 print(json.dumps(out))
 """
     done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env={**os.environ, **env}, check=True,
@@ -273,10 +277,10 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
     def upstream_body(model: str) -> dict:
         return {"model": model, "stream": True, "messages": [{"role": "user", "content": "bench"}]}
 
-    def pantheon_request(user: int, model: str) -> tuple[Front, bytes]:
-        key, session_id = users[user]
+    def pantheon_request(user: int, model: str, *, limited: bool = False) -> tuple[Front, bytes]:
+        key, session_id, limited_key = users[user]
         front = pantheon_front(session_id)
-        return front, front.request({"content": "bench", "model": model}, key)
+        return front, front.request({"content": "bench", "model": model}, limited_key if limited else key)
 
     # The OpenAI-compatible front door (SPEC section 14): the same turn, OpenAI's chunks.
     facade = Front("Pantheon, OpenAI API", pantheon_port, "/v1/chat/completions", b'"delta":{"content":"')
@@ -293,12 +297,15 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
         await stream_once(*facade_request(user, "bench/instant"))
 
     # Sequential, interleaved: the added latency over the provider itself.
-    rows: dict[str, list[Result]] = {"provider, direct": [], "bare relay": [], "Pantheon": [], "OpenAI API": []}
+    rows: dict[str, list[Result]] = {"provider, direct": [], "bare relay": [], "Pantheon": [], "OpenAI API": [],
+                                     "limited key": []}
     for i in range(1 if args.load_only else args.sequential):
         rows["provider, direct"].append(await stream_once(direct, direct.request(upstream_body("bench/instant"))))
         rows["bare relay"].append(await stream_once(relay, relay.request(upstream_body("bench/instant"))))
         rows["Pantheon"].append(await stream_once(*pantheon_request(i % len(users), "bench/instant")))
         rows["OpenAI API"].append(await stream_once(*facade_request(i % len(users), "bench/instant")))
+        rows["limited key"].append(await stream_once(*pantheon_request(i % len(users), "bench/instant",
+                                                                        limited=True)))
     base_ttfc = statistics.median(r.ttfc for r in rows["provider, direct"])
     base_total = statistics.median(r.total for r in rows["provider, direct"])
     added = {name: (statistics.median(r.ttfc for r in results) - base_ttfc,
@@ -307,7 +314,7 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
     print(f"\nSequential, {args.sequential} interleaved rounds (a 20-piece answer streamed at once)")
     print(f"  provider direct: TTFC p50 {base_ttfc * 1000:.1f} ms, total p50 {base_total * 1000:.1f} ms")
     print(f"  {'front door':<12} {'added TTFC p50':>15} {'added total p50':>16}  failures")
-    for name in ("bare relay", "Pantheon", "OpenAI API"):
+    for name in ("bare relay", "Pantheon", "OpenAI API", "limited key"):
         failures = sum(not r.ok for r in rows[name])
         print(f"  {name:<12} {added[name][0] * 1000:>12.1f} ms {added[name][1] * 1000:>13.1f} ms  {failures}")
 
@@ -334,6 +341,8 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
     await measured("Pantheon, 20 users", pantheon_pid,
                    [pantheon_request(i % len(users), "bench/1s") for i in range(n)])
     await measured("Pantheon, 1 user", pantheon_pid, [pantheon_request(0, "bench/1s") for _ in range(n)])
+    await measured("limited keys, 20 users", pantheon_pid,
+                   [pantheon_request(i % len(users), "bench/1s", limited=True) for i in range(n)])
     print(f"\n{n} concurrent one-second streams")
     print(f"  {'front door':<20} {'wall':>7} {'TTFC p50':>9} {'TTFC p99':>9} {'CPU/stream':>11} "
           f"{'of it, loop':>11}  failures")

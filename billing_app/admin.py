@@ -12,8 +12,12 @@ from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 
-from billing_app import services, usage_report
+from accounts.models import ApiKey
+from billing_app import selectors, services, usage_report
 from billing_app.models import CreditHold, LedgerEntry, ModelPrice, Provider, UsageRecord, Wallet
+from core.money import format_money
+
+LIMIT_FIELDS = ["rpm", "tpm", "max_parallel", "budget", "budget_period", "allowed_models", "expires_at"]
 
 
 class ReadOnlyAdminMixin:
@@ -321,3 +325,128 @@ class UsageRecordAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         if user_id is not None:
             query["user__id__exact"] = user_id
         return f"{url}?{urlencode(query)}"
+
+
+# --- API keys (accounts.ApiKey; here because it shows what each key spent) -----------------
+
+class AllowedModelsField(FallbacksField):
+    """A key's allow-list as "m1, m2"; blank is no allow-list (any model), not an empty one."""
+
+    def to_python(self, value) -> list[str] | None:
+        return list(dict.fromkeys(super().to_python(value))) or None
+
+
+class ApiKeyForm(forms.ModelForm):
+    allowed_models = AllowedModelsField(
+        required=False, label="Models", widget=forms.TextInput(attrs={"size": 60}),
+        help_text="The only catalogue models this key may use, comma-separated: m1, m2. Blank: any priced model.")
+
+    class Meta:
+        model = ApiKey
+        fields = ["user", "name", *LIMIT_FIELDS]
+
+    def clean_allowed_models(self):
+        names = self.cleaned_data.get("allowed_models")
+        if names:
+            unknown = set(names) - set(ModelPrice.objects.filter(model__in=names).values_list("model", flat=True))
+            if unknown:
+                raise forms.ValidationError(f"Not in the catalogue: {', '.join(sorted(unknown))}.")
+        return names
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys: made here (the key shown once, in the answer to the POST), their limits edited,
+    revoked by the action. The key itself and its hash are never shown."""
+
+    form = ApiKeyForm
+    list_display = ["prefix", "name", "user", "created_at", "last_used_at", "expires_at", "revoked_at",
+                    "limits", "spent_this_period", "turn_count"]
+    list_filter = ["revoked_at", "budget_period"]
+    list_select_related = ["user"]
+    search_fields = ["user__username", "name", "prefix"]
+    ordering = ["-created_at"]
+    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at", "spent_this_period", "turn_count"]
+    actions = ["revoke"]
+    limits_fieldset = ("Limits", {
+        "fields": LIMIT_FIELDS,
+        "description": "Blank: no limit. A budget needs its period. Enforced in every turn's preflight, exactly "
+                       "across workers (SPEC section 16); a key with any of these cannot manage keys.",
+    })
+
+    def get_fieldsets(self, request, obj=None):
+        if obj is None:
+            return [(None, {"fields": ["user", "name"]}), self.limits_fieldset]
+        return [(None, {"fields": ["user", "name", "prefix", "created_at", "last_used_at", "revoked_at"]}),
+                self.limits_fieldset,
+                ("Use", {"fields": ["spent_this_period", "turn_count"]})]
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(self.readonly_fields)
+        return fields + ["user"] if obj is not None else fields
+
+    def get_queryset(self, request):
+        keys = super().get_queryset(request).annotate(turn_total=Count("turns"))
+        return selectors.with_spend_this_period(keys, timezone.now())
+
+    @admin.display(description="limits")
+    def limits(self, obj: ApiKey) -> str:
+        parts = [f"{obj.rpm} rpm" if obj.rpm is not None else "",
+                 f"{obj.tpm} tpm" if obj.tpm is not None else "",
+                 f"{obj.max_parallel} parallel" if obj.max_parallel is not None else "",
+                 f"{obj.budget:f}/{obj.budget_period}" if obj.budget is not None else "",
+                 f"models: {', '.join(obj.allowed_models)}" if obj.allowed_models is not None else ""]
+        return "; ".join(part for part in parts if part) or "-"
+
+    @admin.display(description="spent this period", ordering="spent_this_period")
+    def spent_this_period(self, obj: ApiKey) -> str:
+        """In the key's budget period; without a budget, since 00:00 UTC."""
+        spent = getattr(obj, "spent_this_period", None)  # absent on a row not read through get_queryset
+        if spent is None:
+            spent = selectors.key_spend_this_period(obj, timezone.now())
+        period = obj.budget_period if obj.budget is not None else "today (UTC)"
+        return f"{format_money(spent)} ({period})"
+
+    @admin.display(description="turns", ordering="turn_total")
+    def turn_count(self, obj: ApiKey) -> int:
+        total = getattr(obj, "turn_total", None)
+        return total if total is not None else obj.turns.count()
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            # Only what the form changed: a revoke racing this edit is not undone.
+            changed = [field for field in form.changed_data if field in ("name", *LIMIT_FIELDS)]
+            if changed:
+                obj.save(update_fields=changed)
+            return
+        key, raw = ApiKey.issue(user=obj.user, name=obj.name)
+        limits = {field: getattr(obj, field) for field in LIMIT_FIELDS}
+        ApiKey.objects.filter(pk=key.pk).update(**limits)
+        obj.pk, obj.prefix, obj.key_hash, obj.created_at = key.pk, key.prefix, key.key_hash, key.created_at
+        obj._state.adding = False
+        # Kept in this request's memory only, for response_add: the key is stored as a hash.
+        obj._issued = (obj, raw)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        """The only time a key is ever shown: in the answer to the POST that created it.
+        Not through a redirect and a message, which would carry it in the messages cookie
+        (signed, not encrypted); admin pages are sent `Cache-Control: no-store`."""
+        issued = getattr(obj, "_issued", None)
+        if issued is None:
+            return super().response_add(request, obj, post_url_continue)
+        key, raw = issued
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "New API key",
+            "opts": self.opts,
+            "api_key": key,
+            "raw_key": raw,
+        }
+        return TemplateResponse(request, "admin/accounts/apikey/key_created.html", context)
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request, queryset):
+        # By id: the changelist's rows carry annotations an UPDATE cannot take.
+        selected = list(queryset.values_list("pk", flat=True))
+        count = ApiKey.objects.filter(pk__in=selected, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {count} key(s).")

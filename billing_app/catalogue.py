@@ -1,8 +1,8 @@
 """The catalogue's routes (SPEC section 15): which models a turn may be served by, where each
 is served, and the price a turn holds for.
 
-    candidates()    the model asked for, then the request's `models` or else its configured
-                    fallbacks, each priced (else UnknownModel naming the first that is not)
+    candidates()    the model asked for, then the request's `models` (each priced, else
+                    UnknownModel) or else its configured fallbacks (an unpriced one skipped)
     dearest()       a price no candidate exceeds: the hold and the `max_tokens` cap stand on it
     upstream_of()   a provider row as the gateway's `Upstream` (None: the configured provider)
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from decimal import Decimal
 
 from billing_app.models import MAX_FALLBACKS, ModelPrice, Provider
@@ -39,8 +39,8 @@ class Route:
 
 
 def upstream_of(provider: Provider | None) -> Upstream | None:
-    """The gateway's view of a provider row: the key read from its environment variable now
-    (a changed environment needs a restart anyway), or the one stored."""
+    """The gateway's view of a provider row: the key read from its environment variable (at
+    each turn: the process's environment, so a new key takes a restart), or the one stored."""
     if provider is None:
         return None
     key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else provider.api_key
@@ -59,12 +59,17 @@ def candidate_names(primary: ModelPrice, requested: Sequence[str] | None) -> lis
     return list(dict.fromkeys([primary.model, *rest]))
 
 
-def candidates(primary: ModelPrice, requested: Sequence[str] | None = None) -> list[Route]:
+def candidates(primary: ModelPrice, requested: Sequence[str] | None = None, *,
+               allowed: Collection[str] | None = None) -> list[Route]:
     """Every candidate's route, in order (one more read only when there is more than one).
     Raises UnknownModel for a model of the request's list that is not priced; a configured
     fallback that is not (its price was deleted since) is skipped, and logged: the
-    operator's slip must not refuse the user's turn."""
+    operator's slip must not refuse the user's turn. `allowed` (an API key's allow-list,
+    SPEC section 16): configured fallbacks outside it are skipped (the caller has checked
+    the models the request named)."""
     names = candidate_names(primary, requested)
+    if allowed is not None and requested is None:
+        names = [names[0], *(name for name in names[1:] if name in allowed)]
     others = {price.model: price for price in
               ModelPrice.objects.select_related("provider").filter(model__in=names[1:])} if names[1:] else {}
     routes = [route_of(primary)]

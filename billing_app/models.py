@@ -196,6 +196,8 @@ class UsageRecord(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records")
     session_id = models.UUIDField(db_index=True)
     turn_id = models.UUIDField(unique=True)
+    # The API key that made the turn (none: the browser session); plain, like the turn's id.
+    api_key_id = models.UUIDField(null=True, blank=True)
     model = models.CharField(max_length=200)  # the model asked for
     # The catalogue model that answered, billed at its price (SPEC section 15).
     served_model = models.CharField(max_length=200, blank=True)
@@ -212,7 +214,8 @@ class UsageRecord(models.Model):
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
-        indexes = [models.Index(fields=["user", "-created_at"], name="usage_user_idx")]
+        indexes = [models.Index(fields=["user", "-created_at"], name="usage_user_idx"),
+                   models.Index(fields=["api_key_id", "-created_at"], name="usage_key_idx")]
 
     def __str__(self) -> str:
         return f"{self.model}: {self.total_tokens} tokens"

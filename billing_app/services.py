@@ -46,6 +46,13 @@ class InsufficientCredits(BillingError):
         self.available, self.needed = available, needed
 
 
+class KeyBudgetExceeded(InsufficientCredits):
+    """A 402 of the API key's budget (SPEC section 16): the wallet could pay, the key may not.
+    `available` is what the budget still allows."""
+
+    code = "key_budget_exceeded"
+
+
 class UnknownModel(BillingError):
     code = "unknown_model"
 
@@ -226,7 +233,7 @@ def _size_hold(available: Decimal, *, price: ModelPrice, prompt_tokens: int, cap
 
 def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
          max_tokens: int | None = None, rounds: int = 1, price: ModelPrice | None = None,
-         wallet: tuple[Decimal, Decimal] | None = None) -> HoldDecision:
+         wallet: tuple[Decimal, Decimal] | None = None, budget_left: Decimal | None = None) -> HoldDecision:
     """The credit preflight: reserve the most this turn can cost, or refuse with 402.
 
     `prompt_tokens` is a conservative estimate of every prompt the turn sends (all tool
@@ -240,6 +247,11 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     lock. So the row is locked only from that UPDATE to the commit, never across a read.
     The hold counts against `available` until its turn settles (see `settle`): it has no
     clock of its own; the turn's lease, which the sweep enforces, is its expiry.
+
+    `budget_left`: what the API key's budget still allows (SPEC section 16; the caller holds
+    the key's row lock, so it stays true until the commit): the hold is sized to the smaller
+    of it and the wallet's available credits. Refused by the budget alone (the wallet could
+    pay): KeyBudgetExceeded; by both: InsufficientCredits.
     """
     price = price or get_price(model)
     cap = min(max_tokens or settings.PANTHEON_MAX_OUTPUT_TOKENS, settings.PANTHEON_MAX_OUTPUT_TOKENS)
@@ -253,9 +265,17 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
             if locked:  # a concurrent turn took credits since the snapshot: size again, locked
                 snapshot = wallet_snapshot(user_id, lock=True)
             balance, held = snapshot or (Decimal(0), Decimal(0))
-            sized = _size_hold(balance - held, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
+            available = balance - held
+            limit = available if budget_left is None else min(available, budget_left)
+            sized = _size_hold(limit, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
                                rounds=rounds)
             if isinstance(sized, InsufficientCredits):
+                if limit < available and not isinstance(_size_hold(
+                        available, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
+                        rounds=rounds), InsufficientCredits):
+                    raise KeyBudgetExceeded(
+                        f"This key's budget allows {format_money(limit)} more credits; this turn needs "
+                        f"{format_money(sized.needed)}.", available=limit, needed=sized.needed)
                 raise sized
             granted, amount = sized
             reserved = sql.fetch_one(_RESERVE, {"amount": amount, "now": sql.value(Wallet, "updated_at", now),

@@ -1,5 +1,6 @@
 import uuid
 
+from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import generics
@@ -7,6 +8,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.models import ApiKey
 from billing_app import selectors
 from billing_app.models import LedgerEntry, ModelPrice, UsageRecord
 from billing_app.serializers import (
@@ -50,9 +52,12 @@ class LedgerView(generics.ListAPIView):
 
 @extend_schema_view(get=extend_schema(
     operation_id="usage_list", tags=["usage"],
-    parameters=[OpenApiParameter("session", OpenApiTypes.UUID, description="Only this session's usage.")],
+    parameters=[OpenApiParameter("session", OpenApiTypes.UUID, description="Only this session's usage."),
+                OpenApiParameter("key", OpenApiTypes.UUID, description="Only the usage of this API key of yours "
+                                                                       "(revoked ones too).")],
     responses={200: UsageRecordSerializer(many=True),
-               **errors((400, "`session` is not a UUID (`invalid_session`)."), 401, (404, "No such page."))},
+               **errors((400, "`session` or `key` is not a UUID (`invalid_session`, `invalid_key`)."), 401,
+                        (404, "No such page, or `key` is not one of your keys."))},
 ))
 class UsageView(generics.ListAPIView):
     serializer_class = UsageRecordSerializer
@@ -65,4 +70,13 @@ class UsageView(generics.ListAPIView):
                 qs = qs.filter(session_id=uuid.UUID(session))
             except ValueError:
                 raise ApiError(400, "invalid_session", "session must be a session id (UUID).") from None
+        key = self.request.query_params.get("key")
+        if key is not None:
+            try:
+                key_id = uuid.UUID(key)
+            except ValueError:
+                raise ApiError(400, "invalid_key", "key must be an API key id (UUID).") from None
+            if not ApiKey.objects.filter(pk=key_id, user=self.request.user).exists():
+                raise Http404  # another user's key answers like a missing one
+            qs = qs.filter(api_key_id=key_id)
         return qs

@@ -1,5 +1,6 @@
 from django.urls import path
 
+from billing_app import key_views
 from billing_app import views as billing
 from core.schema import documented
 from files_app import views as files
@@ -11,6 +12,8 @@ urlpatterns = [
     path("wallet", billing.WalletView.as_view(), name="wallet"),
     path("wallet/ledger", billing.LedgerView.as_view(), name="ledger"),
     path("usage", billing.UsageView.as_view(), name="usage"),
+    path("keys", key_views.KeyListCreateView.as_view(), name="keys"),
+    path("keys/<uuid:key_id>", key_views.KeyDetailView.as_view(), name="key-detail"),
     path("sessions", sessions.SessionListCreateView.as_view(), name="sessions"),
     path("sessions/<uuid:session_id>", sessions.SessionDetailView.as_view(), name="session-detail"),
     path("sessions/<uuid:session_id>/messages", sessions.SessionMessagesView.as_view(), name="session-messages"),

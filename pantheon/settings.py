@@ -232,6 +232,9 @@ PANTHEON_RECONCILE_DELAY_SECONDS = env_float("PANTHEON_RECONCILE_DELAY_SECONDS",
 # process) while another candidate remains.
 PANTHEON_COOLDOWN_FAILURES = env_int("PANTHEON_COOLDOWN_FAILURES", 3, minimum=1)
 PANTHEON_COOLDOWN_SECONDS = env_float("PANTHEON_COOLDOWN_SECONDS", 30.0, minimum=0)
+# SPEC section 16: limits per user across all their keys and their browser login (0 or unset: none).
+PANTHEON_USER_RPM = env_int("PANTHEON_USER_RPM", 0, minimum=0) or None
+PANTHEON_USER_MAX_PARALLEL = env_int("PANTHEON_USER_MAX_PARALLEL", 0, minimum=0) or None
 PANTHEON_MAX_MESSAGE_CHARS = env_int("PANTHEON_MAX_MESSAGE_CHARS", 32000, minimum=1)
 PANTHEON_CONTEXT_BUDGET_TOKENS = env_int("PANTHEON_CONTEXT_BUDGET_TOKENS", 8000, minimum=1)
 PANTHEON_MAX_TOOL_ROUNDS = env_int("PANTHEON_MAX_TOOL_ROUNDS", 4, minimum=1)

@@ -52,6 +52,9 @@ class Turn(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="turns")
+    # The API key that made it (none: the browser session); its limits count its turns.
+    api_key = models.ForeignKey("accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="turns")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     model = models.CharField(max_length=200)  # the model asked for
     # The catalogue model that answered (a fallback's, SPEC section 15; for a failed turn the
@@ -94,6 +97,8 @@ class Turn(models.Model):
             models.Index(fields=["session", "-created_at"], name="turn_session_idx"),
             # The sweep's question: which running turns' leases lapsed?
             models.Index(fields=["lease_until"], condition=Q(status="running"), name="turn_running_lease_idx"),
+            # A key's limits (sessions_app.limits): its recent and running turns.
+            models.Index(fields=["api_key", "created_at"], name="turn_key_idx"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(cost__gte=0), name="turn_cost_not_negative"),

@@ -32,7 +32,7 @@ from sessions_app import openai_format as fmt
 from sessions_app.live_turn import PersistenceFailed, start_turn
 from sessions_app.models import ChatSession, Turn
 from sessions_app.streaming import Heartbeat, LiveTurn, TurnStreamResponse
-from sessions_app.turn_views import ended_result, idempotency, open_live_turn, run_plain_turn
+from sessions_app.turn_views import ended_result, idempotency, open_live_turn, run_plain_turn, with_headers
 from sessions_app.turns import (
     AlreadyRequested,
     PreparedTurn,
@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 _REJECTIONS = {
     "unknown_model": (404, "model_not_found"),
     "insufficient_credits": (402, "insufficient_credits"),
+    "key_budget_exceeded": (402, "key_budget_exceeded"),
+    "rate_limited": (429, "rate_limited"),
+    "model_not_allowed": (403, "model_not_allowed"),
     "idempotency_key_reused": (422, "idempotency_key_reused"),
     "not_found": (404, "not_found"),
 }
@@ -67,8 +70,8 @@ def _error(error: fmt.OpenAIError) -> JsonResponse:
 
 def _rejected(exc: TurnRejected) -> fmt.OpenAIError:
     status, code = _REJECTIONS.get(exc.code, (400, exc.code))
-    param = "model" if code == "model_not_found" else None
-    return fmt.OpenAIError(status, code, exc.detail, param)
+    param = "model" if code in ("model_not_found", "model_not_allowed") else None
+    return fmt.OpenAIError(status, code, exc.detail, param, headers=exc.headers)
 
 
 def _key(request: HttpRequest) -> ApiKey:
@@ -204,6 +207,11 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             response["X-Pantheon-Turn-Id"] = str(result.turn.id)
             return response
         return _completion(result)
+    return with_headers(await _answer(chat, turn), turn.rate_headers)
+
+
+async def _answer(chat: fmt.ChatRequest, turn: PreparedTurn) -> HttpResponse:
+    """The answer of a new call, streamed or not."""
     if not chat.stream:
         try:
             return _completion(await run_plain_turn(turn))
@@ -307,8 +315,11 @@ async def _stored_chunks(result: TurnResult, include_usage: bool) -> AsyncGenera
 
 @db_call
 def _models(request: HttpRequest) -> dict:
-    _key(request)
-    prices = list(ModelPrice.objects.order_by("model").values_list("model", "updated_at"))
+    key = _key(request)
+    prices = ModelPrice.objects.order_by("model")
+    if key.allowed_models is not None:  # SPEC section 16: only what the key may use
+        prices = prices.filter(model__in=key.allowed_models)
+    prices = list(prices.values_list("model", "updated_at"))
     created = int(min((updated for _, updated in prices), default=timezone.now()).timestamp())
     return fmt.models_list([model for model, _ in prices], created)
 

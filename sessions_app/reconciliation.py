@@ -117,7 +117,8 @@ def reconcile_turn(turn_id: uuid.UUID, *, gateway: LlmGateway | None = None) -> 
         LlmEvent.objects.bulk_update([e for e in events if e.generation_id],
                                      ["prompt_tokens", "completion_tokens", "provider_cost"])
         UsageRecord.objects.update_or_create(turn_id=turn.id, defaults={
-            "user_id": turn.user_id, "session_id": turn.session_id, "model": turn.model, "served_model": served,
+            "user_id": turn.user_id, "session_id": turn.session_id, "api_key_id": turn.api_key_id,
+            "model": turn.model, "served_model": served,
             "provider_model": turn.provider_model, "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
             "estimated": False, "reconciled": True, "cost": cost, "provider_cost": provider_cost,

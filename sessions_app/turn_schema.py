@@ -107,13 +107,19 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 
 _PREFLIGHT_ERRORS = errors(
     (400, "Invalid body or header; `code` names the problem (`invalid_json`, `invalid_body`, `invalid_content`, "
-          "`empty_content`, `content_too_long`, `invalid_text`, `invalid_model`, `unknown_model`, "
-          "`invalid_tools_enabled`, `invalid_max_tokens`, `invalid_resumable`, `invalid_idempotency_key`)."),
+          "`empty_content`, `content_too_long`, `invalid_text`, `invalid_model`, `invalid_models`, "
+          "`unknown_model`, `invalid_tools_enabled`, `invalid_max_tokens`, `invalid_resumable`, "
+          "`invalid_idempotency_key`)."),
     401,
-    403,
+    (403, "The API key's allow-list excludes a model the request names (`model_not_allowed`), or the CSRF check "
+          "failed (`csrf_failed`)."),
     (404, "No such session, or not yours (`not_found`)."),
-) | errors((402, "Not enough credits for a useful answer (`insufficient_credits`), with what the turn needs at "
-                 "least and what is available."), body=CreditErrorSerializer)
+    (429, "A limit of the API key or of the user (`rate_limited`: rpm, tpm, max_parallel; SPEC section 16), with "
+          "`Retry-After` in seconds. Keys with an rpm (tpm) also get `x-ratelimit-*-requests` "
+          "(`-tokens`) headers on every turn answer."),
+) | errors((402, "Not enough credits for a useful answer (`insufficient_credits`), or the API key's budget is "
+                 "spent (`key_budget_exceeded`), with what the turn needs at least and what is available."),
+           body=CreditErrorSerializer)
 _PROVIDER_ERRORS = {
     **errors(502, 504, body=TurnErrorSerializer),
     **errors((503, "The database is briefly unavailable (`database_unavailable`; nothing was held or stored), or "

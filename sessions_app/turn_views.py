@@ -64,9 +64,17 @@ _list_turns = db_call(SessionTurnsView.as_view())
 
 # Refusals that are not a plain 400.
 REJECTION_STATUS = {"not_found": 404, "insufficient_credits": 402, "tools_not_supported_in_stream": 422,
-                    "idempotency_key_reused": 422}
+                    "idempotency_key_reused": 422, "key_budget_exceeded": 402, "rate_limited": 429,
+                    "model_not_allowed": 403}
 # How often a repeated non-streaming request looks whether the first one's turn ended.
 REPEAT_POLL_SECONDS = 0.2
+
+
+def with_headers(response: HttpResponse, headers: dict[str, str]) -> HttpResponse:
+    """`response` with `headers` (a key's `x-ratelimit-*`, SPEC section 16) set on it."""
+    for name, value in headers.items():
+        response[name] = value
+    return response
 
 
 def _refuse_unstorable(name: str, value: str) -> None:
@@ -186,7 +194,8 @@ async def _prepare(request: HttpRequest, session_id: uuid.UUID, *,
     except AuthFailure as exc:
         return exc.response()
     except TurnRejected as exc:
-        return error_response(REJECTION_STATUS.get(exc.code, 400), exc.code, exc.detail, **exc.extra)
+        return with_headers(error_response(REJECTION_STATUS.get(exc.code, 400), exc.code, exc.detail, **exc.extra),
+                            exc.headers)
     except (OperationalError, InterfaceError):
         # The database is unreachable (or the pool exhausted): nothing was held or stored.
         logger.exception("turn preflight: the database is unavailable")
@@ -259,9 +268,9 @@ async def turns(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     try:
         result = await run_plain_turn(prepared)
     except PersistenceFailed:
-        return _persistence_failure(prepared.turn_id)
+        return with_headers(_persistence_failure(prepared.turn_id), prepared.rate_headers)
     # What is returned is what was stored (if the turn was closed elsewhere meanwhile, that).
-    return _turn_body(result)
+    return with_headers(_turn_body(result), prepared.rate_headers)
 
 
 def _cut_short(attempts: routing.Attempts, **fields) -> TurnOutcome:
@@ -287,7 +296,7 @@ async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
     keeper = LeaseKeeper(prepared.turn_id, on_cancel=call.cancel).start()
     try:
         async with asyncio.timeout(settings.PANTHEON_MAX_TURN_SECONDS):
-            completion = await asyncio.shield(call)
+            completion, served = await asyncio.shield(call)
     except GatewayError as exc:
         outcome = TurnOutcome.from_error(exc)
     except TimeoutError:
@@ -310,7 +319,6 @@ async def run_plain_turn(prepared: PreparedTurn) -> TurnResult:
         # Stopped with POST .../cancel: answered like any other ending.
         outcome = _cut_short(attempts, status=Turn.Status.CANCELLED, prompt_processed=True)
     else:
-        completion, served = completion
         outcome = TurnOutcome(status=Turn.Status.COMPLETED, content=completion.content, usage=completion.usage,
                               provider_model=completion.provider_model, records=completion.records,
                               tool_messages=completion.tool_messages, finish_reason=completion.finish_reason,
@@ -333,10 +341,10 @@ async def stream_turn(request: HttpRequest, session_id: uuid.UUID) -> HttpRespon
     try:
         live = await open_live_turn(prepared)
     except PersistenceFailed:
-        return _persistence_failure(prepared.turn_id)
+        return with_headers(_persistence_failure(prepared.turn_id), prepared.rate_headers)
     except GatewayError as exc:
-        return _upstream_failure(exc, prepared.turn_id)
-    return stream_response(live)
+        return with_headers(_upstream_failure(exc, prepared.turn_id), prepared.rate_headers)
+    return with_headers(stream_response(live), prepared.rate_headers)
 
 
 async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
@@ -356,7 +364,7 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
     try:
         # Retries and fallbacks included, no longer than a whole turn may take (SPEC 15).
         async with asyncio.timeout_at(deadline):
-            ctx = await asyncio.shield(opening)
+            ctx, served = await asyncio.shield(opening)
     except GatewayError as exc:
         await keeper.stop()
         await _finish_shielded(prepared, TurnOutcome.from_error(exc))
@@ -365,10 +373,9 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
         opening.cancel()
         await keeper.stop()
         exc = UpstreamTimeout(f"No model answered within {settings.PANTHEON_MAX_TURN_SECONDS:g} seconds.")
-        # Nothing was produced: free. The attempts that failed so far are stored.
-        current = attempts.current
-        await _finish_shielded(prepared, TurnOutcome.from_error(exc, records=attempts.records,
-                                                                served_model=current.model if current else ""))
+        # Nothing was produced: free.
+        await _finish_shielded(prepared, _cut_short(attempts, status=Turn.Status.FAILED, error_code=exc.code,
+                                                    error_message=exc.message))
         raise exc from None
     except asyncio.CancelledError:
         if prepared.resumable:
@@ -383,7 +390,6 @@ async def open_live_turn(prepared: PreparedTurn) -> LiveTurn:
         in_background(finish_turn(prepared, _cut_short(attempts, status=Turn.Status.CANCELLED)))
         raise
     await keeper.stop()
-    ctx, served = ctx
     return LiveTurn(prepared, ctx, deadline=deadline, resumable=prepared.resumable, served_model=served.model).begin()
 
 

@@ -45,7 +45,7 @@ from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
 from llm_gateway import CallRecord, ChatMessage, GatewayError, ToolCall, Usage
 from llm_gateway.routing import Candidate
 from llm_gateway.tokens import estimate_prompt_tokens
-from sessions_app import metrics
+from sessions_app import limits, metrics
 from sessions_app.models import ChatSession, IdempotencyKey, LlmEvent, Message, Turn
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,12 @@ class TurnRejected(Exception):
     `code` says why (`not_found`, `insufficient_credits`, `unknown_model`, ...); the view
     layer maps it to a status."""
 
-    def __init__(self, code: str, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, code: str, detail: str, *, extra: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.code, self.detail = code, detail
         self.extra = extra or {}  # more fields for the error body (a 402's amounts)
+        self.headers = headers or {}  # for the answer (a 429's Retry-After and x-ratelimit-*)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Preflight:
     price: ModelPrice | None
     wallet: tuple[Decimal, Decimal] | None  # (balance, held)
     history: list[tuple[str, str]]  # (role, content), newest first
+    key: limits.KeyLimits | None = None  # the API key that asks, and its limits (SPEC section 16)
 
 
 @functools.cache
@@ -116,16 +119,23 @@ def _preflight_sql(by_key: bool, vendor: str, api_session: bool = False) -> str:
     joins = (f"LEFT JOIN {session} s ON {which} AND s.user_id = u.id "
              f"LEFT JOIN {price} p ON p.model = COALESCE(%(model)s, s.model) "
              f"LEFT JOIN {wallet} w ON w.user_id = u.id "
-             f"LEFT JOIN {provider} pr ON pr.id = p.provider_id ")
+             f"LEFT JOIN {provider} pr ON pr.id = p.{sql.column(ModelPrice, 'provider')} ")
     columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, "
                "p.id, p.model, p.prompt_price_per_mtok, p.completion_price_per_mtok, w.balance, w.held, "
                "p.upstream_model, p.fallbacks, pr.id, pr.name, pr.base_url, pr.api_key_env, pr.api_key, "
-               "pr.timeout_seconds ")
+               "pr.timeout_seconds, {limit_columns} ")
     if by_key:
-        return (columns.format(key_columns="k.id, (k.last_used_at IS NULL OR k.last_used_at < %(stale)s)")
+        limit_columns = ", ".join(f"k.{sql.column(ApiKey, name)}" for name in _KEY_LIMITS)
+        return (columns.format(key_columns="k.id, (k.last_used_at IS NULL OR k.last_used_at < %(stale)s)",
+                               limit_columns=limit_columns)
                 + f"FROM {key} k JOIN {user} u ON u.id = k.user_id AND u.is_active = %(true)s " + joins
-                + "WHERE k.key_hash = %(hash)s AND k.revoked_at IS NULL")
-    return columns.format(key_columns="NULL, NULL") + f"FROM {user} u " + joins + "WHERE u.id = %(user)s"
+                + "WHERE k.key_hash = %(hash)s AND k.revoked_at IS NULL "
+                  "AND (k.expires_at IS NULL OR k.expires_at > %(now)s)")
+    return (columns.format(key_columns="NULL, NULL", limit_columns=", ".join(["NULL"] * len(_KEY_LIMITS)))
+            + f"FROM {user} u " + joins + "WHERE u.id = %(user)s")
+
+
+_KEY_LIMITS = ("rpm", "tpm", "max_parallel", "budget", "budget_period", "allowed_models")
 
 
 @functools.cache
@@ -143,9 +153,11 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
 
     `session_id=None` (the OpenAI front door, by key): the key's own API session, if it has
     one yet, and no history (the client sends its whole context): one read."""
-    stale = timezone.now() - LAST_USED_RESOLUTION
+    now = timezone.now()
+    stale = now - LAST_USED_RESOLUTION
     params = {"session": sql.value(ChatSession, "id", session_id), "model": model, "true": True,
-              "hash": key_hash, "user": user_id, "stale": sql.value(ApiKey, "last_used_at", stale)}
+              "hash": key_hash, "user": user_id, "stale": sql.value(ApiKey, "last_used_at", stale),
+              "now": sql.value(ApiKey, "expires_at", now)}
     if session_id is None:
         assert key_hash is not None, "the API session is found by key"
         found, history = sql.fetch_all(_preflight_sql(True, connection.vendor, True), params), []
@@ -155,10 +167,11 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
     if not found:
         return None
     (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
-     balance, held, upstream_model, fallbacks, provider_id, *provider) = found[0]
+     balance, held, upstream_model, fallbacks, provider_id, *rest) = found[0]
+    provider, (rpm, tpm, max_parallel, budget, budget_period, allowed) = rest[:5], rest[5:]
     return Preflight(
         user_id=user,
-        key_id=sql.as_uuid(key_id) if key_id is not None and touch else None,
+        key_id=sql.as_uuid(key_id) if key_id is not None and touch else None,  # (key: always)
         session=SessionFacts(id=sql.as_uuid(session), model=session_model, system_prompt=prompt or "")
         if session is not None else None,
         price=ModelPrice(id=price_id, model=price_model, prompt_price_per_mtok=sql.as_money(prompt_price),
@@ -167,6 +180,11 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
                          provider=_provider(provider_id, *provider)) if price_id is not None else None,
         wallet=(sql.as_money(balance), sql.as_money(held)) if balance is not None else None,
         history=list(history) if session is not None else [],
+        key=limits.KeyLimits(id=sql.as_uuid(key_id), rpm=rpm, tpm=tpm, max_parallel=max_parallel,
+                             budget=sql.as_money(budget) if budget is not None else None,
+                             budget_period=budget_period or "",
+                             allowed_models=tuple(sql.as_json(allowed)) if allowed is not None else None)
+        if key_id is not None else None,
     )
 
 
@@ -217,6 +235,8 @@ class PreparedTurn:
     client_tools: list[dict[str, Any]] | None = None  # the client's tools: offered, never run here
     # The candidates, in order (SPEC section 15): the model asked for first.
     routes: list[catalogue.Route] = dataclasses.field(default_factory=list)
+    # The key's `x-ratelimit-*` headers for the answer (SPEC section 16).
+    rate_headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def candidates(self) -> list[Candidate]:
         return [route.candidate() for route in self.routes]
@@ -295,10 +315,16 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
         raise TurnRejected("tools_not_supported_in_stream",
                            "Tools are not supported in streamed turns; use POST .../turns.")
     model = request.model or session.model
+    key = preflight.key
+    allowed = key.allowed_models if key is not None else None
+    if allowed is not None:
+        refused = next((name for name in (model, *(request.models or ())) if name not in allowed), None)
+        if refused is not None:
+            raise TurnRejected("model_not_allowed", f"This API key may not use the model {refused!r}.")
     if preflight.price is None:
         raise TurnRejected("unknown_model", f"Model {model!r} is not in the price list.")
     try:
-        routes = catalogue.candidates(preflight.price, request.models)
+        routes = catalogue.candidates(preflight.price, request.models, allowed=allowed)
     except billing.UnknownModel as exc:
         raise TurnRejected("unknown_model", str(exc)) from None
     price = catalogue.dearest(routes)  # the hold covers whichever candidate answers
@@ -322,16 +348,24 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
             if request.idempotency is not None:
                 # Inserted first, so a concurrent repeat waits on the unique index here and
                 # fails there once this commits: one turn per key, never a second hold.
-                key, fingerprint = request.idempotency
-                sql.execute(_DROP_EXPIRED_KEY, [preflight.user_id, key, sql.value(
+                idempotency_key, fingerprint = request.idempotency
+                sql.execute(_DROP_EXPIRED_KEY, [preflight.user_id, idempotency_key, sql.value(
                     IdempotencyKey, "created_at", now - IDEMPOTENCY_TTL)], count=False)
-                sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": key, "fingerprint": fingerprint,
-                                             "turn_id": turn_id, "created_at": now}])
+                sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": idempotency_key,
+                                             "fingerprint": fingerprint, "turn_id": turn_id, "created_at": now}])
+            admission = None
+            if (key is not None and key.counts_turns) or any(value is not None for value in limits.user_limits()):
+                # One more round trip, only with limits: the key's (or user's) row lock and counts.
+                admission = limits.admit(user_id=preflight.user_id, key=key, now=now)
             decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
                                     prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
-                                    price=price, wallet=preflight.wallet)
+                                    price=price, wallet=preflight.wallet,
+                                    budget_left=admission.budget_left if admission is not None else None)
+            if admission is not None:
+                admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
             sql.insert(Turn, [{
-                "id": turn_id, "session_id": session.id, "user_id": preflight.user_id, "status": Turn.Status.RUNNING,
+                "id": turn_id, "session_id": session.id, "user_id": preflight.user_id,
+                "api_key_id": key.id if key is not None else None, "status": Turn.Status.RUNNING,
                 "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
                 "tools_enabled": request.tools_enabled,
                 "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
@@ -348,10 +382,12 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
             if preflight.key_id is not None:  # at most once a minute per key
                 sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
                                          sql.value(ApiKey, "id", preflight.key_id)], count=False)
-    except billing.InsufficientCredits as exc:
+    except billing.InsufficientCredits as exc:  # or KeyBudgetExceeded
         amounts = {name: format_money(value) for name, value in (("needed", exc.needed),
                                                                  ("available", exc.available)) if value is not None}
-        raise TurnRejected("insufficient_credits", str(exc), extra=amounts) from None
+        raise TurnRejected(exc.code, str(exc), extra=amounts) from None
+    except limits.LimitRefused as exc:
+        raise TurnRejected(exc.code, exc.detail, headers=exc.headers) from None
     except IntegrityError:
         # A concurrent request with the same Idempotency-Key made its turn first; this
         # transaction (and its hold) was rolled back.
@@ -366,6 +402,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
         params=request.params, client_tools=request.client_tools, routes=routes,
+        rate_headers=admission.headers if admission is not None else {},
     )
 
 
@@ -506,10 +543,12 @@ class LockedTurn:
     resumable: bool
     generation_id: str
     served_model: str
+    api_key_id: uuid.UUID | None
 
 
 _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
-                  "streamed", "checkpoint", "created_at", "chunk_ends", "resumable", "generation_id", "served_model")
+                  "streamed", "checkpoint", "created_at", "chunk_ends", "resumable", "generation_id", "served_model",
+                  "api_key")
 
 
 @functools.cache
@@ -536,7 +575,7 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
                       model=row[4], prompt_tokens=row[5], max_tokens=row[6], tools_enabled=bool(row[7]),
                       streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]),
                       chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]), generation_id=row[13] or "",
-                      served_model=row[14] or "")
+                      served_model=row[14] or "", api_key_id=sql.as_uuid(row[15]) if row[15] is not None else None)
 
 
 def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
@@ -592,8 +631,8 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     if usage.total_tokens:
         sql.insert(UsageRecord, [{
             "id": uuid.uuid4(), "user_id": turn.user_id, "session_id": turn.session_id, "turn_id": turn.id,
-            "model": turn.model, "served_model": ended["served_model"], "provider_model": ended["provider_model"],
-            "prompt_tokens": usage.prompt_tokens,
+            "api_key_id": turn.api_key_id, "model": turn.model, "served_model": ended["served_model"],
+            "provider_model": ended["provider_model"], "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
             "estimated": usage.estimated, "reconciled": False, "cost": cost,
             "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
@@ -606,7 +645,8 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
         from sessions_app.tasks import schedule_reconciliation  # the tasks import this module
 
         schedule_reconciliation(turn.id)
-    stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, model=turn.model,
+    stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, api_key_id=turn.api_key_id,
+                  model=turn.model,
                   streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
                   resumable=turn.resumable, created_at=turn.created_at, **ended)
     return TurnResult(turn=stored, message=Message(**assistant), balance=balance, closed=True)

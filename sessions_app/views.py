@@ -5,6 +5,7 @@ from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import generics, status
 from rest_framework.response import Response
 
+from accounts.models import ApiKey
 from core.api import ApiError
 from core.schema import errors
 from sessions_app.models import ChatSession, Message, Turn
@@ -23,7 +24,8 @@ from sessions_app.serializers import (
     post=extend_schema(operation_id="sessions_create", tags=["sessions"], request=SessionCreateSerializer,
                        responses={201: SessionSerializer,
                                   **errors((400, "Invalid body; a model not in the price list is `unknown_model`."),
-                                           401, 403)}),
+                                           401, (403, "`model_not_allowed`: the API key's allow-list excludes "
+                                                      "the model; or `csrf_failed`."))}),
 )
 class SessionListCreateView(generics.GenericAPIView):
     serializer_class = SessionSerializer
@@ -38,6 +40,10 @@ class SessionListCreateView(generics.GenericAPIView):
     def post(self, request):
         incoming = SessionCreateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
+        key = request.auth if isinstance(request.auth, ApiKey) else None
+        model = incoming.validated_data["model"]
+        if key is not None and key.allowed_models is not None and model not in key.allowed_models:
+            raise ApiError(403, "model_not_allowed", f"This API key may not use the model {model!r}.")
         session = ChatSession.objects.create(user=request.user, **incoming.validated_data)
         return Response(SessionSerializer(session).data, status=status.HTTP_201_CREATED)
 

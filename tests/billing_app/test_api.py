@@ -49,7 +49,8 @@ def test_usage_page_and_session_filter(alice, alice_api, bob):
     assert alice_api.get("/api/v1/usage").json()["count"] == 3
     filtered = alice_api.get(f"/api/v1/usage?session={s1}").json()
     assert filtered["count"] == 2
-    assert set(filtered["results"][0]) == {"id", "session_id", "turn_id", "model", "provider_model", "prompt_tokens",
+    assert set(filtered["results"][0]) == {"id", "session_id", "turn_id", "key_id", "model", "provider_model",
+                                           "prompt_tokens",
                                            "completion_tokens", "total_tokens", "estimated", "reconciled", "cost",
                                            "created_at"}
     assert filtered["results"][0]["cost"] == "0.000005"

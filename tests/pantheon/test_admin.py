@@ -5,8 +5,6 @@ from decimal import Decimal
 
 import pytest
 from django.contrib import admin
-from django.contrib.auth import get_user_model
-from django.test import Client
 from django.utils import timezone
 
 from accounts.models import ApiKey, hash_key
@@ -14,14 +12,6 @@ from billing_app.admin import LedgerEntryInline
 from billing_app.models import CreditHold, LedgerEntry, UsageRecord, Wallet
 from sessions_app.admin import MessageInline, TurnInline
 from sessions_app.models import LlmEvent, Turn
-
-
-@pytest.fixture
-def admin_client(db):
-    get_user_model().objects.create_superuser("root", "root@example.com", "pw")
-    client = Client()
-    client.login(username="root", password="pw")
-    return client
 
 
 @pytest.mark.parametrize("path", [

@@ -64,6 +64,10 @@ OPERATIONS = {
     ("get", "/wallet"): {"200"},
     ("get", "/wallet/ledger"): {"200"},
     ("get", "/usage"): {"200"},
+    ("get", "/keys"): {"200"},
+    ("post", "/keys"): {"201"},
+    ("patch", "/keys/{key_id}"): {"200"},
+    ("delete", "/keys/{key_id}"): {"204"},
     ("get", "/sessions"): {"200"},
     ("post", "/sessions"): {"201"},
     ("get", "/sessions/{session_id}"): {"200"},
@@ -81,12 +85,16 @@ OPERATIONS = {
     ("get", "/files/{file_id}"): {"200"},
     ("delete", "/files/{file_id}"): {"204"},
 }
-PAGES = {"/wallet/ledger": "LedgerEntry", "/usage": "UsageRecord", "/sessions": "Session",
+PAGES = {"/wallet/ledger": "LedgerEntry", "/usage": "UsageRecord", "/keys": "ApiKey", "/sessions": "Session",
          "/sessions/{session_id}/messages": "Message", "/sessions/{session_id}/turns": "Turn", "/files": "File"}
 # Refusals the SPEC names, beyond the 401 every operation has.
 REFUSALS = {
     ("post", "/sessions"): {"400"},
-    ("get", "/usage"): {"400"},
+    ("get", "/usage"): {"400", "404"},
+    ("get", "/keys"): {"403"},
+    ("post", "/keys"): {"400", "403"},
+    ("patch", "/keys/{key_id}"): {"400", "403", "404"},
+    ("delete", "/keys/{key_id}"): {"403", "404"},
     ("get", "/sessions/{session_id}"): {"404"},
     ("post", "/sessions/{session_id}/turns"): {"400", "402", "404", "422", "502", "503", "504"},
     ("post", "/sessions/{session_id}/turns/stream"): {"400", "402", "404", "422", "502", "503", "504"},

@@ -49,7 +49,9 @@ def fuzzed_server(live_server_url, settings, make_user, price, tmp_path):
         assert turn.status_code == 201, turn.text
         upload = http.post("/files", files={"file": ("notes.txt", b"Some notes.\n", "text/plain")})
         assert upload.status_code == 201, upload.text
-    ids = {"session_id": session["id"], "turn_id": turn.json()["turn"]["id"], "file_id": upload.json()["id"]}
+    spare = ApiKey.issue(user=user, name="fuzzed")[0]  # for PATCH and DELETE /keys/{id}: not the one in use
+    ids = {"session_id": session["id"], "turn_id": turn.json()["turn"]["id"], "file_id": upload.json()["id"],
+           "key_id": str(spare.pk)}
     return live_server_url, headers, ids
 
 
