@@ -6,7 +6,8 @@ from django.conf import settings
 
 from pantheon.asgi import application
 
-HOOKS = ["composer", "send", "stop", "balance", "error", "session-list", "new-session", "model-select", "keys-open", "keys-panel", "key-form"]
+HOOKS = ["composer", "send", "stop", "balance", "error", "session-list", "new-session", "model-select", "keys-open",
+         "keys-panel", "key-form"]
 
 
 def test_anonymous_user_is_redirected_to_login(client, db):
