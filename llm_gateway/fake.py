@@ -33,6 +33,9 @@ Failure models, for tests:
   `UpstreamError`.
 - ``fake/no-usage``: answers normally but reports no usage: the stream's `ending.usage` is
   None, and `generate()` returns an estimate (`estimated=True`).
+Titles: when a system message starts with "Reply with a title" (sessions_app.titles), the
+reply is the first five words of the first user message (after a leading "User:").
+
 A stream closed early (`aclose()`, cancellation) reports no usage either, like a real
 provider whose connection was cut, and no finish reason; its `ending.provider_model` is
 still the fake's.
@@ -76,6 +79,9 @@ FAIL_MID_STREAM = "fake/error-mid"
 TIMEOUT = "fake/timeout"
 NO_USAGE = "fake/no-usage"
 PROVIDER = "fake"
+# A system message starting so asks for a title (sessions_app.titles): the fake answers the
+# first words of the conversation's first question, so the offline product gets titles too.
+TITLE_REQUEST = "Reply with a title"
 FILE_READ = "file_read"
 FILE_EXCERPT_CHARS = 500
 
@@ -90,6 +96,14 @@ def split_pieces(text: str) -> list[str]:
 
 def _text(content: Any) -> str:
     return content_text(content, separator=" ")
+
+
+def _title_for(messages: list[ChatMessage]) -> str:
+    """A deterministic title: the first five words of the conversation's first question."""
+    conversation = next((_text(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    question = conversation.removeprefix("User:").strip().split("\n\n")[0]
+    words = clean_text(question).split()[:5]
+    return " ".join(words).rstrip(".,;:!?") or "Untitled chat"
 
 
 def _truncate(text: str, max_tokens: int) -> tuple[str, bool]:
@@ -150,6 +164,8 @@ class FakeGateway(LlmGateway):
 
     @staticmethod
     def reply_for(messages: list[ChatMessage]) -> str:
+        if any(m.get("role") == "system" and _text(m.get("content")).startswith(TITLE_REQUEST) for m in messages):
+            return _title_for(messages)
         text = ""
         for message in reversed(messages):
             if message.get("role") == "user":

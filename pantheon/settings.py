@@ -235,6 +235,9 @@ PANTHEON_COOLDOWN_SECONDS = env_float("PANTHEON_COOLDOWN_SECONDS", 30.0, minimum
 # SPEC section 16: limits per user across all their keys and their browser login (0 or unset: none).
 PANTHEON_USER_RPM = env_int("PANTHEON_USER_RPM", 0, minimum=0) or None
 PANTHEON_USER_MAX_PARALLEL = env_int("PANTHEON_USER_MAX_PARALLEL", 0, minimum=0) or None
+# SPEC section 17: an untitled session gets a title written by a model after its first answer.
+PANTHEON_AUTO_TITLE = env_bool("PANTHEON_AUTO_TITLE", True)
+PANTHEON_TITLE_MODEL = env_str("PANTHEON_TITLE_MODEL", "")  # empty: the session's model
 PANTHEON_MAX_MESSAGE_CHARS = env_int("PANTHEON_MAX_MESSAGE_CHARS", 32000, minimum=1)
 PANTHEON_CONTEXT_BUDGET_TOKENS = env_int("PANTHEON_CONTEXT_BUDGET_TOKENS", 8000, minimum=1)
 PANTHEON_MAX_TOOL_ROUNDS = env_int("PANTHEON_MAX_TOOL_ROUNDS", 4, minimum=1)

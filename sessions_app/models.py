@@ -18,6 +18,9 @@ class ChatSession(models.Model):
     # The session of an API key's OpenAI-compatible calls (SPEC section 14), made on first use.
     api_key = models.OneToOneField("accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="api_session")
+    # The end of the branch shown and continued (SPEC section 17); null: no message yet.
+    current_leaf = models.ForeignKey("Message", null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 
@@ -41,6 +44,10 @@ class Turn(models.Model):
         FAILED = "failed"
         INTERRUPTED = "interrupted"  # its process died; closed by the sweep
 
+    class Kind(models.TextChoices):
+        CHAT = "chat"  # an exchange of the conversation: its messages are in the tree
+        TITLE = "title"  # the session's title, written by a model (SPEC section 17): no messages
+
     class Reconciliation(models.TextChoices):
         # SPEC section 13: a turn billed on an estimate is checked later against the
         # provider's own record of its generation(s).
@@ -56,6 +63,10 @@ class Turn(models.Model):
     api_key = models.ForeignKey("accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
                                 related_name="turns")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.CHAT)
+    # The user message this turn answers (its own, or for a regenerate an earlier one): its
+    # answer's first message is a child of it (SPEC section 17). Null for a title turn.
+    reply_to = models.ForeignKey("Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     model = models.CharField(max_length=200)  # the model asked for
     # The catalogue model that answered (a fallback's, SPEC section 15; for a failed turn the
     # last one tried), billed at its price; saved with the checkpoints while running.
@@ -129,6 +140,9 @@ class Message(models.Model):
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages")
     turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="messages")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_messages")
+    # The message this one follows (SPEC section 17): messages form a tree, regenerated
+    # answers and edited messages are siblings; null for a root.
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children")
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
     # OpenAI-format tool calls of an assistant message, and the call a tool message answers.
@@ -142,6 +156,7 @@ class Message(models.Model):
         indexes = [
             models.Index(fields=["user"], name="message_user_idx"),
             models.Index(fields=["session", "created_at", "position"], name="message_session_idx"),
+            models.Index(fields=["parent", "created_at"], name="message_parent_idx"),
         ]
         constraints = [models.UniqueConstraint(fields=["turn", "position"], name="message_turn_position")]
 

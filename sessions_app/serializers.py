@@ -7,9 +7,12 @@ from sessions_app.models import ChatSession, Message, Turn
 
 
 class SessionSerializer(serializers.ModelSerializer):
+    current_leaf_id = serializers.UUIDField(read_only=True, allow_null=True, help_text=(
+        "The last message of the branch shown and continued (SPEC section 17); null before the first answer."))
+
     class Meta:
         model = ChatSession
-        fields = ["id", "title", "model", "system_prompt", "created_at", "updated_at"]
+        fields = ["id", "title", "model", "system_prompt", "current_leaf_id", "created_at", "updated_at"]
 
 
 class SessionCreateSerializer(serializers.Serializer):
@@ -38,12 +41,9 @@ class SessionUpdateSerializer(serializers.Serializer):
     system_prompt = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False,
                                           max_length=settings.PANTHEON_MAX_MESSAGE_CHARS)
 
-    def validate(self, attrs):
-        # SPEC section 17's branch switch is not built yet: refused, rather than ignored.
-        if "current_leaf_id" in self.initial_data:
-            raise serializers.ValidationError(
-                {"current_leaf_id": "Switching branches is not supported yet."}, code="not_supported")
-        return attrs
+    current_leaf_id = serializers.UUIDField(required=False, help_text=(
+        "Switch branch (SPEC section 17): a message of the session; one that is not a leaf selects the most "
+        "recently created leaf below it. Another session's (or user's) message is a 400 `invalid_parent`."))
 
 
 def turn_usage(turn: Turn) -> dict:
@@ -102,9 +102,21 @@ class TurnSerializer(serializers.Serializer):
 
 
 class MessageSerializer(serializers.ModelSerializer):
+    parent_id = serializers.UUIDField(read_only=True, allow_null=True,
+                                      help_text="The message this one follows; null for a root (SPEC section 17).")
+    sibling_index = serializers.SerializerMethodField(help_text="1-based position among the messages with the "
+                                                                "same parent, oldest first.")
+    sibling_count = serializers.SerializerMethodField(help_text="How many messages share this one's parent.")
+
     class Meta:
         model = Message
-        fields = ["id", "turn_id", "role", "content", "created_at"]
+        fields = ["id", "turn_id", "parent_id", "role", "content", "created_at", "sibling_index", "sibling_count"]
+
+    def get_sibling_index(self, message: Message) -> int:
+        return getattr(message, "sibling_index", 1)
+
+    def get_sibling_count(self, message: Message) -> int:
+        return getattr(message, "sibling_count", 1)
 
 
 # --- The turn endpoints' bodies (sessions_app.turn_views parses them itself: these declare

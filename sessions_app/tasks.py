@@ -79,3 +79,16 @@ def schedule_reconciliation(turn_id: uuid.UUID) -> None:
     """Queue the reconciliation of a turn that just closed on an estimate."""
     delay = timedelta(seconds=settings.PANTHEON_RECONCILE_DELAY_SECONDS)
     reconcile_turn_task.using(run_after=timezone.now() + delay).enqueue(str(turn_id))
+
+
+@task()
+def title_session_task(session_id: str) -> str:
+    """Give an untitled session a title written by a model (SPEC section 17)."""
+    from sessions_app.titles import write_title  # it imports the turn lifecycle, as this module does
+
+    return write_title(uuid.UUID(session_id))
+
+
+def schedule_title(session_id: uuid.UUID) -> None:
+    """Queue the title of a session whose first turn just completed (in that close's transaction)."""
+    title_session_task.enqueue(str(session_id))

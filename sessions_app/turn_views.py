@@ -109,15 +109,21 @@ def parse_turn_input(body: bytes, request: HttpRequest | None = None, session_id
         raise TurnRejected(exc.code, exc.detail) from None
     if not isinstance(data, dict):
         raise TurnRejected("invalid_body", "The body must be a JSON object.")
+    parent_given = "parent_id" in data
+    parent_id = _parent_id(data.get("parent_id")) if parent_given else None
     content = data.get("content")
-    if not isinstance(content, str):
-        raise TurnRejected("invalid_content", "content is required and must be a string.")
-    if not content.strip():
+    if content is None and parent_id is not None:
+        pass  # a regenerate: a new answer to the user message `parent_id` (SPEC section 17)
+    elif not isinstance(content, str):
+        raise TurnRejected("invalid_content", "content is required and must be a string (without it, "
+                                              "parent_id names the user message to answer again).")
+    elif not content.strip():
         raise TurnRejected("empty_content", "content must not be empty.")
-    if len(content) > settings.PANTHEON_MAX_MESSAGE_CHARS:
+    elif len(content) > settings.PANTHEON_MAX_MESSAGE_CHARS:
         raise TurnRejected("content_too_long",
                            f"content is longer than {settings.PANTHEON_MAX_MESSAGE_CHARS} characters.")
-    _refuse_unstorable("content", content)
+    else:
+        _refuse_unstorable("content", content)
     model = data.get("model")
     if model is not None:
         if not isinstance(model, str) or not model:
@@ -137,7 +143,20 @@ def parse_turn_input(body: bytes, request: HttpRequest | None = None, session_id
         raise TurnRejected("invalid_resumable", "resumable must be true or false.")
     idempotency = _idempotency(request, session_id, data, streamed=streamed) if request is not None else None
     return TurnInput(content=content, model=model, tools_enabled=tools_enabled, max_tokens=max_tokens,
-                     resumable=resumable, idempotency=idempotency, models=models)
+                     resumable=resumable, idempotency=idempotency, models=models, parent_id=parent_id,
+                     parent_given=parent_given)
+
+
+def _parent_id(value) -> uuid.UUID | None:
+    """A request's `parent_id`: null (a new root) or a message id; else 400 `invalid_parent`."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            return uuid.UUID(value)
+    except ValueError:
+        pass
+    raise TurnRejected("invalid_parent", "parent_id must be a message id of this session, or null.")
 
 
 def _models(value, *, present: bool) -> tuple[str, ...] | None:
@@ -164,12 +183,16 @@ def _preflight(request: HttpRequest, session_id: uuid.UUID, streamed: bool) -> P
     except TurnRejected as exc:  # reported after 401 and 404
         data, problem = None, exc
     model = data.model if data is not None else None
+    # Where the turn continues (SPEC section 17): the parent asked for, a new root, or the leaf.
+    branch = ({"parent_id": data.parent_id, "root": data.parent_given and data.parent_id is None}
+              if data is not None else {})
     key_hash = request_key_hash(request)
     if key_hash is None:  # no key: the browser session (CSRF-checked)
         user = session_user(request)
-        preflight = load_preflight(session_id=session_id, model=model, user_id=user.pk)
+        preflight = load_preflight(session_id=session_id, model=model, user_id=user.pk, **branch)
     else:
-        preflight = load_preflight(session_id=session_id, model=model, key_hash=key_hash) if key_hash else None
+        preflight = load_preflight(session_id=session_id, model=model, key_hash=key_hash,
+                                   **branch) if key_hash else None
         if preflight is None:
             raise AuthFailure("Invalid or revoked API key.", code="authentication_failed")
     if preflight.session is None:

@@ -45,7 +45,7 @@ from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
 from llm_gateway import CallRecord, ChatMessage, GatewayError, ToolCall, Usage
 from llm_gateway.routing import Candidate
 from llm_gateway.tokens import estimate_prompt_tokens
-from sessions_app import limits, metrics
+from sessions_app import limits, metrics, tree
 from sessions_app.models import ChatSession, IdempotencyKey, LlmEvent, Message, Turn
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class TurnRejected(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class TurnInput:
-    content: str
+    content: str | None  # None: a regenerate (SPEC section 17: a new answer to `parent_id`)
     model: str | None = None
     tools_enabled: bool = False
     max_tokens: int | None = None
@@ -87,6 +87,12 @@ class TurnInput:
     # The request's own fallbacks (SPEC section 15: after `model`, replacing the configured
     # ones; () means none); None: the model's configured fallbacks.
     models: tuple[str, ...] | None = None
+    # Where the turn continues (SPEC section 17): `parent_id` a message of the session (with
+    # `parent_given`); `parent_given` with None starts a new root; not given: the current leaf.
+    parent_id: uuid.UUID | None = None
+    parent_given: bool = False
+    # A `title` turn (SPEC section 17) writes the session's title: it is no message of the tree.
+    kind: str = Turn.Kind.CHAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,9 @@ class Preflight:
     wallet: tuple[Decimal, Decimal] | None  # (balance, held)
     history: list[tuple[str, str]]  # (role, content), newest first
     key: limits.KeyLimits | None = None  # the API key that asks, and its limits (SPEC section 16)
+    # The message the turn continues from (the parent asked for, else the current leaf):
+    # (id, role, content), or None (a new root, an empty session, or a parent not found).
+    anchor: tuple[uuid.UUID, str, str] | None = None
 
 
 @functools.cache
@@ -138,21 +147,19 @@ def _preflight_sql(by_key: bool, vendor: str, api_session: bool = False) -> str:
 _KEY_LIMITS = ("rpm", "tpm", "max_parallel", "budget", "budget_period", "allowed_models")
 
 
-@functools.cache
-def _history_sql(vendor: str) -> str:
-    return (f"SELECT role, content FROM {sql.table(Message)} WHERE session_id = %s AND role IN ('user', 'assistant') "
-            f"AND content <> '' ORDER BY created_at DESC, position DESC LIMIT {HISTORY_LIMIT}")
-
-
 def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash: str | None = None,
-                   user_id: int | None = None) -> Preflight | None:
+                   user_id: int | None = None, parent_id: uuid.UUID | None = None,
+                   root: bool = False) -> Preflight | None:
     """Everything a turn request needs to know, in one round trip (two reads, pipelined on
     PostgreSQL): by API key (`key_hash`; None when no active key of an active user has that
     hash) or by a user already authenticated (`user_id`). The history is read whoever owns
     the session and dropped unless the requester does.
 
     `session_id=None` (the OpenAI front door, by key): the key's own API session, if it has
-    one yet, and no history (the client sends its whole context): one read."""
+    one yet, and no history (the client sends its whole context): one read.
+
+    The history is the chain of messages (SPEC section 17) from `parent_id`, else the
+    session's current leaf, up to its root (none with `root`)."""
     now = timezone.now()
     stale = now - LAST_USED_RESOLUTION
     params = {"session": sql.value(ChatSession, "id", session_id), "model": model, "true": True,
@@ -162,8 +169,9 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
         assert key_hash is not None, "the API session is found by key"
         found, history = sql.fetch_all(_preflight_sql(True, connection.vendor, True), params), []
     else:
+        chain = {"session": params["session"], "parent": sql.value(Message, "id", parent_id), "root": root}
         found, history = sql.fetch_together([(_preflight_sql(key_hash is not None, connection.vendor), params),
-                                             (_history_sql(connection.vendor), [params["session"]])])
+                                             (tree.chain_sql(connection.vendor), chain)])
     if not found:
         return None
     (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
@@ -179,7 +187,10 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
                          fallbacks=sql.as_json(fallbacks) or [], provider_id=provider_id,
                          provider=_provider(provider_id, *provider)) if price_id is not None else None,
         wallet=(sql.as_money(balance), sql.as_money(held)) if balance is not None else None,
-        history=list(history) if session is not None else [],
+        history=[(role, content) for _, role, content in history
+                 if role in (Message.Role.USER, Message.Role.ASSISTANT) and content][:HISTORY_LIMIT]
+        if session is not None else [],
+        anchor=(sql.as_uuid(history[0][0]), history[0][1], history[0][2]) if session is not None and history else None,
         key=limits.KeyLimits(id=sql.as_uuid(key_id), rpm=rpm, tpm=tpm, max_parallel=max_parallel,
                              budget=sql.as_money(budget) if budget is not None else None,
                              budget_period=budget_period or "",
@@ -333,9 +344,23 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     if request.tools_enabled:
         extra_system = _tool_system_message(ready_files_for(preflight.user_id))
         tools = [FILE_READ_TOOL]
-    if request.context is not None:
-        messages = list(request.context)
+    anchor, question_id = preflight.anchor, uuid.uuid4()
+    titling = request.kind == Turn.Kind.TITLE
+    if titling:
+        messages, parent, question_id = list(request.context or ()), None, None
+    elif request.context is not None:
+        messages, parent = list(request.context), None  # each OpenAI call is a conversation of its own
+    elif request.content is None:
+        # A regenerate: a new answer to an earlier user message, beside the answers it had.
+        if anchor is None or anchor[1] != Message.Role.USER:
+            raise TurnRejected("invalid_parent", "A regenerate (no content) needs parent_id: a user message of "
+                                                 "this session.")
+        question_id, parent = anchor[0], None
+        messages = build_context(session.system_prompt, preflight.history[1:], anchor[2], extra_system=extra_system)
     else:
+        if request.parent_given and request.parent_id is not None and anchor is None:
+            raise TurnRejected("invalid_parent", "parent_id is not a message of this session.")
+        parent = anchor[0] if anchor is not None else None  # the parent asked for, or the current leaf
         messages = build_context(session.system_prompt, preflight.history, request.content, extra_system=extra_system)
     prompt_estimate = estimate_prompt_tokens(messages, tools or request.client_tools)
     held_prompt = billing.tool_turn_prompt_tokens(prompt_estimate, rounds=rounds,
@@ -372,13 +397,15 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                 "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
                 "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
                 "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
-                "generation_id": "", "created_at": now, "finished_at": None,
+                "generation_id": "", "kind": request.kind, "reply_to_id": question_id, "created_at": now,
+                "finished_at": None,
             }])
-            sql.insert(Message, [{
-                "id": uuid.uuid4(), "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
-                "role": Message.Role.USER, "content": request.content, "tool_calls": None, "tool_call_id": "",
-                "position": 0, "created_at": now,
-            }])
+            if request.content is not None and not titling:  # a regenerate answers a stored question
+                sql.insert(Message, [{
+                    "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
+                    "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
+                    "tool_call_id": "", "position": 0, "created_at": now,
+                }])
             if preflight.key_id is not None:  # at most once a minute per key
                 sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
                                          sql.value(ApiKey, "id", preflight.key_id)], count=False)
@@ -544,11 +571,13 @@ class LockedTurn:
     generation_id: str
     served_model: str
     api_key_id: uuid.UUID | None
+    reply_to_id: uuid.UUID | None
+    kind: str
 
 
 _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
                   "streamed", "checkpoint", "created_at", "chunk_ends", "resumable", "generation_id", "served_model",
-                  "api_key")
+                  "api_key", "reply_to", "kind")
 
 
 @functools.cache
@@ -575,7 +604,8 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
                       model=row[4], prompt_tokens=row[5], max_tokens=row[6], tools_enabled=bool(row[7]),
                       streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]),
                       chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]), generation_id=row[13] or "",
-                      served_model=row[14] or "", api_key_id=sql.as_uuid(row[15]) if row[15] is not None else None)
+                      served_model=row[14] or "", api_key_id=sql.as_uuid(row[15]) if row[15] is not None else None,
+                      reply_to_id=sql.as_uuid(row[16]) if row[16] is not None else None, kind=row[17])
 
 
 def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
@@ -627,7 +657,19 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
                                  "function": {"name": call.name, "arguments": call.arguments}}
                                 for call in outcome.tool_calls] or None,
                  "tool_call_id": "", "position": len(rows) + 1}
-    sql.insert(Message, [*rows, assistant])
+    # The answer continues from the question it answers: a chain of its tool messages, then
+    # the answer itself, which becomes the session's current leaf (SPEC section 17).
+    previous = turn.reply_to_id
+    for row in (*rows, assistant):
+        row["parent_id"], previous = previous, row["id"]
+    titling = turn.kind == Turn.Kind.TITLE
+    if titling:
+        # The title is the answer, stored on the session (if nobody named it meanwhile).
+        if outcome.status == Turn.Status.COMPLETED and content.strip():
+            sql.execute(_SET_TITLE, [_fit(ChatSession, "title", clean_title(content)), now,
+                                     sql.value(ChatSession, "id", turn.session_id)], count=False)
+    else:
+        sql.insert(Message, [*rows, assistant])
     if usage.total_tokens:
         sql.insert(UsageRecord, [{
             "id": uuid.uuid4(), "user_id": turn.user_id, "session_id": turn.session_id, "turn_id": turn.id,
@@ -638,13 +680,23 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
             "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
         }])
     sql.insert(LlmEvent, [_event_row(record, turn, now) for record in outcome.records])
-    sql.update(ChatSession, turn.session_id, {"updated_at": now}, count=False)
-    balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost, note=f"{outcome.status} turn")
+    untitled = False
+    if not titling:
+        row = sql.fetch_one(_MOVE_LEAF, [sql.value(ChatSession, "updated_at", now),
+                                         sql.value(ChatSession, "current_leaf", assistant["id"]),
+                                         sql.value(ChatSession, "id", turn.session_id)])
+        untitled = row is not None and row[0] == ""
+    balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost,
+                             note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
     if reconciliation == Turn.Reconciliation.PENDING:
         # In this transaction: a turn that closed as pending always has its task queued.
         from sessions_app.tasks import schedule_reconciliation  # the tasks import this module
 
         schedule_reconciliation(turn.id)
+    if untitled and outcome.status == Turn.Status.COMPLETED and settings.PANTHEON_AUTO_TITLE:
+        from sessions_app.tasks import schedule_title
+
+        schedule_title(turn.session_id)  # SPEC section 17: after the first completed turn
     stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, api_key_id=turn.api_key_id,
                   model=turn.model,
                   streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
@@ -656,6 +708,22 @@ def billed_records(records: list[CallRecord], served_model: str) -> list[CallRec
     """The calls a turn is billed for: the served model's (a candidate abandoned for a
     fallback failed before any output, and costs nothing: SPEC section 15)."""
     return [r for r in records if not r.model or r.model == served_model]
+
+
+_MOVE_LEAF = (f"UPDATE {sql.table(ChatSession)} SET updated_at = %s, {sql.column(ChatSession, 'current_leaf')} = %s "
+              f"WHERE id = %s RETURNING title")
+_SET_TITLE = f"UPDATE {sql.table(ChatSession)} SET title = %s, updated_at = %s WHERE id = %s AND title = ''"
+TITLE_WORDS, TITLE_CHARS = 8, 80
+
+
+def clean_title(text: str) -> str:
+    """A model's title made one: one line, no surrounding quotes or final full stop, at most
+    TITLE_WORDS words and TITLE_CHARS characters."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    line = line.strip(" \t\"'`*#").removeprefix("Title:").strip(" \"'").rstrip(".")
+    words = line.split()[:TITLE_WORDS]
+    title = " ".join(words)
+    return title[:TITLE_CHARS].rstrip()
 
 
 def reconciliation_at_close(usage: Usage, records: list[CallRecord], *, served_model: str = "") -> str:

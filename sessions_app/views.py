@@ -1,14 +1,15 @@
 from django.db import transaction
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import generics, status
 from rest_framework.response import Response
 
 from accounts.models import ApiKey
 from core.api import ApiError
 from core.schema import errors
-from sessions_app.models import ChatSession, Message, Turn
+from sessions_app import tree
+from sessions_app.models import ChatSession, Turn
 from sessions_app.serializers import (
     MessageSerializer,
     SessionCreateSerializer,
@@ -60,15 +61,23 @@ class SessionDetailView(generics.RetrieveAPIView):
         return ChatSession.objects.filter(user=self.request.user)
 
     @extend_schema(operation_id="sessions_partial_update", tags=["sessions"], request=SessionUpdateSerializer,
-                   description="Rename a session or change its system prompt; fields left out stay as they are.",
+                   description="Rename a session, change its system prompt or switch branch "
+                               "(`current_leaf_id`); fields left out stay as they are.",
                    responses={200: SessionSerializer,
-                              **errors((400, "Invalid body (`invalid_text`, `invalid_max_length`, ...); "
-                                             "`current_leaf_id` is `not_supported` yet."), 401, 403, 404)})
+                              **errors((400, "Invalid body (`invalid_text`, `invalid_max_length`, ...); a "
+                                             "`current_leaf_id` that is not a message of this session is "
+                                             "`invalid_parent`."), 401, 403, 404)})
     def patch(self, request, session_id):
         session = self.get_object()
         incoming = SessionUpdateSerializer(data=request.data)
         incoming.is_valid(raise_exception=True)
-        changes = incoming.validated_data
+        changes = dict(incoming.validated_data)
+        if "current_leaf_id" in changes:
+            # A branch switch: free (SPEC section 17), it only moves the session's pointer.
+            leaf = tree.leaf_below(session, changes.pop("current_leaf_id"))
+            if leaf is None:
+                raise ApiError(400, "invalid_parent", "current_leaf_id is not a message of this session.")
+            changes["current_leaf_id"] = leaf
         if changes:
             for field, value in changes.items():
                 setattr(session, field, value)
@@ -102,13 +111,20 @@ class _SessionChildList(generics.ListAPIView):
 
 
 @extend_schema_view(get=extend_schema(
-    operation_id="sessions_messages_list", tags=["sessions"], description="Oldest first.",
+    operation_id="sessions_messages_list", tags=["sessions"],
+    description="The current branch, root to leaf (SPEC section 17), each message with its parent and its "
+                "position among its siblings; `?all=true`: every message of the session, oldest first.",
+    parameters=[OpenApiParameter("all", bool, description="Every message of the session, not only the current "
+                                                          "branch.")],
     responses={200: MessageSerializer(many=True), **errors(401, (404, "No such session (or not yours), or page."))}))
 class SessionMessagesView(_SessionChildList):
     serializer_class = MessageSerializer
 
     def get_queryset(self):
-        return Message.objects.filter(session=self.session()).order_by("created_at", "position")
+        session = self.session()
+        if self.request.query_params.get("all") in ("true", "1"):
+            return tree.everything(session)
+        return tree.branch(session)
 
 
 class SessionTurnsView(_SessionChildList):

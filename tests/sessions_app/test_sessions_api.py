@@ -14,10 +14,14 @@ def make_turn(session, **fields) -> Turn:
     turn = Turn.objects.create(session=session, user=session.user, status="completed", model=session.model,
                                provider_model="p/m", prompt_tokens=3, completion_tokens=4, created_at=now,
                                finished_at=now + timezone.timedelta(milliseconds=1), **fields)
-    Message.objects.create(session=session, turn=turn, user=session.user, role="user", content="hi",
-                           position=0, created_at=turn.created_at)
-    Message.objects.create(session=session, turn=turn, user=session.user, role="assistant", content="hello",
-                           position=1, created_at=turn.finished_at)
+    # Continued from the session's current leaf, as a turn does (SPEC section 17).
+    question = Message.objects.create(session=session, turn=turn, user=session.user, role="user", content="hi",
+                                      position=0, created_at=turn.created_at, parent_id=session.current_leaf_id)
+    answer = Message.objects.create(session=session, turn=turn, user=session.user, role="assistant",
+                                    content="hello", position=1, created_at=turn.finished_at, parent=question)
+    Turn.objects.filter(pk=turn.pk).update(reply_to=question)
+    ChatSession.objects.filter(pk=session.pk).update(current_leaf=answer)
+    session.current_leaf = answer
     return turn
 
 
@@ -26,7 +30,7 @@ def test_create_session_returns_its_fields(alice_api, price):
                               format="json")
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"id", "title", "model", "system_prompt", "created_at", "updated_at"}
+    assert set(body) == {"id", "title", "model", "system_prompt", "current_leaf_id", "created_at", "updated_at"}
     assert body["title"] == "Plans" and body["model"] == MODEL and body["system_prompt"] == "Be brief."
     uuid.UUID(body["id"])
 
@@ -76,7 +80,8 @@ def test_session_detail_messages_and_turns(alice, alice_api, price):
 
     messages = alice_api.get(f"/api/v1/sessions/{session.id}/messages").json()["results"]
     assert [(m["role"], m["content"]) for m in messages] == [("user", "hi"), ("assistant", "hello")]
-    assert set(messages[0]) == {"id", "turn_id", "role", "content", "created_at"}
+    assert set(messages[0]) == {"id", "turn_id", "parent_id", "role", "content", "created_at", "sibling_index",
+                                "sibling_count"}
     assert messages[0]["turn_id"] == str(turn.id)
 
     turns = alice_api.get(f"/api/v1/sessions/{session.id}/turns").json()["results"]
@@ -118,7 +123,7 @@ def test_patch_renames_a_session_and_changes_its_system_prompt(alice, alice_api,
     response = alice_api.patch(f"/api/v1/sessions/{session.id}", {"title": "  Plans for May "}, format="json")
     assert response.status_code == 200, response.content
     body = response.json()
-    assert set(body) == {"id", "title", "model", "system_prompt", "created_at", "updated_at"}
+    assert set(body) == {"id", "title", "model", "system_prompt", "current_leaf_id", "created_at", "updated_at"}
     assert body["title"] == "Plans for May" and body["system_prompt"] == "Be brief." and body["model"] == MODEL
     session.refresh_from_db()
     assert session.title == "Plans for May" and session.updated_at > before
@@ -148,7 +153,9 @@ def test_patch_renames_a_session_and_changes_its_system_prompt(alice, alice_api,
         ('{"system_prompt": "nul \\u0000"}', "invalid_text"),
         ('["title"]', "invalid"),
         ('"title"', "invalid"),
-        ('{"title": "x", "current_leaf_id": null}', "not_supported"),
+        ('{"title": "x", "current_leaf_id": null}', "invalid_null"),
+        ('{"title": "x", "current_leaf_id": "not-a-uuid"}', "invalid"),
+        ('{"title": "x", "current_leaf_id": "00000000-0000-4000-8000-000000000000"}', "invalid_parent"),
         ("{not json", "parse_error"),
     ],
 )
