@@ -4,7 +4,7 @@ from billing_app import key_views
 from billing_app import views as billing
 from core.schema import documented
 from files_app import views as files
-from sessions_app import turn_schema, turn_views
+from sessions_app import search_views, turn_schema, turn_views
 from sessions_app import views as sessions
 
 urlpatterns = [
@@ -17,6 +17,8 @@ urlpatterns = [
     path("sessions", sessions.SessionListCreateView.as_view(), name="sessions"),
     path("sessions/<uuid:session_id>", sessions.SessionDetailView.as_view(), name="session-detail"),
     path("sessions/<uuid:session_id>/messages", sessions.SessionMessagesView.as_view(), name="session-messages"),
+    path("sessions/<uuid:session_id>/export", search_views.SessionExportView.as_view(), name="session-export"),
+    path("search", search_views.SearchView.as_view(), name="search"),
     # Plain async views; each documented() by its stand-in in sessions_app.turn_schema.
     path("sessions/<uuid:session_id>/turns", documented(turn_views.turns, by=turn_schema.SessionTurnsSchema),
          name="session-turns"),

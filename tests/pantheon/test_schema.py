@@ -33,7 +33,8 @@ def test_every_owned_table_is_indexed_on_its_user(label):
     model = apps.get_model(label)
     with connection.cursor() as cursor:
         constraints = connection.introspection.get_constraints(cursor, model._meta.db_table)
-    leading = [c["columns"][0] for c in constraints.values() if c["index"] or c["unique"]]
+    # (An expression index, such as the search's GIN indexes, has no columns.)
+    leading = [c["columns"][0] for c in constraints.values() if (c["index"] or c["unique"]) and c["columns"]]
     assert "user_id" in leading, f"{label} has no index starting with user_id: {constraints}"
 
 
@@ -74,6 +75,8 @@ OPERATIONS = {
     ("patch", "/sessions/{session_id}"): {"200"},
     ("delete", "/sessions/{session_id}"): {"204"},
     ("get", "/sessions/{session_id}/messages"): {"200"},
+    ("get", "/sessions/{session_id}/export"): {"200"},
+    ("get", "/search"): {"200"},
     ("get", "/sessions/{session_id}/turns"): {"200"},
     ("post", "/sessions/{session_id}/turns"): {"201"},
     ("post", "/sessions/{session_id}/turns/stream"): {"200"},
@@ -86,7 +89,8 @@ OPERATIONS = {
     ("delete", "/files/{file_id}"): {"204"},
 }
 PAGES = {"/wallet/ledger": "LedgerEntry", "/usage": "UsageRecord", "/keys": "ApiKey", "/sessions": "Session",
-         "/sessions/{session_id}/messages": "Message", "/sessions/{session_id}/turns": "Turn", "/files": "File"}
+         "/sessions/{session_id}/messages": "Message", "/sessions/{session_id}/turns": "Turn", "/files": "File",
+         "/search": "SearchHit"}
 # Refusals the SPEC names, beyond the 401 every operation has.
 REFUSALS = {
     ("post", "/sessions"): {"400"},
@@ -96,6 +100,8 @@ REFUSALS = {
     ("patch", "/keys/{key_id}"): {"400", "403", "404"},
     ("delete", "/keys/{key_id}"): {"403", "404"},
     ("get", "/sessions/{session_id}"): {"404"},
+    ("get", "/sessions/{session_id}/export"): {"400", "404"},
+    ("get", "/search"): {"400"},
     ("post", "/sessions/{session_id}/turns"): {"400", "402", "404", "422", "502", "503", "504"},
     ("post", "/sessions/{session_id}/turns/stream"): {"400", "402", "404", "422", "502", "503", "504"},
     ("get", "/turns/{turn_id}"): {"404"},
@@ -216,6 +222,24 @@ def test_the_turn_bodies_are_declared(schema):
     assert set(upload) == {"multipart/form-data"}
 
 
+def test_search_and_export_are_declared(schema):
+    search = operations(schema)[("get", "/search")]
+    (q,) = [p for p in search["parameters"] if p["name"] == "q"]
+    assert q["required"] is True and (q["schema"]["minLength"], q["schema"]["maxLength"]) == (1, 200)
+    components = schema["components"]["schemas"]
+    assert components["SearchHit"]["required"] == ["created_at", "message_id", "session_id", "snippet", "title"]
+    assert components["SearchHit"]["properties"]["message_id"]["nullable"] is True
+    export = operations(schema)[("get", "/sessions/{session_id}/export")]
+    (fmt,) = [p for p in export["parameters"] if p["name"] == "format"]
+    assert fmt["schema"]["enum"] == ["json", "md"] and fmt["schema"]["default"] == "md"
+    content = export["responses"]["200"]["content"]
+    assert content["text/markdown"]["schema"]["type"] == "string"
+    assert content["application/json"]["schema"]["$ref"] == "#/components/schemas/Export"
+    assert set(components["Export"]["required"]) == {"session", "messages", "turns", "exported_at"}
+    assert {"id", "parent_id", "role", "content", "created_at"} <= set(components["ExportMessage"]["required"])
+    assert "406" not in export["responses"]  # its Accept is not negotiated: ?format= decides
+
+
 def test_spectacular_validates_the_schema_without_a_warning(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert yaml.safe_load((tmp_path / "schema.yaml").read_text())["paths"]
@@ -306,6 +330,8 @@ NOT_ALLOWED = [
     ("post", "/api/v1/wallet", {"GET"}),
     ("put", "/api/v1/sessions", {"GET", "POST"}),
     ("post", "/api/v1/files/{id}", {"GET", "DELETE"}),
+    ("post", "/api/v1/search", {"GET"}),
+    ("delete", "/api/v1/sessions/{id}/export", {"GET"}),
     ("post", "/api/schema/", {"GET"}),
     ("post", "/api/docs/", {"GET"}),
 ]
