@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import dj_database_url
+from csp import constants as csp_constants
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
@@ -65,6 +66,7 @@ INSTALLED_APPS = [
     "sessions_app",
     "files_app",
     "web",
+    "csp",  # django-csp: the Content-Security-Policy header (CONTENT_SECURITY_POLICY below)
 ]
 
 # Django's own middleware, in subclasses that run their hooks on the event loop instead of
@@ -73,6 +75,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "core.middleware.RequestLogMiddleware",  # first: the request id, the access log line
     "core.middleware.SecurityMiddleware",
+    "web.csp.CSPMiddleware",  # django-csp's, its hooks inline (web/csp.py)
     "core.middleware.SessionMiddleware",
     "core.middleware.CommonMiddleware",
     "core.middleware.CsrfViewMiddleware",
@@ -80,6 +83,28 @@ MIDDLEWARE = [
     "core.middleware.MessageMiddleware",
     "core.middleware.XFrameOptionsMiddleware",
 ]
+
+# --- Content-Security-Policy (django-csp; docs/chat-page.md) ---------------------------
+# Every page: scripts, styles, fetches and images from Pantheon itself only; no inline
+# script or style, no plugin, no <base>, never framed. The chat page renders model output
+# as sanitized Markdown: this makes a sanitizer bug a blocked script, not a stolen session.
+# img-src allows data: for the favicon placeholder and Swagger UI's and the admin's icons.
+# NONCE is left out of the header unless the page rendered the nonce: only templates that
+# use `{% csp_nonce_attr %}` (the admin's, e.g. the usage report's <style>) get one; the chat
+# page and /api/docs/ render none, so their script-src and style-src are 'self' alone.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [csp_constants.SELF],
+        "script-src": [csp_constants.SELF, csp_constants.NONCE],
+        "style-src": [csp_constants.SELF, csp_constants.NONCE],
+        "img-src": [csp_constants.SELF, "data:"],
+        "connect-src": [csp_constants.SELF],
+        "object-src": [csp_constants.NONE],
+        "base-uri": [csp_constants.NONE],
+        "frame-ancestors": [csp_constants.NONE],
+        "form-action": [csp_constants.SELF],
+    },
+}
 
 ROOT_URLCONF = "pantheon.urls"
 ASGI_APPLICATION = "pantheon.asgi.application"
@@ -94,6 +119,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "web.context_processors.csp_nonce",  # {% csp_nonce_attr %} (the admin's) gets django-csp's nonce
             ],
         },
     },

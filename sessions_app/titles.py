@@ -19,6 +19,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import transaction
 
+from billing_app import services as billing
 from llm_gateway import GatewayError, routing
 from sessions_app.models import ChatSession, Message, Turn
 from sessions_app.turns import TurnInput, TurnOutcome, TurnRejected, begin_turn, close_turn, load_preflight
@@ -47,8 +48,14 @@ def _conversation(session: ChatSession) -> str | None:
 
 def write_title(session_id: uuid.UUID) -> str:
     """Title an untitled session with a `title` turn; what happened, for the task's result."""
+    owner = ChatSession.objects.filter(pk=session_id).values_list("user_id", flat=True).first()
+    if owner is None:
+        return "titled"
     with transaction.atomic():
-        # The session row lock: a second task for the same session waits, then sees the first's turn.
+        # The session row lock: a second task for the same session waits, then sees the first's
+        # turn. The wallet row first: the lock order of every preflight and close (wallet, then
+        # session), so this never deadlocks with a turn of the same user.
+        billing.wallet_snapshot(owner, lock=True)
         session = ChatSession.objects.select_for_update().filter(pk=session_id).first()
         if session is None or session.title:
             return "titled"

@@ -406,6 +406,10 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                     "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
                     "tool_call_id": "", "position": 0, "created_at": now,
                 }])
+            if not titling:
+                # While it runs, the branch ends at its question (a reload shows it); the
+                # close moves the leaf on to the answer.
+                sql.update(ChatSession, session.id, {"current_leaf": question_id}, count=False)
             if preflight.key_id is not None:  # at most once a minute per key
                 sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
                                          sql.value(ApiKey, "id", preflight.key_id)], count=False)
@@ -612,7 +616,8 @@ def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | 
     """End a turn and pay for it, all in one transaction. Idempotent: a turn that is no
     longer running (closed by another process, the sweep, a retry) is returned as stored.
 
-    Lock order everywhere: the turn row, then (in settle) the hold rows and the wallet row.
+    Lock order everywhere: the turn row, then (in settle) the hold rows and the wallet row,
+    then the session row (its current leaf).
     """
     with sql.transaction():
         turn = _lock_turn(turn_id)
@@ -663,12 +668,7 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     for row in (*rows, assistant):
         row["parent_id"], previous = previous, row["id"]
     titling = turn.kind == Turn.Kind.TITLE
-    if titling:
-        # The title is the answer, stored on the session (if nobody named it meanwhile).
-        if outcome.status == Turn.Status.COMPLETED and content.strip():
-            sql.execute(_SET_TITLE, [_fit(ChatSession, "title", clean_title(content)), now,
-                                     sql.value(ChatSession, "id", turn.session_id)], count=False)
-    else:
+    if not titling:
         sql.insert(Message, [*rows, assistant])
     if usage.total_tokens:
         sql.insert(UsageRecord, [{
@@ -680,14 +680,21 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
             "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
         }])
     sql.insert(LlmEvent, [_event_row(record, turn, now) for record in outcome.records])
+    balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost,
+                             note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
     untitled = False
-    if not titling:
+    # The session row after the wallet row (settle), as in the preflight (hold, then the
+    # session row): one lock order, so a turn closing and the next one starting never deadlock.
+    if titling:
+        # The title is the answer, stored on the session (if nobody named it meanwhile).
+        if outcome.status == Turn.Status.COMPLETED and content.strip():
+            sql.execute(_SET_TITLE, [_fit(ChatSession, "title", clean_title(content)), now,
+                                     sql.value(ChatSession, "id", turn.session_id)], count=False)
+    else:
         row = sql.fetch_one(_MOVE_LEAF, [sql.value(ChatSession, "updated_at", now),
                                          sql.value(ChatSession, "current_leaf", assistant["id"]),
                                          sql.value(ChatSession, "id", turn.session_id)])
         untitled = row is not None and row[0] == ""
-    balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost,
-                             note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
     if reconciliation == Turn.Reconciliation.PENDING:
         # In this transaction: a turn that closed as pending always has its task queued.
         from sessions_app.tasks import schedule_reconciliation  # the tasks import this module

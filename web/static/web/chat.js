@@ -4,9 +4,18 @@
 // with fetch() + response.body.getReader() and our own SSE parser (EventSource cannot
 // POST, nor resume the way we need). A POST is retried only with the same Idempotency-Key,
 // so the server runs (and bills) it once; a started answer is resumed from its events, and
-// a reload follows the running turn (see "one streamed turn" below). Model output is only
-// ever written as text (never as HTML).
+// a reload follows the running turn (see "one streamed turn" below).
+//
+// An assistant's answer is shown as Markdown through markdown.js (markdown-it with raw HTML
+// off, then DOMPurify, then inserted as DOM nodes; docs/chat-page.md); everything else from
+// the server or the user (user messages, titles, model names, errors, tool results) is
+// only ever written as text (textContent), never as HTML.
+//
+// Keys: Enter sends, Shift+Enter is a new line, Esc stops the answer being written. A
+// screen reader hears "Answer started" and "Answer finished" (the polite `answer-status`
+// region), not every piece of the answer as it arrives.
 
+import { MarkdownStream, installCopyButtons, renderMarkdown } from "./markdown.js";
 import { creditAmounts, money, notEnoughCredits } from "./money.js";
 import { SSEParser } from "./sse.js";
 
@@ -35,6 +44,7 @@ const els = {
   deleteYes: document.getElementById("delete-yes"),
   deleteNo: document.getElementById("delete-no"),
   messages: document.getElementById("messages"),
+  answerStatus: document.getElementById("answer-status"),
   error: document.getElementById("error"),
   form: document.getElementById("composer-form"),
   composer: document.getElementById("composer"),
@@ -220,17 +230,17 @@ function userMessage(text) {
   return wrap;
 }
 
-// The assistant's text lives alone in the `assistant-message` element (its textContent is
-// exactly the answer); the status and notes sit beside it.
+// The assistant's answer lives alone in the `assistant-message` element, rendered as
+// Markdown (markdown.js: sanitized, never raw HTML); the status and notes sit beside it.
 function assistantMessage(text, { status = "completed", model = "", turnId = "" } = {}) {
   const wrap = document.createElement("div");
   wrap.className = "msg msg-assistant";
   const body = document.createElement("div");
-  body.className = "msg-body";
+  body.className = "msg-body md";
   body.dataset.testid = "assistant-message";
   body.dataset.status = status;
   if (turnId) body.dataset.turnId = turnId;
-  body.textContent = text;
+  if (text) body.append(renderMarkdown(text));
   const note = document.createElement("div");
   note.className = "msg-note";
   note.hidden = true;
@@ -241,6 +251,13 @@ function assistantMessage(text, { status = "completed", model = "", turnId = "" 
 function setNote(parts, text) {
   parts.note.textContent = text;
   parts.note.hidden = !text;
+}
+
+// What a screen reader hears of a streamed answer: its start and its end, politely (the
+// `answer-status` live region), never each piece as it arrives.
+function announce(text) {
+  els.answerStatus.textContent = "";
+  els.answerStatus.textContent = text;
 }
 
 const STATUS_NOTES = {
@@ -645,6 +662,20 @@ class LiveTurn {
     this.cancelSent = false;
     this.retryNote = false; // the note says we are reconnecting
     this.waiting = null; // {timer, resolve} while waiting before a retry
+    this.started = false; // "Answer started" was announced
+    this.ended = false;
+    // The answer as Markdown, rendered at most once a frame (markdown.js).
+    this.markdown = new MarkdownStream(answer.body, { onRender: () => scrollToEnd() });
+    answer.body.setAttribute("aria-busy", "true"); // being written: not read out piece by piece
+  }
+
+  // The answer is complete (or will not grow any more): rendered for good, and announced.
+  end(announcement) {
+    if (this.ended) return;
+    this.ended = true;
+    this.markdown.finish();
+    this.answer.body.removeAttribute("aria-busy");
+    announce(announcement);
   }
 
   get signal() {
@@ -706,21 +737,24 @@ class LiveTurn {
         if (typeof data.turn_id === "string" && data.turn_id) this.turnId = data.turn_id;
         answer.body.dataset.turnId = this.turnId;
         answer.body.dataset.status = "streaming";
+        if (!this.started) {
+          this.started = true;
+          announce("Answer started.");
+        }
         if (this.stopRequested) this.cancel();
         break;
       case "chunk":
         this.progress();
         answer.body.dataset.status = "streaming";
-        if (typeof data.delta === "string" && data.delta) {
-          answer.body.append(data.delta); // a text node: never parsed as HTML
-          scrollToEnd();
-        }
+        if (typeof data.delta === "string" && data.delta) this.markdown.append(data.delta);
         break;
       case "done":
         this.outcome = "done";
         this.retryNote = false;
-        answer.body.normalize();
         answer.body.dataset.status = data.status || "completed";
+        this.end(data.status === "cancelled" ? "Answer stopped."
+          : data.finish_reason === "length" ? "Answer finished: it reached its length limit."
+            : data.status === "failed" ? "Answer failed." : "Answer finished.");
         if (data.provider_model) {
           const label = roleLabel("Assistant", data.provider_model);
           answer.label.replaceWith(label);
@@ -737,7 +771,7 @@ class LiveTurn {
       case "error":
         this.outcome = "error";
         this.retryNote = false;
-        answer.body.normalize();
+        this.end(data.code === "persistence_failed" ? "Answer finished, not saved yet." : "Answer failed.");
         els.stop.disabled = true;
         if (data.code === "persistence_failed") {
           // The answer arrived but is not stored yet: the server stores and bills it later.
@@ -810,6 +844,7 @@ class LiveTurn {
     if (this.outcome) return;
     const { answer } = this;
     this.retryNote = false;
+    this.end(result.aborted ? "Answer stopped." : "Answer interrupted.");
     if (result.aborted) {
       answer.body.dataset.status = "cancelled";
       setNote(answer, this.turnId ? STATUS_NOTES.cancelled : "Stopped before the answer started.");
@@ -1037,8 +1072,20 @@ els.del.addEventListener("click", askDelete);
 els.deleteYes.addEventListener("click", deleteSession);
 els.deleteNo.addEventListener("click", closeDeleteConfirm);
 els.deleteConfirm.addEventListener("keydown", (event) => {
-  if (event.key === "Escape") closeDeleteConfirm();
+  if (event.key === "Escape") {
+    event.preventDefault(); // this Esc closes the question: it does not stop the answer too
+    closeDeleteConfirm();
+  }
 });
+// Esc stops the answer being written (POST /turns/{id}/cancel, as Stop does), wherever the
+// focus is, unless that Esc was someone else's: closing the rename field, the delete
+// question or the keys panel (their handlers run first and prevent the default).
+window.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape" || event.defaultPrevented || event.isComposing || !state.streaming) return;
+  event.preventDefault();
+  state.streaming.stop();
+});
+installCopyButtons(els.messages);
 
 async function start() {
   updateComposer();
