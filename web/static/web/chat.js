@@ -15,12 +15,12 @@
 // screen reader hears "Answer started" and "Answer finished" (the polite `answer-status`
 // region), not every piece of the answer as it arrives.
 
+import { API, ApiProblem, allPages, api, csrfToken } from "./api.js";
 import { MarkdownStream, installCopyButtons, renderMarkdown } from "./markdown.js";
 import { creditAmounts, money, notEnoughCredits } from "./money.js";
 import { SSEParser } from "./sse.js";
 
 const app = document.getElementById("app");
-const API = app.dataset.apiBase || "/api/v1";
 const DEFAULT_MODEL = app.dataset.defaultModel || "";
 const PROVIDER = app.dataset.provider || "";
 
@@ -63,15 +63,6 @@ const state = {
 
 // --- helpers -------------------------------------------------------------------------
 
-function csrfToken() {
-  for (const part of document.cookie.split(";")) {
-    const [name, ...rest] = part.trim().split("=");
-    if (name === "csrftoken") return decodeURIComponent(rest.join("="));
-  }
-  const input = document.querySelector("input[name=csrfmiddlewaretoken]");
-  return input ? input.value : "";
-}
-
 // An element showing an amount at 2 places, with the exact amount as its tooltip.
 function showMoney(el, value, direction = "down") {
   el.textContent = money(value, direction);
@@ -81,51 +72,6 @@ function showMoney(el, value, direction = "down") {
 
 function isFakeModel(model) {
   return typeof model === "string" && model.startsWith("fake/");
-}
-
-class ApiProblem extends Error {
-  constructor(status, body) {
-    super((body && body.detail) || `HTTP ${status}`);
-    this.status = status;
-    this.code = (body && body.code) || "";
-    this.detail = (body && body.detail) || "";
-  }
-}
-
-async function api(path, { method = "GET", body } = {}) {
-  const headers = { Accept: "application/json" };
-  if (method !== "GET") {
-    headers["Content-Type"] = "application/json";
-    headers["X-CSRFToken"] = csrfToken();
-  }
-  const response = await fetch(path.startsWith("/") ? path : `${API}/${path}`, {
-    method,
-    headers,
-    credentials: "same-origin",
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  let data = null;
-  try {
-    data = await response.json();
-  } catch {
-    data = null;
-  }
-  if (!response.ok) throw new ApiProblem(response.status, data);
-  return data;
-}
-
-// Every item of a paginated list, following `next` (kept same-origin) a bounded number of times.
-async function allPages(path, maxPages = 20) {
-  const items = [];
-  let url = `${API}/${path}${path.includes("?") ? "&" : "?"}page_size=200`;
-  for (let page = 0; url && page < maxPages; page++) {
-    const data = await api(url);
-    items.push(...(data.results || []));
-    if (!data.next) break;
-    const next = new URL(data.next, window.location.href);
-    url = next.pathname + next.search;
-  }
-  return items;
 }
 
 function showError(message) {

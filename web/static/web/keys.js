@@ -8,10 +8,9 @@
 // answer, nor in localStorage, a cookie or the URL. Everything from the server (names,
 // model names, error details) is written as text, never as HTML.
 
+import { ApiProblem, allPages, api } from "./api.js";
 import { money } from "./money.js";
 
-const app = document.getElementById("app");
-const API = app.dataset.apiBase || "/api/v1";
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -42,66 +41,6 @@ const els = {
 
 let loadToken = 0; // a slower list load never overwrites a newer one
 
-// --- the API ---------------------------------------------------------------------------
-
-function csrfToken() {
-  for (const part of document.cookie.split(";")) {
-    const [name, ...rest] = part.trim().split("=");
-    if (name === "csrftoken") return decodeURIComponent(rest.join("="));
-  }
-  const input = document.querySelector("input[name=csrfmiddlewaretoken]");
-  return input ? input.value : "";
-}
-
-class KeysProblem extends Error {
-  constructor(status, body) {
-    super((body && body.detail) || `HTTP ${status}`);
-    this.status = status;
-    this.code = (body && typeof body.code === "string" && body.code) || "";
-    this.detail = (body && typeof body.detail === "string" && body.detail) || "";
-  }
-}
-
-async function api(path, { method = "GET", body } = {}) {
-  const headers = { Accept: "application/json" };
-  if (method !== "GET") headers["X-CSRFToken"] = csrfToken();
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path.startsWith("/") ? path : `${API}/${path}`, {
-    method,
-    headers,
-    credentials: "same-origin",
-    cache: "no-store",
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  let data = null;
-  if (response.status !== 204) {
-    try {
-      data = await response.json();
-    } catch {
-      data = null;
-    }
-  }
-  if (!response.ok) throw new KeysProblem(response.status, data);
-  return data;
-}
-
-// Every key, following `next` (kept same-origin) a bounded number of times.
-async function allKeys(maxPages = 20) {
-  const keys = [];
-  let url = `${API}/keys?page_size=200`;
-  for (let page = 0; url && page < maxPages; page++) {
-    const data = await api(url);
-    if (Array.isArray(data)) return data; // a plain list
-    keys.push(...((data && data.results) || []));
-    if (!data || !data.next) break;
-    const next = new URL(data.next, window.location.href);
-    url = next.pathname + next.search;
-  }
-  return keys;
-}
-
-// --- messages --------------------------------------------------------------------------
-
 function showError(message) {
   els.error.textContent = message;
   els.error.hidden = false;
@@ -114,7 +53,7 @@ function clearError() {
 
 // A plain sentence for a refused request; `doing` says what was refused ("The key was not created").
 function describe(err, doing) {
-  if (!(err instanceof KeysProblem)) {
+  if (!(err instanceof ApiProblem)) {
     return `${doing}: the server could not be reached (${err && err.message ? err.message : "network error"}).`;
   }
   const { status, code, detail } = err;
@@ -239,7 +178,7 @@ async function loadKeys() {
   const token = ++loadToken;
   els.loading.hidden = els.list.children.length > 0;
   try {
-    const keys = await allKeys();
+    const keys = await allPages("keys");
     if (token !== loadToken) return;
     renderKeys(keys);
   } catch (err) {
