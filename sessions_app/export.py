@@ -2,10 +2,8 @@
 whole message tree with every turn's usage and cost.
 
 The current branch is the chain from a root to the session's `current_leaf`, following
-`parent`. `current_branch` walks it in two queries whatever the tree's size: the session's
-(id, parent_id) pairs, then the chain's rows. A session written before the message tree
-(no `current_leaf`) ends at its newest message; if none of its messages has a parent at
-all (a linear history never chained), the branch is all of them, oldest first.
+`parent`: `sessions_app.tree.branch`, the one `GET .../messages` lists (a session without a
+leaf ends at its newest message; migration 0008 chained every history written before).
 
 The Markdown: a heading with the title, then each message of the branch, `**User**` or
 `**Assistant**` (or `**System**`) and its content as stored. Tool rounds are summarized:
@@ -26,37 +24,17 @@ from rest_framework import serializers
 
 from sessions_app.models import ChatSession, Message, Turn
 from sessions_app.serializers import turn_data
+from sessions_app.tree import branch
 
 FORMATS = ("md", "json")
 CONTENT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
 _ORDER = ("created_at", "position", "id")
 
 
-def _leaf_id(session: ChatSession, pairs: list[tuple]) -> object | None:
-    """The branch's last message: the current leaf if it is one of the session's, else the newest."""
-    ids = {pair[0] for pair in pairs}
-    if session.current_leaf_id in ids:
-        return session.current_leaf_id
-    return pairs[-1][0] if pairs else None
-
-
 def current_branch(session: ChatSession) -> list[Message]:
-    """The messages of the session's current branch, root first (two queries)."""
-    pairs = list(Message.objects.filter(session=session).order_by(*_ORDER).values_list("id", "parent_id"))
-    if not pairs:
-        return []
-    if session.current_leaf_id is None and all(parent is None for _, parent in pairs):
-        # A history from before the tree: linear, in the order it was shown.
-        return list(Message.objects.filter(session=session).order_by(*_ORDER))
-    parents = dict(pairs)
-    chain, seen = [], set()
-    node = _leaf_id(session, pairs)
-    while node is not None and node not in seen and node in parents:  # `seen`: a cycle cannot loop forever
-        seen.add(node)
-        chain.append(node)
-        node = parents[node]
-    rows = Message.objects.in_bulk(chain)
-    return [rows[pk] for pk in reversed(chain) if pk in rows]
+    """The messages of the session's current branch, root first: the same branch as
+    `GET .../messages` lists (`sessions_app.tree.branch`)."""
+    return branch(session)
 
 
 def _one_line(text: str) -> str:
@@ -106,7 +84,7 @@ def tree(session: ChatSession) -> dict:
     `parent_id`), every turn (title turns too: they were paid for) with usage and cost."""
     messages = list(Message.objects.filter(session=session).order_by(*_ORDER))
     turns = Turn.objects.filter(session=session).order_by("created_at", "id")
-    leaf = _leaf_id(session, [(m.id, m.parent_id) for m in messages])
+    leaf = session.current_leaf_id or (messages[-1].id if messages else None)  # as `branch` ends
     return {
         "session": {"id": str(session.id), "title": session.title, "model": session.model,
                     "system_prompt": session.system_prompt, "current_leaf_id": str(leaf) if leaf else None,

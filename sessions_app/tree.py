@@ -75,11 +75,16 @@ def _sibling_positions(session_id: uuid.UUID, messages: list[Message]) -> None:
 def branch(session: ChatSession) -> list[Message]:
     """The session's current branch, root to leaf, each message with `sibling_index` and
     `sibling_count`. Three queries whatever the tree's size: the chain's ids, its rows, and
-    the siblings. A session whose leaf is unset (no message yet) has an empty branch."""
-    if session.current_leaf_id is None:
-        return []
+    the siblings. A session whose leaf is unset ends at its newest message (one query more);
+    one without messages has an empty branch."""
+    leaf = session.current_leaf_id
+    if leaf is None:
+        leaf = (Message.objects.filter(session_id=session.id).order_by("-created_at", "-position", "-id")
+                .values_list("id", flat=True).first())
+        if leaf is None:
+            return []
     ids = [sql.as_uuid(row[0]) for row in sql.fetch_all(_branch_sql(connection.vendor), {
-        "leaf": sql.value(Message, "id", session.current_leaf_id),
+        "leaf": sql.value(Message, "id", leaf),
         "session": sql.value(Message, "session", session.id)})]
     found = Message.objects.in_bulk(ids)
     messages = [found[message_id] for message_id in ids if message_id in found]
