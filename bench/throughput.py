@@ -280,7 +280,11 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
     def pantheon_request(user: int, model: str, *, limited: bool = False) -> tuple[Front, bytes]:
         key, session_id, limited_key = users[user]
         front = pantheon_front(session_id)
-        return front, front.request({"content": "bench", "model": model}, limited_key if limited else key)
+        # A new root each time ("parent_id": null, SPEC section 17): a one-message conversation,
+        # the same request the relay forwards (a session's growing history would make
+        # Pantheon's upstream requests, and its context building, larger than the relay's).
+        return front, front.request({"content": "bench", "model": model, "parent_id": None},
+                                    limited_key if limited else key)
 
     # The OpenAI-compatible front door (SPEC section 14): the same turn, OpenAI's chunks.
     facade = Front("Pantheon, OpenAI API", pantheon_port, "/v1/chat/completions", b'"delta":{"content":"')

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db import connection, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 from django.db import transaction as django_transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -54,11 +54,12 @@ def insert(model: type[models.Model], rows: Sequence[dict[str, Any]], *, ignore_
     statement does not wait for its answer (see `execute`)."""
     if not rows:
         return
+    db = _db()
     names = tuple(rows[0])
     fields = [model._meta.get_field(name) for name in names]
-    params = [field.get_db_prep_save(row[name], connection) for row in rows
+    params = [field.get_db_prep_save(row[name], db) for row in rows
               for name, field in zip(names, fields, strict=True)]
-    execute(_insert_sql(model, names, len(rows), connection.vendor, ignore_conflicts), params, count=False)
+    execute(_insert_sql(model, names, len(rows), db.vendor, ignore_conflicts), params, count=False)
 
 
 @functools.cache
@@ -70,25 +71,45 @@ def _update_sql(model: type[models.Model], fields: tuple[str, ...], vendor: str)
 def update(model: type[models.Model], pk: Any, values: dict[str, Any], *, count: bool = True) -> int:
     """UPDATE one row by primary key, values prepared by the fields; returns the rows
     changed (-1 with `count=False`, which does not wait for the answer: see `execute`)."""
+    db = _db()
     names = tuple(values)
-    params = [model._meta.get_field(name).get_db_prep_save(values[name], connection) for name in names]
-    params.append(model._meta.pk.get_db_prep_value(pk, connection))
-    return execute(_update_sql(model, names, connection.vendor), params, count=count)
+    params = [model._meta.get_field(name).get_db_prep_save(values[name], db) for name in names]
+    params.append(model._meta.pk.get_db_prep_value(pk, db))
+    return execute(_update_sql(model, names, db.vendor), params, count=count)
 
 
 def value(model: type[models.Model], field: str, python_value: Any) -> Any:
     """A value as a query parameter for `model.field` (a UUID for SQLite is its hex, ...)."""
-    return model._meta.get_field(field).get_db_prep_value(python_value, connection)
+    return model._meta.get_field(field).get_db_prep_value(python_value, _db())
+
+
+def _db():
+    """This thread's connection itself: `django.db.connection` is a proxy that looks it up
+    again (in an asgiref Local) on every attribute, which the field methods read often."""
+    return connections[DEFAULT_DB_ALIAS]
+
+
+@contextlib.contextmanager
+def _cursor() -> Iterator[Any]:
+    """The open transaction's cursor (one for all its statements: PostgreSQL, see
+    `transaction()`), else a new one. Each statement's result is read before the next is
+    sent on it, or not at all (`count=False`)."""
+    shared = getattr(_state, "cursor", None)
+    if shared is not None:
+        yield shared
+        return
+    with _db().cursor() as cursor:
+        yield cursor
 
 
 def fetch_one(sql: str, params: Sequence[Any] | dict[str, Any]) -> tuple | None:
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchone()
 
 
 def fetch_all(sql: str, params: Sequence[Any] | dict[str, Any]) -> list[tuple]:
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
 
@@ -97,7 +118,7 @@ def execute(sql: str, params: Sequence[Any] | dict[str, Any], *, count: bool = T
     """Run one statement; returns the number of rows it changed. With `count=False` the
     answer is not waited for (inside `pipeline()`, the statement joins the next round trip)
     and -1 is returned."""
-    with connection.cursor() as cursor:
+    with _cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount if count else -1
 
@@ -183,12 +204,14 @@ def transaction() -> Iterator[None]:
             finally:
                 _state.depth = 0
         return
-    connection.ensure_connection()
-    raw = connection.connection
+    db = _db()
+    db.ensure_connection()
+    raw = db.connection
     _state.depth = 1
     try:
         # Errors surface at the pipeline's sync points: Django's wrapper makes them Django's.
-        with connection.wrap_database_errors, raw.pipeline():
+        with db.wrap_database_errors, raw.pipeline(), db.cursor() as cursor:
+            _state.cursor = cursor  # one cursor for the plain statements (not the ORM's)
             execute("BEGIN", [], count=False)
             yield
             execute("COMMIT", [], count=False)
@@ -200,3 +223,4 @@ def transaction() -> Iterator[None]:
         raise
     finally:
         _state.depth = 0
+        _state.cursor = None

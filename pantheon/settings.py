@@ -10,6 +10,7 @@ from csp import constants as csp_constants
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
+from core.pool import checker, note_returned
 from pantheon.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -141,6 +142,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "max_size": env_int("PANTHEON_DB_POOL_MAX", 20, minimum=1),
         # How long a request waits for a free connection before failing.
         "timeout": env_float("PANTHEON_DB_POOL_TIMEOUT", 10.0, minimum=0.1),
+        # A connection is checked with a round trip only after it sat idle (core/pool.py).
+        "check": checker(env_float("PANTHEON_DB_CHECK_IDLE_SECONDS", 2.0, minimum=0.0)),
+        "reset": note_returned,
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the worker and the server share the file; wait instead of failing on a lock.
@@ -211,6 +215,7 @@ SPECTACULAR_SETTINGS = {
         "MessageRoleEnum": "sessions_app.models.Message.Role",
         "FileStatusEnum": "files_app.models.UploadedFile.Status",
         "LedgerKindEnum": "billing_app.models.LedgerEntry.Kind",
+        "TurnKindEnum": "sessions_app.models.Turn.Kind",
     },
 }
 

@@ -90,7 +90,7 @@ def tree(session: ChatSession) -> dict:
                     "system_prompt": session.system_prompt, "current_leaf_id": str(leaf) if leaf else None,
                     "created_at": _time(session.created_at), "updated_at": _time(session.updated_at)},
         "messages": [message_data(message) for message in messages],
-        "turns": [{**turn_data(turn), "kind": turn.kind} for turn in turns],
+        "turns": [turn_data(turn) for turn in turns],
         "exported_at": _time(timezone.now()),
     }
 

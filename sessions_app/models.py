@@ -21,6 +21,9 @@ class ChatSession(models.Model):
     # The end of the branch shown and continued (SPEC section 17); null: no message yet.
     current_leaf = models.ForeignKey("Message", null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
+    # A title task was queued (SPEC section 17: once, after the first completed turn), so
+    # the turns completing before it runs, or after it failed, queue no other.
+    title_requested = models.BooleanField(default=False, editable=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
 

@@ -56,7 +56,7 @@ def turn_usage(turn: Turn) -> dict:
 def turn_data(turn: Turn) -> dict:
     """The turn object of SPEC section 4 (also used by the turn endpoints)."""
     return {
-        "id": str(turn.id), "session_id": str(turn.session_id), "status": turn.status,
+        "id": str(turn.id), "session_id": str(turn.session_id), "kind": turn.kind, "status": turn.status,
         "model": turn.model, "served_model": turn.served_model or (turn.model if turn.status != "running" else None),
         "provider_model": turn.provider_model, "usage": turn_usage(turn),
         "cost": format_money(turn.cost),
@@ -83,6 +83,9 @@ class TurnSerializer(serializers.Serializer):
 
     id = serializers.UUIDField()
     session_id = serializers.UUIDField()
+    kind = serializers.ChoiceField(choices=Turn.Kind.choices, help_text=(
+        "`chat`: a turn of the conversation; `title`: the session's title, written by a model (SPEC section 17): "
+        "billed like a turn, no messages."))
     status = serializers.ChoiceField(choices=Turn.Status.choices, help_text=(
         "`running` until the turn ends; then `completed`, `cancelled` (the client went away or asked to stop), "
         "`failed` (upstream error) or `interrupted` (the process serving it died)."))

@@ -44,7 +44,12 @@ from files_app.services import FILE_READ_TOOL, ready_files_for
 from files_app.tools import TOOL_OUTPUT_BUDGET_CHARS
 from llm_gateway import CallRecord, ChatMessage, GatewayError, ToolCall, Usage
 from llm_gateway.routing import Candidate
-from llm_gateway.tokens import estimate_prompt_tokens
+from llm_gateway.tokens import (
+    MESSAGE_OVERHEAD_TOKENS,
+    REPLY_PRIMING_TOKENS,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
 from sessions_app import limits, metrics, tree
 from sessions_app.models import ChatSession, IdempotencyKey, LlmEvent, Message, Turn
 
@@ -53,6 +58,8 @@ User = get_user_model()
 
 # Most earlier messages looked at when building the context (the budget trims further).
 HISTORY_LIMIT = 200
+# What estimate_prompt_tokens() gives for one message beyond its text's tokens.
+ONE_MESSAGE_TOKENS = REPLY_PRIMING_TOKENS + MESSAGE_OVERHEAD_TOKENS
 # Lapsed turns closed per sweep transaction batch.
 SWEEP_BATCH = 100
 
@@ -168,6 +175,8 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
     if session_id is None:
         assert key_hash is not None, "the API session is found by key"
         found, history = sql.fetch_all(_preflight_sql(True, connection.vendor, True), params), []
+    elif root:  # a new root (or a title): no chain to read
+        found, history = sql.fetch_all(_preflight_sql(key_hash is not None, connection.vendor), params), []
     else:
         chain = {"session": params["session"], "parent": sql.value(Message, "id", parent_id), "root": root}
         found, history = sql.fetch_together([(_preflight_sql(key_hash is not None, connection.vendor), params),
@@ -220,7 +229,7 @@ def build_context(system_prompt: str, history: list[tuple[str, str]], content: s
     budget = settings.PANTHEON_CONTEXT_BUDGET_TOKENS - estimate_prompt_tokens(head + tail)
     earlier: list[ChatMessage] = []
     for role, text in history:  # newest first, so the oldest are the ones left out
-        cost = estimate_prompt_tokens([{"role": role, "content": text}])
+        cost = ONE_MESSAGE_TOKENS + estimate_tokens(text)  # inline: up to HISTORY_LIMIT of them per turn
         if cost > budget:
             break
         budget -= cost
@@ -694,16 +703,19 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
         row = sql.fetch_one(_MOVE_LEAF, [sql.value(ChatSession, "updated_at", now),
                                          sql.value(ChatSession, "current_leaf", assistant["id"]),
                                          sql.value(ChatSession, "id", turn.session_id)])
-        untitled = row is not None and row[0] == ""
+        untitled = row is not None and row[0] == "" and not row[1]
     if reconciliation == Turn.Reconciliation.PENDING:
         # In this transaction: a turn that closed as pending always has its task queued.
         from sessions_app.tasks import schedule_reconciliation  # the tasks import this module
 
         schedule_reconciliation(turn.id)
-    if untitled and outcome.status == Turn.Status.COMPLETED and settings.PANTHEON_AUTO_TITLE:
+    if (untitled and outcome.status == Turn.Status.COMPLETED and settings.PANTHEON_AUTO_TITLE
+            and sql.execute(_ASK_TITLE, [True, sql.value(ChatSession, "id", turn.session_id), False])):
         from sessions_app.tasks import schedule_title
 
-        schedule_title(turn.session_id)  # SPEC section 17: after the first completed turn
+        # SPEC section 17: after the first completed turn. Once: the session's next turns
+        # (which close before the task runs, or after it failed) see title_requested.
+        schedule_title(turn.session_id)
     stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, api_key_id=turn.api_key_id,
                   model=turn.model,
                   streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
@@ -718,7 +730,8 @@ def billed_records(records: list[CallRecord], served_model: str) -> list[CallRec
 
 
 _MOVE_LEAF = (f"UPDATE {sql.table(ChatSession)} SET updated_at = %s, {sql.column(ChatSession, 'current_leaf')} = %s "
-              f"WHERE id = %s RETURNING title")
+              f"WHERE id = %s RETURNING title, title_requested")
+_ASK_TITLE = f"UPDATE {sql.table(ChatSession)} SET title_requested = %s WHERE id = %s AND title_requested = %s"
 _SET_TITLE = f"UPDATE {sql.table(ChatSession)} SET title = %s, updated_at = %s WHERE id = %s AND title = ''"
 TITLE_WORDS, TITLE_CHARS = 8, 80
 

@@ -215,8 +215,9 @@ def test_the_turn_bodies_are_declared(schema):
     assert result["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/TurnResult"
     assert set(components["TurnResult"]["required"]) == {"turn", "message", "usage", "cost", "balance"}
     turn = components["Turn"]
-    assert set(turn["required"]) == {"id", "session_id", "status", "model", "served_model", "provider_model",
-                                     "usage", "cost", "created_at", "finished_at"}
+    assert set(turn["required"]) == {"id", "session_id", "kind", "status", "model", "served_model",
+                                     "provider_model", "usage", "cost", "created_at", "finished_at"}
+    assert components["TurnKindEnum"]["enum"] == ["chat", "title"]
     assert components["TurnStatusEnum"]["enum"] == ["running", "completed", "cancelled", "failed", "interrupted"]
     upload = operations(schema)[("post", "/files")]["requestBody"]["content"]
     assert set(upload) == {"multipart/form-data"}

@@ -86,7 +86,7 @@ def test_session_detail_messages_and_turns(alice, alice_api, price):
 
     turns = alice_api.get(f"/api/v1/sessions/{session.id}/turns").json()["results"]
     assert turns == [{
-        "id": str(turn.id), "session_id": str(session.id), "status": "completed", "model": MODEL,
+        "id": str(turn.id), "session_id": str(session.id), "kind": "chat", "status": "completed", "model": MODEL,
         "served_model": MODEL, "provider_model": "p/m",
         "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "estimated": False,
                   "reconciled": False},

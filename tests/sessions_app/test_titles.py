@@ -57,6 +57,23 @@ def test_the_first_completed_turn_queues_a_title_paid_like_a_turn(alice, fake_mo
     assert DBTaskResult.objects.filter(task_path=TITLE_TASK).count() == 1
 
 
+def test_turns_completing_before_the_title_task_ran_queue_no_second_one(alice, fake_model):
+    session = ChatSession.objects.create(user=alice, model="fake/echo")
+    first_turn(alice, session)
+    first_turn(alice, session, "And then Porto?")  # the worker has not run the first task yet
+    first_turn(alice, session, "And Coimbra?")
+    assert DBTaskResult.objects.filter(task_path=TITLE_TASK).count() == 1
+    assert ChatSession.objects.get(pk=session.pk).title_requested
+
+
+def test_the_turns_list_tells_a_title_turn_from_the_conversation_s(alice, alice_api, fake_model):
+    session = ChatSession.objects.create(user=alice, model="fake/echo")
+    first_turn(alice, session)
+    write_title(session.id)
+    turns = alice_api.get(f"/api/v1/sessions/{session.id}/turns").json()["results"]
+    assert sorted(turn["kind"] for turn in turns) == ["chat", "title"]
+
+
 def test_no_title_when_the_wallet_cannot_afford_it(make_user, fake_model):
     poor = make_user("poor", "0.1")
     session = ChatSession.objects.create(user=poor, model="fake/echo")

@@ -1,0 +1,111 @@
+"""The database side of one streamed turn, alone on one thread: its CPU, without the noise
+of a load run (where the event loop, the provider and the client share the two cores).
+
+    .venv/bin/python bench/turn_cpu.py [--turns 200] [--history] [--cprofile FILE]
+
+On a scratch PostgreSQL database (`pantheon_turn_cpu`, created afresh; DATABASE_URL
+overrides it) it runs what a streamed turn runs on the database threads, each step as one
+unit of database work (`core.db`), as the server does: the preflight (read and begin), two
+checkpoints, the close. It prints the CPU and wall time per turn and the statements sent.
+Each turn starts a new root (`"parent_id": null`), as in bench/throughput.py; `--history`
+continues the session's branch instead, so late turns read and trim a long history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def scratch_database() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if url:
+        return url
+    env = {**os.environ, "PGHOST": HOST, "PGUSER": "postgres"}
+    subprocess.run(["dropdb", "--if-exists", "pantheon_turn_cpu"], env=env, check=True)
+    subprocess.run(["createdb", "pantheon_turn_cpu"], env=env, check=True)
+    return f"postgres://postgres@{HOST}:5432/pantheon_turn_cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--turns", type=int, default=200)
+    parser.add_argument("--history", action="store_true", help="continue the branch instead of new roots")
+    parser.add_argument("--cprofile", metavar="FILE", help="profile the measured turns (CPU time) into FILE")
+    args = parser.parse_args()
+    os.environ["DATABASE_URL"] = scratch_database()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pantheon.settings")
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + "x" * 50)
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, check=True)
+    sys.path.insert(0, str(ROOT))
+
+    import django
+
+    django.setup()
+    from decimal import Decimal
+
+    from django.contrib.auth import get_user_model
+    from django.db import connection, connections
+    from django.test.utils import CaptureQueriesContext
+
+    from accounts.models import ApiKey, hash_key
+    from billing_app import services
+    from core.db import _closing_connections as unit  # one unit of database work, as db_call runs it
+    from llm_gateway import Usage
+    from sessions_app.models import ChatSession
+    from sessions_app.turns import TurnInput, TurnOutcome, begin_turn, close_turn, load_preflight, renew_turn
+
+    services.set_price(model="bench/1s", prompt_per_mtok=Decimal("1"), completion_per_mtok=Decimal("1"))
+    user, _ = get_user_model().objects.get_or_create(username="turn-cpu")
+    services.grant(user_id=user.pk, amount=Decimal("100000"))
+    _, raw_key = ApiKey.issue(user=user)
+    key_hash = hash_key(raw_key)
+    # Untitled, as in bench/throughput.py (no db_worker runs: its first turn queues a title task).
+    session_id = ChatSession.objects.create(user=user, model="bench/1s").pk
+    root = not args.history
+
+    def preflight():  # the turn view's one unit: read, then begin
+        found = load_preflight(session_id=session_id, model=None, key_hash=key_hash, root=root)
+        return begin_turn(found, TurnInput(content="bench", parent_id=None, parent_given=root), streamed=True)
+
+    def one_turn() -> None:
+        prepared = unit(preflight)
+        for i in (1, 2):
+            unit(renew_turn, prepared.turn_id, checkpoint="p0 p1 " * i, chunk_ends=[3, 6][:i],
+                 generation_id="gen-bench", served_model="bench/1s")
+        unit(close_turn, prepared.turn_id, TurnOutcome(
+            status="completed", content="p0 p1 " * 10, usage=Usage(20, 20), prompt_processed=True,
+            served_model="bench/1s", provider_model="bench/upstream"), price=prepared.price)
+
+    connections.close_all()
+    for _ in range(20):  # warm: imports, caches, the pool
+        one_turn()
+    connection.force_debug_cursor = True
+    with CaptureQueriesContext(connection) as queries:
+        one_turn()
+    statements = len(queries)
+    connection.force_debug_cursor = False
+    profile = cProfile.Profile(time.process_time) if args.cprofile else None
+    cpu, wall = time.process_time(), time.perf_counter()
+    if profile:
+        profile.enable()
+    for _ in range(args.turns):
+        one_turn()
+    if profile:
+        profile.disable()
+        profile.dump_stats(args.cprofile)
+    cpu, wall = (time.process_time() - cpu) / args.turns, (time.perf_counter() - wall) / args.turns
+    print(f"{args.turns} turns ({'a growing branch' if args.history else 'new roots'}): CPU {cpu * 1000:.2f} ms, "
+          f"wall {wall * 1000:.2f} ms per turn; {statements} statements per turn")
+
+
+if __name__ == "__main__":
+    main()
