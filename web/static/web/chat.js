@@ -14,10 +14,19 @@
 // Keys: Enter sends, Shift+Enter is a new line, Esc stops the answer being written. A
 // screen reader hears "Answer started" and "Answer finished" (the polite `answer-status`
 // region), not every piece of the answer as it arrives.
+//
+// A conversation is a tree (SPEC section 17, docs/conversations.md): the page shows the
+// session's current branch, as `GET .../messages` lists it. Each answer can be regenerated
+// (a turn with `parent_id` = its question and no content), each user message edited (a turn
+// with `parent_id` = the message before it and the new content), and a message with
+// siblings has `‹ i/n ›` switches (`PATCH` of the session's `current_leaf_id`, free). The
+// title the server's background task writes after the first answer is picked up by polling
+// the session for a while. Search lives in search.js; export is two download links.
 
 import { API, ApiProblem, allPages, api, csrfToken } from "./api.js";
 import { MarkdownStream, installCopyButtons, renderMarkdown } from "./markdown.js";
 import { creditAmounts, money, notEnoughCredits } from "./money.js";
+import { SearchBox } from "./search.js";
 import { SSEParser } from "./sse.js";
 
 const app = document.getElementById("app");
@@ -35,6 +44,11 @@ const els = {
   sessionsLocked: document.getElementById("sessions-locked"),
   modelFull: document.getElementById("model-full"),
   rename: document.getElementById("rename-session"),
+  exportMd: document.getElementById("export-md"),
+  exportJson: document.getElementById("export-json"),
+  searchInput: document.getElementById("search-input"),
+  searchStatus: document.getElementById("search-status"),
+  searchResults: document.getElementById("search-results"),
   renameForm: document.getElementById("rename-form"),
   renameInput: document.getElementById("rename-input"),
   renameCancel: document.getElementById("rename-cancel"),
@@ -59,6 +73,14 @@ const state = {
   loading: false, // the selected session's history is loading: sending waits for it
   loadToken: 0, // guards against a slow history load overwriting a newer one
   busy: false, // a rename or delete of the current session is on its way
+  // The branch on screen, one entry per bubble, in order: {el, role, message (from the
+  // server's listing; null for a bubble of the turn being written until it is stored),
+  // question (an answer's user message: what a regenerate answers again), source (the
+  // message whose siblings its switch walks), actions (its row of buttons)}.
+  shown: [],
+  branchVersion: 0, // bumped whenever the branch on screen is replaced or a turn starts
+  editing: null, // the user message being edited: {entry, form, body}
+  completedTurns: 0, // completed turns of the session on screen (0: its title is not asked yet)
 };
 
 // --- helpers -------------------------------------------------------------------------
@@ -224,17 +246,55 @@ function toolMessage(message) {
   return details;
 }
 
-function renderHistory(messages, turns) {
-  const statusOf = new Map(turns.map((t) => [t.id, t]));
-  // The answer of a turn is its last assistant message; earlier ones are tool-call steps.
+// Which messages of a branch get a bubble, and what each bubble's buttons act on. An
+// answer's `question` is the user message before it (a regenerate answers it again); its
+// `source` is the first message after that question (the answer itself, or the first step
+// of a turn that called tools): the one with the siblings. A tool-call step without text
+// gets no bubble; only the last answer of a turn gets buttons.
+function describeBranch(messages) {
   const lastAssistant = new Map();
   for (const m of messages) if (m.role === "assistant") lastAssistant.set(m.turn_id, m.id);
-  const nodes = [];
+  const items = [];
+  let question = null;
+  let head = null;
   for (const m of messages) {
     if (m.role === "user") {
-      nodes.push(userMessage(m.content));
-    } else if (m.role === "assistant") {
-      if (lastAssistant.get(m.turn_id) !== m.id && !m.content) continue;
+      question = m;
+      head = null;
+      items.push({ message: m, role: "user", question: null, source: m });
+      continue;
+    }
+    if (!head) head = m;
+    const last = m.role === "assistant" && lastAssistant.get(m.turn_id) === m.id;
+    if (m.role === "assistant" && !last && !m.content) continue;
+    items.push({
+      message: m,
+      role: m.role === "assistant" ? "assistant" : "tool",
+      question: last ? question : null,
+      source: last ? head : null,
+    });
+  }
+  return items;
+}
+
+function emptyNote(text) {
+  return Object.assign(document.createElement("p"), { className: "empty", textContent: text });
+}
+
+function removeEmptyNote() {
+  const empty = els.messages.querySelector(".empty");
+  if (empty) empty.remove();
+}
+
+function renderHistory(messages, turns, { scrollEnd = true } = {}) {
+  const statusOf = new Map(turns.map((t) => [t.id, t]));
+  state.editing = null;
+  state.shown = describeBranch(messages).map((item) => {
+    const m = item.message;
+    let el;
+    if (item.role === "user") {
+      el = userMessage(m.content);
+    } else if (item.role === "assistant") {
       const turn = statusOf.get(m.turn_id);
       const status = turn ? turn.status : "completed";
       const parts = assistantMessage(m.content, {
@@ -243,19 +303,90 @@ function renderHistory(messages, turns) {
         turnId: m.turn_id || "",
       });
       setNote(parts, STATUS_NOTES[status] || "");
-      nodes.push(parts.wrap);
+      el = parts.wrap;
     } else {
-      nodes.push(toolMessage(m));
+      el = toolMessage(m);
     }
+    const entry = { ...item, el, actions: null };
+    el.dataset.messageId = m.id;
+    renderActions(entry);
+    return entry;
+  });
+  els.messages.replaceChildren(...state.shown.map((entry) => entry.el));
+  if (!state.shown.length) els.messages.append(emptyNote("No messages yet. Write the first one below."));
+  updateComposer();
+  if (scrollEnd) scrollToEnd(true);
+}
+
+// --- the buttons of a message: edit, regenerate, ‹ i/n › -----------------------------
+
+function actionButton(text, testid, label, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "small msg-action";
+  button.dataset.testid = testid;
+  button.textContent = text;
+  button.setAttribute("aria-label", label);
+  button.title = label;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+// `‹ i/n ›` between the versions of a message (its siblings: same parent, oldest first).
+// A button at an end stays disabled (`data-edge`), whatever else updateComposer decides.
+function siblingSwitch(entry) {
+  const { sibling_index: index, sibling_count: count } = entry.source;
+  const what = entry.role === "user" ? "message" : "answer";
+  const group = document.createElement("span");
+  group.className = "sibling-switch";
+  group.setAttribute("role", "group");
+  group.setAttribute("aria-label", `Versions of this ${what}`);
+  const prev = actionButton("‹", "sibling-prev", `Previous version of this ${what}`,
+    () => switchSibling(entry, -1));
+  const next = actionButton("›", "sibling-next", `Next version of this ${what}`,
+    () => switchSibling(entry, +1));
+  if (index <= 1) prev.dataset.edge = "true";
+  if (index >= count) next.dataset.edge = "true";
+  const position = document.createElement("span");
+  position.className = "sibling-pos";
+  position.dataset.testid = "sibling-pos";
+  position.textContent = `${index}/${count}`;
+  position.title = `Version ${index} of ${count}`;
+  group.append(prev, position, next);
+  return group;
+}
+
+// The row under a bubble: its switch (when it has siblings), then Edit on a user message or
+// Regenerate on an answer. Only a bubble whose message the server listed gets one.
+function renderActions(entry) {
+  if (!entry.message || entry.role === "tool") return;
+  const parts = [];
+  if (entry.source && entry.source.sibling_count > 1) parts.push(siblingSwitch(entry));
+  if (entry.role === "user") {
+    parts.push(actionButton("Edit", "edit", "Edit this message", () => openEdit(entry)));
+  } else if (entry.question) {
+    parts.push(actionButton("Regenerate", "regenerate", "Regenerate this answer", () => regenerate(entry)));
   }
-  els.messages.replaceChildren(...nodes);
-  if (!nodes.length) {
-    const empty = document.createElement("p");
-    empty.className = "empty";
-    empty.textContent = "No messages yet. Write the first one below.";
-    els.messages.append(empty);
+  if (!entry.actions) {
+    entry.actions = document.createElement("div");
+    entry.actions.className = "msg-actions";
+    entry.el.append(entry.actions);
   }
-  scrollToEnd(true);
+  entry.actions.replaceChildren(...parts);
+  entry.actions.hidden = !parts.length || (state.editing !== null && state.editing.entry === entry);
+  lockActions(entry.actions);
+}
+
+// Nothing in the conversation can be regenerated, edited or switched while an answer is
+// written, a branch loads, or the session is being renamed or deleted.
+function conversationLocked() {
+  return state.streaming !== null || state.loading || state.busy;
+}
+
+function lockActions(root) {
+  const locked = conversationLocked();
+  for (const button of root.querySelectorAll(".msg-action")) button.disabled = locked || button.dataset.edge === "true";
+  for (const button of root.querySelectorAll(".edit-save")) button.disabled = locked;
 }
 
 function sessionLabel(session) {
@@ -305,6 +436,8 @@ function updateComposer() {
   for (const button of els.sessionList.querySelectorAll(".session-item")) button.disabled = streaming;
   els.sessionsLocked.hidden = !streaming;
   if (streaming) closeDeleteConfirm();
+  search.setLocked(streaming);
+  lockActions(els.messages);
 }
 
 // --- sessions ------------------------------------------------------------------------
@@ -319,6 +452,21 @@ function showSessionHeader() {
   els.sessionTitle.title = session ? sessionLabel(session) : "";
   els.sessionModel.textContent = session ? session.model : "";
   els.fakeLabel.hidden = !(session && (isFakeModel(session.model) || PROVIDER === "fake"));
+  for (const link of [els.exportMd, els.exportJson]) {
+    link.hidden = !session;
+    if (session) link.href = `${API}/sessions/${encodeURIComponent(session.id)}/export?format=${link.dataset.format}`;
+    else link.removeAttribute("href");
+  }
+}
+
+// A title written after the page drew it (by the server's title task): the header and the
+// session's item in the list change in place (a redraw of the list would lose its focus).
+function showSessionTitle(session) {
+  replaceSession(session);
+  if (session.id === state.currentId) showSessionHeader();
+  const item = [...els.sessionList.querySelectorAll(".session-item")].find((b) => b.dataset.sessionId === session.id);
+  const name = item && item.querySelector(".session-name");
+  if (name) name.textContent = sessionLabel(session);
 }
 
 function showNoSession() {
@@ -328,11 +476,11 @@ function showNoSession() {
   if (window.location.hash) history.replaceState(null, "", window.location.pathname + window.location.search);
   closeRename();
   closeDeleteConfirm();
+  state.shown = [];
+  state.editing = null;
   showSessionHeader();
   renderSessions();
-  els.messages.replaceChildren(Object.assign(document.createElement("p"), {
-    className: "empty", textContent: "No sessions yet. Choose a model and press “New session”.",
-  }));
+  els.messages.replaceChildren(emptyNote("No sessions yet. Choose a model and press “New session”."));
 }
 
 async function selectSession(id) {
@@ -344,30 +492,43 @@ async function selectSession(id) {
   renderSessions();
   showSessionHeader();
   clearError();
+  state.shown = [];
+  state.editing = null;
+  els.messages.replaceChildren();
+  await loadBranch(id);
+  els.composer.focus();
+}
+
+// The session's current branch and its turns, read from the server and drawn whole; the
+// newest turn, if it still runs, is followed live. False if a newer load replaced this one
+// or it failed (the error is shown).
+async function loadBranch(id, { scrollEnd = true } = {}) {
   const token = ++state.loadToken;
+  state.branchVersion++;
   state.loading = true;
   updateComposer();
-  els.messages.replaceChildren();
   try {
     const [messages, turns] = await Promise.all([
       allPages(`sessions/${id}/messages`),
       allPages(`sessions/${id}/turns`),
     ]);
-    if (token !== state.loadToken) return;
-    renderHistory(messages, turns);
+    if (token !== state.loadToken) return false;
+    state.completedTurns = turns.filter((t) => t.status === "completed").length;
+    renderHistory(messages, turns, { scrollEnd });
     const running = runningTurn(messages, turns);
     if (running) attachToTurn(running, id); // marks the page as streaming before the load ends
+    return true;
   } catch (err) {
-    if (token !== state.loadToken) return;
+    if (token !== state.loadToken) return false;
     showError(err instanceof ApiProblem ? describeProblem(err.status, err.code, err.detail)
       : `Could not load the messages: ${err.message}`);
+    return false;
   } finally {
     if (token === state.loadToken) {
       state.loading = false;
       updateComposer();
     }
   }
-  els.composer.focus();
 }
 
 async function loadModels() {
@@ -543,8 +704,9 @@ async function deleteSession() {
 
 // --- one streamed turn ---------------------------------------------------------------
 //
-// A send POSTs `{"content", "resumable": true}` with an `Idempotency-Key` made for that
-// send. Until the `start` event arrives, a network failure (the fetch rejected, or the
+// A send POSTs `{"content", "resumable": true}` (a regenerate `{"parent_id"}`, an edit
+// `{"parent_id", "content"}`, each with `"resumable": true`) with an `Idempotency-Key` made
+// for that send. Until the `start` event arrives, a network failure (the fetch rejected, or the
 // connection closed) repeats the POST with the same key and the same body: the server runs
 // the turn once and answers a repeat with that turn's stream, so a retry never pays twice.
 // Once `start` arrived the turn id is known, and a dropped connection is resumed from
@@ -610,6 +772,7 @@ class LiveTurn {
     this.waiting = null; // {timer, resolve} while waiting before a retry
     this.started = false; // "Answer started" was announced
     this.ended = false;
+    this.status = ""; // the turn's status, from its `done` event
     // The answer as Markdown, rendered at most once a frame (markdown.js).
     this.markdown = new MarkdownStream(answer.body, { onRender: () => scrollToEnd() });
     answer.body.setAttribute("aria-busy", "true"); // being written: not read out piece by piece
@@ -696,6 +859,7 @@ class LiveTurn {
         break;
       case "done":
         this.outcome = "done";
+        this.status = data.status || "completed";
         this.retryNote = false;
         answer.body.dataset.status = data.status || "completed";
         this.end(data.status === "cancelled" ? "Answer stopped."
@@ -822,9 +986,9 @@ class LiveTurn {
 // The POST of one send, repeated with the same Idempotency-Key while no `start` arrived.
 // Resolves to {} (the stream ended with its last event), {resume: true} (it started, then
 // dropped), {aborted: true}, {response} (refused with an HTTP error) or {error} (gave up).
-async function postTurn(live, content) {
+async function postTurn(live, request) {
   const key = newIdempotencyKey();
-  const body = JSON.stringify({ content, resumable: true });
+  const body = JSON.stringify({ ...request, resumable: true });
   for (let attempt = 0; ; attempt++) {
     let error = null;
     try {
@@ -907,18 +1071,19 @@ async function attachToTurn(turn, sessionId) {
   const answer = assistantMessage("", {
     status: "pending", model: turn.provider_model || turn.model || "", turnId: turn.id,
   });
-  const empty = els.messages.querySelector(".empty");
-  if (empty) empty.remove();
-  els.messages.append(answer.wrap);
+  removeEmptyNote();
+  showEntries([{ el: answer.wrap, role: "assistant", message: null, actions: null }]);
   scrollToEnd(true);
   const live = new LiveTurn(answer, sessionId, turn.id);
   state.streaming = live;
+  const version = ++state.branchVersion;
   updateComposer();
   try {
     live.settle(await followTurn(live));
   } finally {
     endStreaming(live);
   }
+  afterTurn(live, version);
 }
 
 // The turn to follow when a session opens: its newest, if that still runs and its answer
@@ -926,6 +1091,7 @@ async function attachToTurn(turn, sessionId) {
 function runningTurn(messages, turns) {
   let newest = null;
   for (const turn of turns) {
+    if (turn.kind === "title") continue; // the session's title being written: no answer to show
     if (!newest || String(turn.created_at) >= String(newest.created_at)) newest = turn;
   }
   if (!newest || newest.status !== "running") return null;
@@ -933,45 +1099,62 @@ function runningTurn(messages, turns) {
   return newest;
 }
 
-async function sendMessage() {
-  const content = els.composer.value;
-  const sessionId = state.currentId;
-  if (state.streaming || state.loading || !sessionId || !content.trim()) return;
-  clearError();
-  els.composer.value = "";
+// Bubbles at the end of the branch on screen, and taken away from it (returned, so a
+// refused turn can put back what gave way to it).
+function showEntries(entries) {
+  els.messages.append(...entries.map((entry) => entry.el));
+  state.shown.push(...entries);
+}
 
-  const empty = els.messages.querySelector(".empty");
-  if (empty) empty.remove();
-  const userEl = userMessage(content);
+function dropEntries(from) {
+  const dropped = state.shown.splice(from);
+  for (const entry of dropped) entry.el.remove();
+  return dropped;
+}
+
+// One turn sent from this page: a new message (`text`) after the branch, a new answer to a
+// question (a regenerate: `text` null), or a new version of a user message (an edit). The
+// bubbles from `keep` on give way to the new turn's; `refused(dropped)` is called when the
+// server refused the turn before storing anything (a 402, a 400...), with those bubbles.
+async function runTurn({ request, keep = state.shown.length, text = null, refused }) {
+  const sessionId = state.currentId;
+  clearError();
+  closeEdit();
+  const dropped = dropEntries(keep);
+  removeEmptyNote();
   const session = currentSession();
-  const answer = assistantMessage("", { status: "pending", model: session ? session.model : "" });
-  els.messages.append(userEl, answer.wrap);
+  const model = session ? session.model : "";
+  const fresh = [];
+  if (text !== null) fresh.push({ el: userMessage(text), role: "user", message: null, actions: null });
+  const answer = assistantMessage("", { status: "pending", model });
+  fresh.push({ el: answer.wrap, role: "assistant", message: null, actions: null });
+  showEntries(fresh);
   scrollToEnd(true);
   const live = new LiveTurn(answer, sessionId);
   state.streaming = live;
+  const version = ++state.branchVersion;
   updateComposer();
 
   try {
-    let result = await postTurn(live, content);
+    let result = await postTurn(live, request);
     if (result.response) {
       const { response } = result;
       const body = await jsonBody(response);
-      answer.wrap.remove();
       if (response.status === 502 || response.status === 504) {
         // The failed turn is stored (with the user's message); nothing was answered.
-        const failed = assistantMessage("", { status: "failed", model: session ? session.model : "" });
+        const failed = assistantMessage("", { status: "failed", model });
         setNote(failed, "No answer: the model provider failed.");
-        els.messages.append(failed.wrap);
+        answer.wrap.replaceWith(failed.wrap);
+        state.shown[state.shown.length - 1].el = failed.wrap;
+        live.outcome = "error";
         loadWallet();
       } else {
-        // Refused before anything was stored: give the text back.
-        userEl.remove();
-        if (!els.messages.children.length) {
-          els.messages.append(Object.assign(document.createElement("p"), {
-            className: "empty", textContent: "No messages yet. Write the first one below.",
-          }));
-        }
-        if (!els.composer.value) els.composer.value = content;
+        // Refused before anything was stored: what gave way comes back.
+        dropEntries(keep);
+        showEntries(dropped);
+        if (!state.shown.length) els.messages.append(emptyNote("No messages yet. Write the first one below."));
+        endStreaming(live); // first: `refused` may open the editor again, which waits for no stream
+        if (refused) refused(dropped);
       }
       if (response.status === 402) showNotEnoughCredits(body);
       else showError(describeProblem(response.status, body && body.code, body && body.detail));
@@ -981,6 +1164,277 @@ async function sendMessage() {
     live.settle(result);
   } finally {
     endStreaming(live);
+    afterTurn(live, version);
+  }
+}
+
+async function sendMessage() {
+  const content = els.composer.value;
+  if (state.streaming || state.loading || !state.currentId || !content.trim()) return;
+  els.composer.value = "";
+  await runTurn({
+    request: { content },
+    text: content,
+    refused: () => {
+      if (!els.composer.value) els.composer.value = content; // given back, not lost
+    },
+  });
+}
+
+// After a turn's stream ended: its bubbles learn their messages from the server (so they
+// get their buttons), and the first completed answer of an untitled session waits for the
+// title the server's task writes.
+function afterTurn(live, version) {
+  if (live.status === "completed") {
+    const session = state.sessions.find((s) => s.id === live.sessionId);
+    if (session && !session.title && state.completedTurns === 0) awaitTitle(live.sessionId);
+    if (live.sessionId === state.currentId) state.completedTurns++;
+  }
+  if (live.outcome) syncBranch(live.sessionId, version);
+}
+
+// The server's branch, matched to the bubbles on screen without drawing any of them again
+// (an answer drawn again would be parsed again, and would lose the notes its stream left):
+// a bubble keeps its message, or takes the listed message in its place with the same role
+// (the bubbles of the turn just written). A branch that is not the one on screen (a
+// regenerate followed after a reload streams below the answer it replaces: the server moves
+// the branch only when the turn closes) is drawn again whole.
+async function syncBranch(sessionId, version) {
+  let messages;
+  try {
+    messages = await allPages(`sessions/${sessionId}/messages`);
+  } catch {
+    return;
+  }
+  if (sessionId !== state.currentId || version !== state.branchVersion || state.streaming || state.loading) return;
+  const items = describeBranch(messages);
+  for (let i = 0; i < state.shown.length && i < items.length; i++) {
+    const entry = state.shown[i];
+    const item = items[i];
+    const fits = entry.message ? entry.message.id === item.message.id : entry.role === item.role;
+    if (!fits) {
+      loadBranch(sessionId, { scrollEnd: false });
+      return;
+    }
+    Object.assign(entry, item);
+    entry.el.dataset.messageId = item.message.id;
+    renderActions(entry);
+  }
+}
+
+// --- regenerate, edit, switch ----------------------------------------------------------
+
+function entryIndex(entry) {
+  return state.shown.indexOf(entry);
+}
+
+// A new answer to the same question, beside the earlier ones: everything after the question
+// gives way to it while it streams.
+function regenerate(entry) {
+  if (conversationLocked() || !entry.question) return;
+  const at = state.shown.findIndex((e) => e.message && e.message.id === entry.question.id);
+  if (at < 0) return;
+  runTurn({ request: { parent_id: entry.question.id }, keep: at + 1 });
+}
+
+// The message becomes a text field with Save and Cancel; Enter saves, Shift+Enter is a new
+// line, Esc cancels (and only cancels: its default is prevented, so no answer stops).
+function openEdit(entry, text = null) {
+  if (conversationLocked() || !entry.message) return;
+  closeEdit();
+  const body = entry.el.querySelector(".msg-body");
+  const form = document.createElement("form");
+  form.className = "edit-form";
+  const field = document.createElement("textarea");
+  field.className = "edit-input";
+  field.dataset.testid = "edit-input";
+  field.rows = Math.min(10, Math.max(3, entry.message.content.split("\n").length + 1));
+  field.value = text !== null ? text : entry.message.content;
+  field.setAttribute("aria-label", "Edit your message");
+  const save = document.createElement("button");
+  save.type = "submit";
+  save.className = "small edit-save";
+  save.dataset.testid = "edit-save";
+  save.textContent = "Save";
+  const cancel = document.createElement("button");
+  cancel.type = "button";
+  cancel.className = "small";
+  cancel.dataset.testid = "edit-cancel";
+  cancel.textContent = "Cancel";
+  const buttons = document.createElement("div");
+  buttons.className = "edit-buttons";
+  buttons.append(save, cancel);
+  form.append(field, buttons);
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    saveEdit();
+  });
+  cancel.addEventListener("click", () => closeEdit({ focus: true }));
+  field.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      saveEdit();
+    } else if (event.key === "Escape" && !event.isComposing) {
+      event.preventDefault();
+      closeEdit({ focus: true });
+    }
+  });
+  body.hidden = true;
+  if (entry.actions) entry.actions.hidden = true;
+  entry.el.classList.add("editing");
+  body.after(form);
+  state.editing = { entry, form, body };
+  lockActions(form);
+  field.focus();
+  field.setSelectionRange(field.value.length, field.value.length);
+}
+
+function closeEdit({ focus = false } = {}) {
+  const editing = state.editing;
+  if (!editing) return;
+  state.editing = null;
+  editing.form.remove();
+  editing.body.hidden = false;
+  editing.entry.el.classList.remove("editing");
+  if (editing.entry.actions) {
+    editing.entry.actions.hidden = !editing.entry.actions.children.length;
+    const button = editing.entry.actions.querySelector("[data-testid=edit]");
+    if (focus && button) button.focus();
+  }
+}
+
+// The new version is a sibling of the message: a turn continuing from the message's own
+// parent (`null`, sent as such, for the first message: a new root).
+function saveEdit() {
+  const editing = state.editing;
+  if (!editing || conversationLocked()) return;
+  const { entry } = editing;
+  const content = editing.form.querySelector("textarea").value;
+  if (!content.trim()) return;
+  if (content === entry.message.content) {
+    closeEdit({ focus: true });
+    return;
+  }
+  const at = entryIndex(entry);
+  if (at < 0) return;
+  runTurn({
+    request: { parent_id: entry.message.parent_id ?? null, content },
+    keep: at,
+    text: content,
+    refused: () => openEdit(entry, content), // the edit is not lost
+  });
+}
+
+// `‹` / `›`: the sibling before or after the one shown (from every message of the session:
+// same parent, the server's order), made the branch's (PATCH `current_leaf_id`: the server
+// picks the newest leaf below it; free), then the branch is read again and drawn.
+async function switchSibling(entry, delta) {
+  const source = entry.source;
+  const sessionId = state.currentId;
+  if (conversationLocked() || !source || !sessionId) return;
+  clearError();
+  closeEdit();
+  const token = state.loadToken;
+  let handedOver = false; // to loadBranch, which ends the loading state itself
+  state.loading = true; // nothing is sent meanwhile: the branch is about to change
+  updateComposer();
+  try {
+    const all = await allPages(`sessions/${sessionId}/messages?all=true`);
+    const target = all.find((m) => (m.parent_id ?? null) === (source.parent_id ?? null)
+      && m.sibling_index === source.sibling_index + delta);
+    // No such sibling (the tree changed elsewhere): the branch is read again all the same.
+    if (target) await api(`sessions/${sessionId}`, { method: "PATCH", body: { current_leaf_id: target.id } });
+    if (token !== state.loadToken) return; // another session was opened meanwhile
+    handedOver = true;
+    if (await loadBranch(sessionId, { scrollEnd: false })) refocusSwitch(entry, source, delta);
+  } catch (err) {
+    if (token === state.loadToken) {
+      showError(err instanceof ApiProblem ? describeProblem(err.status, err.code, err.detail)
+        : `Could not switch to that version: ${err.message}`);
+    }
+  } finally {
+    if (!handedOver && token === state.loadToken) {
+      state.loading = false;
+      updateComposer();
+    }
+  }
+}
+
+// After a switch the keyboard stays where it was: on the same switch, in the redrawn branch.
+function refocusSwitch(entry, source, delta) {
+  const same = state.shown.find((e) => e.role === entry.role && e.source
+    && (e.source.parent_id ?? null) === (source.parent_id ?? null));
+  if (!same || !same.actions) return;
+  same.el.scrollIntoView({ block: "nearest" });
+  const wanted = same.actions.querySelector(`[data-testid=${delta < 0 ? "sibling-prev" : "sibling-next"}]`);
+  const other = same.actions.querySelector(`[data-testid=${delta < 0 ? "sibling-next" : "sibling-prev"}]`);
+  const target = wanted && !wanted.disabled ? wanted : other;
+  if (target) target.focus();
+}
+
+// --- the title, when the server's task has written it -----------------------------------
+
+const TITLE_POLL_MS = 1000;
+const TITLE_POLL_TRIES = 15; // the task runs on the worker, usually within a few seconds
+const titlePolls = new Set();
+
+async function awaitTitle(sessionId) {
+  if (titlePolls.has(sessionId)) return;
+  titlePolls.add(sessionId);
+  try {
+    for (let attempt = 0; attempt < TITLE_POLL_TRIES; attempt++) {
+      await new Promise((resolve) => setTimeout(resolve, TITLE_POLL_MS));
+      const known = state.sessions.find((s) => s.id === sessionId);
+      if (!known || known.title) return; // deleted, or renamed here meanwhile
+      let session;
+      try {
+        session = await api(`sessions/${sessionId}`);
+      } catch (err) {
+        if (err instanceof ApiProblem && err.status === 404) return;
+        continue;
+      }
+      if (session.title) {
+        showSessionTitle(session);
+        return;
+      }
+    }
+  } finally {
+    titlePolls.delete(sessionId);
+  }
+}
+
+// --- search ------------------------------------------------------------------------------
+
+// A hit opens its session (fetched if it is not among those listed); a message hit is shown,
+// and if it is not on the session's current branch, its branch is switched to (free).
+async function openSearchHit(hit) {
+  if (state.streaming) return;
+  clearError();
+  if (!state.sessions.some((s) => s.id === hit.session_id)) {
+    try {
+      state.sessions.push(await api(`sessions/${encodeURIComponent(hit.session_id)}`));
+    } catch (err) {
+      showError(err instanceof ApiProblem ? describeProblem(err.status, err.code, err.detail)
+        : `Could not open that session: ${err.message}`);
+      return;
+    }
+  }
+  await selectSession(hit.session_id);
+  if (!hit.message_id || state.currentId !== hit.session_id) return;
+  let entry = state.shown.find((e) => e.message && e.message.id === hit.message_id);
+  if (!entry && !state.streaming) {
+    try {
+      await api(`sessions/${hit.session_id}`, { method: "PATCH", body: { current_leaf_id: hit.message_id } });
+      await loadBranch(hit.session_id, { scrollEnd: false });
+    } catch {
+      return; // the session is open; the message may have gone
+    }
+    entry = state.shown.find((e) => e.message && e.message.id === hit.message_id);
+  }
+  if (entry) {
+    entry.el.scrollIntoView({ block: "center" });
+    entry.el.classList.add("found");
+    setTimeout(() => entry.el.classList.remove("found"), 2000);
   }
 }
 
@@ -1032,6 +1486,9 @@ window.addEventListener("keydown", (event) => {
   state.streaming.stop();
 });
 installCopyButtons(els.messages);
+const search = new SearchBox({
+  input: els.searchInput, status: els.searchStatus, list: els.searchResults, open: openSearchHit,
+});
 
 async function start() {
   updateComposer();
