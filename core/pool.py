@@ -2,7 +2,8 @@
 callbacks, set in pantheon.settings) that cost a round trip only when it can find something.
 
 Django's default checks every connection the pool hands out with an empty query: a round trip
-(and 100-150 µs of CPU here) for each unit of database work, five per streamed turn. A
+(and 100-150 µs of CPU here) for each unit of database work: the preflight, each checkpoint
+and the close of every streamed turn. A
 connection handed back moments ago went through a statement just before; one that sat idle
 longer than PANTHEON_DB_CHECK_IDLE_SECONDS (2 s) may have been closed by the server (a
 restart, an idle timeout) and is checked as before. The price: a connection the server closes

@@ -119,8 +119,23 @@ def execute(sql: str, params: Sequence[Any] | dict[str, Any], *, count: bool = T
     answer is not waited for (inside `pipeline()`, the statement joins the next round trip)
     and -1 is returned."""
     with _cursor() as cursor:
+        if count and _pipelined():
+            # In a pipeline the count comes with the answer: a nested pipeline block sends
+            # what is pending and waits for the answers when it ends (one round trip).
+            with _db().connection.pipeline():
+                cursor.execute(sql, params)
+            return cursor.rowcount
         cursor.execute(sql, params)
         return cursor.rowcount if count else -1
+
+
+def _pipelined() -> bool:
+    db = _db()
+    if db.vendor != "postgresql" or db.connection is None:
+        return False
+    from psycopg import pq  # here: only PostgreSQL gets this far
+
+    return db.connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
 
 
 def fetch_together(queries: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[list[tuple]]:

@@ -52,6 +52,18 @@ def test_an_exception_raised_inside_rolls_back(wallet):
     assert Wallet.objects.get(pk=wallet.pk).held == 0
 
 
+def test_a_count_inside_a_transaction_is_the_real_one(wallet):
+    # In PostgreSQL's pipeline mode a statement's count comes with its answer: a count asked
+    # for is waited for, not -1 (which would read as "one row or more changed").
+    with sql.transaction():
+        sql.update(Wallet, wallet.pk, {"held": Decimal("1")}, count=False)
+        assert sql.update(Wallet, wallet.pk, {"held": Decimal("2")}) == 1
+        assert sql.execute(f"UPDATE {sql.table(Wallet)} SET held = %s WHERE id = %s AND held = %s",
+                           [Decimal("3"), wallet.pk, Decimal("1")]) == 0
+        sql.update(Wallet, wallet.pk, {"held": Decimal("0")}, count=False)
+    assert Wallet.objects.get(pk=wallet.pk).held == 0
+
+
 def test_a_nested_transaction_joins_the_outer_one(wallet):
     with pytest.raises(RuntimeError), sql.transaction():
         with sql.transaction():
