@@ -76,12 +76,21 @@ def main() -> None:
         found = load_preflight(session_id=session_id, model=None, key_hash=key_hash, root=root)
         return begin_turn(found, TurnInput(content="bench", parent_id=None, parent_given=root), streamed=True)
 
+    spent = {"preflight": 0.0, "checkpoint": 0.0, "close": 0.0}  # CPU of each kind of unit
+
+    def timed(kind: str, fn, *args, **kwargs):
+        start = time.thread_time()
+        try:
+            return unit(fn, *args, **kwargs)
+        finally:
+            spent[kind] += time.thread_time() - start
+
     def one_turn() -> None:
-        prepared = unit(preflight)
+        prepared = timed("preflight", preflight)
         for i in (1, 2):
-            unit(renew_turn, prepared.turn_id, checkpoint="p0 p1 " * i, chunk_ends=[3, 6][:i],
-                 generation_id="gen-bench", served_model="bench/1s")
-        unit(close_turn, prepared.turn_id, TurnOutcome(
+            timed("checkpoint", renew_turn, prepared.turn_id, checkpoint="p0 p1 " * i, chunk_ends=[3, 6][:i],
+                  generation_id="gen-bench", served_model="bench/1s")
+        timed("close", close_turn, prepared.turn_id, TurnOutcome(
             status="completed", content="p0 p1 " * 10, usage=Usage(20, 20), prompt_processed=True,
             served_model="bench/1s", provider_model="bench/upstream"), price=prepared.price)
 
@@ -93,6 +102,7 @@ def main() -> None:
         one_turn()
     statements = len(queries)
     connection.force_debug_cursor = False
+    spent.update(dict.fromkeys(spent, 0.0))
     profile = cProfile.Profile(time.process_time) if args.cprofile else None
     cpu, wall = time.process_time(), time.perf_counter()
     if profile:
@@ -105,6 +115,7 @@ def main() -> None:
     cpu, wall = (time.process_time() - cpu) / args.turns, (time.perf_counter() - wall) / args.turns
     print(f"{args.turns} turns ({'a growing branch' if args.history else 'new roots'}): CPU {cpu * 1000:.2f} ms, "
           f"wall {wall * 1000:.2f} ms per turn; {statements} statements per turn")
+    print("  CPU per turn: " + ", ".join(f"{kind} {total / args.turns * 1000:.2f} ms" for kind, total in spent.items()))
 
 
 if __name__ == "__main__":

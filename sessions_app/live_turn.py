@@ -3,7 +3,8 @@
 - `start_turn()`: the preflight, safe against the client leaving while it runs (the
   preflight's thread may commit after the request was cancelled: what it made is closed).
 - `LeaseKeeper`: renews the running turn's lease (and with it its hold) and saves the
-  partial answer: one short UPDATE per period, never per chunk.
+  partial answer: once per period, never per chunk; the renewals of all the process's
+  streams that fall due together go out as one UPDATE (`renew()`).
 - `finish_turn()`: the close-time transaction, retried with backoff while the database
   is failing; then `PersistenceFailed`, and the sweep closes the turn after its lease.
 - `in_background()`: keep a coroutine running when its caller is cancelled.
@@ -27,16 +28,86 @@ from core.db import db_call
 from core.logging import bind_log_context
 from sessions_app import metrics, turn_signals
 from sessions_app.models import Turn
-from sessions_app.turns import PreparedTurn, Renewal, TurnOutcome, TurnResult, close_turn, renew_turn
+from sessions_app.turns import (
+    RENEW_BATCH,
+    PreparedTurn,
+    Renewal,
+    RenewRequest,
+    TurnOutcome,
+    TurnResult,
+    close_turn,
+    renew_turns,
+)
 
 logger = logging.getLogger(__name__)
 
 # Pauses between attempts of the close-time write: about six seconds in all.
 CLOSE_RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0, 1.5, 2.5)
 
-_renew = db_call(renew_turn)
+_renew_all = db_call(renew_turns)
 _close = db_call(close_turn)
 _background: set[asyncio.Task] = set()
+
+
+# How long a renewal waits for others to share its UPDATE. Streams renew on their own
+# clocks, so without a wait few would meet; a lease (30 s) and a checkpoint do not mind it.
+RENEW_GATHER_SECONDS = 0.05
+
+
+class _Renewals:
+    """The lease renewals of one event loop's streams, coalesced: those asked for within
+    RENEW_GATHER_SECONDS, or while a batch is being written, go out together as one UPDATE.
+    Under load a worker writes a few statements per period instead of one per stream (and
+    one unit of database work instead of a thread hop and a connection each)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[RenewRequest, asyncio.Future]] = []
+        self.writer: asyncio.Task | None = None
+
+    async def renew(self, request: RenewRequest) -> Renewal:
+        answer = asyncio.get_running_loop().create_future()
+        self.pending.append((request, answer))
+        if self.writer is None:
+            self.writer = in_background(self._write())
+        return await answer  # a caller cancelled meanwhile leaves its row in the batch: harmless
+
+    async def _write(self) -> None:
+        try:
+            await asyncio.sleep(RENEW_GATHER_SECONDS)
+            while self.pending:
+                batch, self.pending = self.pending[:RENEW_BATCH], self.pending[RENEW_BATCH:]
+                try:
+                    renewals = await _renew_all([request for request, _ in batch])
+                except Exception as exc:  # each caller handles it as it would its own failure
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    continue
+                except BaseException:  # the loop is shutting down: nobody waits in vain
+                    for _, answer in batch + self.pending:
+                        answer.cancel()
+                    self.pending = []
+                    raise
+                for request, answer in batch:
+                    if not answer.done():
+                        answer.set_result(renewals[request.turn_id])
+        finally:
+            self.writer = None
+
+
+_renewals: dict[asyncio.AbstractEventLoop, _Renewals] = {}
+
+
+async def renew(request: RenewRequest) -> Renewal:
+    """renew_turns() for one turn, in the same UPDATE as the running loop's other streams
+    that renew at the same moment."""
+    loop = asyncio.get_running_loop()
+    renewals = _renewals.get(loop)
+    if renewals is None:
+        for stale in [other for other in _renewals if other.is_closed()]:  # tests' loops
+            del _renewals[stale]
+        renewals = _renewals[loop] = _Renewals()
+    return await renewals.renew(request)
 
 
 # The turns this process serves: what stops each (POST .../cancel, or a signal from the
@@ -210,9 +281,10 @@ class LeaseKeeper:
                 parts = self.parts[:count]
                 checkpoint, ends = "".join(parts), chunk_ends(parts)
             try:
-                state = await _renew(self.turn_id, checkpoint=checkpoint, chunk_ends=ends,
-                                     generation_id=self.generation_id() if self.generation_id is not None else "",
-                                     served_model=self.served_model)
+                state = await renew(RenewRequest(
+                    self.turn_id, checkpoint=checkpoint, chunk_ends=ends,
+                    generation_id=self.generation_id() if self.generation_id is not None else "",
+                    served_model=self.served_model))
             except DatabaseError as exc:
                 # Keep streaming: the next period tries again; the lease has slack for that.
                 logger.warning("turn %s: lease renewal failed (%s)", self.turn_id, exc)

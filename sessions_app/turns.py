@@ -3,8 +3,9 @@ endpoint) goes through these, and nothing here knows of HTTP:
 
     begin_turn()          the preflight, one transaction: hold, the `running` turn row with
                           its lease, the user message
-    renew_turn()          while the model call runs: one UPDATE extending the lease (and so
-                          the hold) and saving the partial answer
+    renew_turns()         while the model calls run: one UPDATE extending the leases (and so
+                          the holds) of a process's running turns and saving their partial
+                          answers (renew_turn(): one turn's)
     close_turn()          however the turn ends: the one close-time transaction (turn,
                           messages, usage, LLM events, debit, hold release); idempotent
     sweep_lapsed_turns()  closes turns whose lease lapsed (their process died) as
@@ -22,6 +23,7 @@ import enum
 import functools
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -266,11 +268,6 @@ class PreparedTurn:
         return next((route.price for route in self.routes if route.model == model), None)
 
 
-_RENEW = (f"UPDATE {sql.table(Turn)} SET lease_until = %s WHERE id = %s AND status = 'running' "
-          f"RETURNING cancel_requested")
-_RENEW_WITH_CHECKPOINT = (f"UPDATE {sql.table(Turn)} SET lease_until = %s, checkpoint = %s, chunk_ends = %s, "
-                          f"generation_id = %s, served_model = %s WHERE id = %s AND status = 'running' "
-                          f"RETURNING cancel_requested")
 _REQUEST_CANCEL = f"UPDATE {sql.table(Turn)} SET cancel_requested = %s WHERE id = %s AND status = 'running'"
 _PROGRESS = f"SELECT status, checkpoint, chunk_ends, session_id, model FROM {sql.table(Turn)} WHERE id = %s"
 _TOUCH_KEY = f"UPDATE {sql.table(ApiKey)} SET last_used_at = %s WHERE id = %s"
@@ -452,22 +449,70 @@ class Renewal(enum.Enum):
     GONE = "gone"  # no longer running: someone else closed it
 
 
+@dataclasses.dataclass(frozen=True)
+class RenewRequest:
+    """One running turn's lease renewal and, with `checkpoint`, its partial answer (where
+    its deltas end, the provider's generation id and the model serving it, for the sweep to
+    bill and reconcile the turn if this process dies)."""
+
+    turn_id: uuid.UUID
+    checkpoint: str | None = None
+    chunk_ends: list[int] | None = None
+    generation_id: str = ""
+    served_model: str = ""
+
+
+# How many renewals one UPDATE carries (7 parameters each).
+RENEW_BATCH = 200
+
+
+@functools.cache
+def _renew_sql(vendor: str, rows: int) -> str:
+    """One UPDATE for `rows` renewals (a CTE of VALUES joined to the turns), which answers
+    for each still running turn whether a stop was asked. Without a checkpoint (`has_cp`
+    false) a row renews the lease only and leaves the saved answer as it is."""
+    cast = (lambda placeholder, kind: f"CAST({placeholder} AS {kind})") if vendor == "postgresql" else (
+        lambda placeholder, kind: placeholder)
+    one = "(" + ", ".join(cast("%s", kind) for kind in (
+        "uuid", "timestamptz", "boolean", "text", "jsonb", "text", "text")) + ")"
+    turn = sql.table(Turn)
+
+    def kept(column: str) -> str:
+        return f"{column} = CASE WHEN v.has_cp THEN v.{column} ELSE {turn}.{column} END"
+
+    return (f"WITH v(id, lease, has_cp, checkpoint, chunk_ends, generation_id, served_model) AS "
+            f"(VALUES {', '.join([one] * rows)}) "
+            f"UPDATE {turn} SET lease_until = v.lease, {kept('checkpoint')}, {kept('chunk_ends')}, "
+            f"{kept('generation_id')}, {kept('served_model')} "
+            f"FROM v WHERE {turn}.id = v.id AND {turn}.status = 'running' "
+            f"RETURNING {turn}.id, {turn}.cancel_requested")
+
+
+def renew_turns(requests: Sequence[RenewRequest]) -> dict[uuid.UUID, Renewal]:
+    """Extend running turns' leases (a hold lives as long as its turn's lease) and save the
+    partial answers given: one UPDATE per RENEW_BATCH turns, whatever their number (a
+    process's streams renew together: `live_turn.LeaseKeeper`). Each turn's answer: running,
+    a stop was asked (POST .../cancel reached another process), or gone (no longer running:
+    someone else closed it)."""
+    lease = sql.value(Turn, "lease_until", _lease_from(timezone.now()))
+    found: dict[uuid.UUID, Renewal] = {}
+    for start in range(0, len(requests), RENEW_BATCH):
+        batch = requests[start:start + RENEW_BATCH]
+        params: list[Any] = []
+        for r in batch:
+            saving = r.checkpoint is not None
+            params += [sql.value(Turn, "id", r.turn_id), lease, saving, r.checkpoint if saving else "",
+                       sql.value(Turn, "chunk_ends", r.chunk_ends if saving else None),
+                       _fit(Turn, "generation_id", r.generation_id), _fit(Turn, "served_model", r.served_model)]
+        for turn_id, cancel_requested in sql.fetch_all(_renew_sql(connection.vendor, len(batch)), params):
+            found[sql.as_uuid(turn_id)] = Renewal.CANCEL_REQUESTED if cancel_requested else Renewal.RUNNING
+    return {r.turn_id: found.get(r.turn_id, Renewal.GONE) for r in requests}
+
+
 def renew_turn(turn_id: uuid.UUID, *, checkpoint: str | None = None,
                chunk_ends: list[int] | None = None, generation_id: str = "", served_model: str = "") -> Renewal:
-    """Extend a running turn's lease (its hold lives as long) and, if given, save the partial
-    answer (where its deltas end, the provider's generation id and the model serving it, for
-    the sweep to bill and reconcile the turn if this process dies). One UPDATE, which also
-    tells whether a stop was asked."""
-    lease, turn = sql.value(Turn, "lease_until", _lease_from(timezone.now())), sql.value(Turn, "id", turn_id)
-    if checkpoint is None:
-        row = sql.fetch_one(_RENEW, [lease, turn])
-    else:
-        row = sql.fetch_one(_RENEW_WITH_CHECKPOINT, [lease, checkpoint, sql.value(Turn, "chunk_ends", chunk_ends),
-                                                     _fit(Turn, "generation_id", generation_id),
-                                                     _fit(Turn, "served_model", served_model), turn])
-    if row is None:
-        return Renewal.GONE
-    return Renewal.CANCEL_REQUESTED if row[0] else Renewal.RUNNING
+    """renew_turns() for one turn."""
+    return renew_turns([RenewRequest(turn_id, checkpoint, chunk_ends, generation_id, served_model)])[turn_id]
 
 
 def request_cancel(turn_id: uuid.UUID) -> bool:
