@@ -147,14 +147,15 @@ print(json.dumps(out))
     return [tuple(pair) for pair in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
-def scratch_database() -> str:
+def scratch_database(name: str = "pantheon_bench") -> str:
+    """DATABASE_URL if set, else a PostgreSQL database `name` made afresh."""
     url = os.environ.get("DATABASE_URL", "")
     if url:
         return url
     env = {**os.environ, "PGHOST": HOST, "PGUSER": "postgres"}
-    subprocess.run(["dropdb", "--if-exists", "pantheon_bench"], env=env, check=True)
-    subprocess.run(["createdb", "pantheon_bench"], env=env, check=True)
-    return f"postgres://postgres@{HOST}:5432/pantheon_bench"
+    subprocess.run(["dropdb", "--if-exists", name], env=env, check=True)
+    subprocess.run(["createdb", name], env=env, check=True)
+    return f"postgres://postgres@{HOST}:5432/{name}"
 
 
 # --- the client ---------------------------------------------------------------------------

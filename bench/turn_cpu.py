@@ -22,17 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+sys.path.insert(0, str(ROOT))
 
-
-def scratch_database() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if url:
-        return url
-    env = {**os.environ, "PGHOST": HOST, "PGUSER": "postgres"}
-    subprocess.run(["dropdb", "--if-exists", "pantheon_turn_cpu"], env=env, check=True)
-    subprocess.run(["createdb", "pantheon_turn_cpu"], env=env, check=True)
-    return f"postgres://postgres@{HOST}:5432/pantheon_turn_cpu"
+from bench.throughput import scratch_database  # noqa: E402 (run as a script, from anywhere)
 
 
 def main() -> None:
@@ -41,11 +33,10 @@ def main() -> None:
     parser.add_argument("--history", action="store_true", help="continue the branch instead of new roots")
     parser.add_argument("--cprofile", metavar="FILE", help="profile the measured turns (CPU time) into FILE")
     args = parser.parse_args()
-    os.environ["DATABASE_URL"] = scratch_database()
+    os.environ["DATABASE_URL"] = scratch_database("pantheon_turn_cpu")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pantheon.settings")
     os.environ.setdefault("DJANGO_SECRET_KEY", "bench-" + "x" * 50)
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, check=True)
-    sys.path.insert(0, str(ROOT))
 
     import django
 

@@ -26,12 +26,12 @@ from sessions_app.models import ChatSession, Message, Turn
 from tests.conftest import MODEL, ROOT, subprocess_env
 from tests.fake_openrouter import completion, sse_stream
 from tests.web import test_chat_page as chat_page
+from tests.web import test_markdown_render as markdown_render
 from tests.web.test_chat_page import log_in, orm, wait_for
-from tests.web.test_markdown_render import Watch, pieces_of
+from tests.web.test_markdown_render import Watch, pieces_of, send
 
 pytestmark = pytest.mark.browser
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 page = chat_page.page
 TITLE_REQUEST = "Reply with a title"  # how sessions_app.titles asks (llm_gateway.fake knows it too)
 
@@ -85,16 +85,7 @@ def answers(fake_openrouter_settings):
 
 
 def shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"conv-{name}.png"))
-
-
-def send(page, text: str):
-    page.get_by_test_id("composer").fill(text)
-    page.get_by_test_id("send").click()
-    answer = page.get_by_test_id("assistant-message").last
-    expect(answer).to_have_attribute("data-status", "completed", timeout=20_000)
-    return answer
+    markdown_render.shot(page, f"conv-{name}")
 
 
 def settled(page) -> None:

@@ -320,12 +320,17 @@ function renderHistory(messages, turns, { scrollEnd = true } = {}) {
 
 // --- the buttons of a message: edit, regenerate, ‹ i/n › -----------------------------
 
-function actionButton(text, testid, label, onClick) {
+function smallButton(text, testid, className, type = "button") {
   const button = document.createElement("button");
-  button.type = "button";
-  button.className = "small msg-action";
+  button.type = type;
+  button.className = `small ${className}`.trim();
   button.dataset.testid = testid;
   button.textContent = text;
+  return button;
+}
+
+function actionButton(text, testid, label, onClick) {
+  const button = smallButton(text, testid, "msg-action");
   button.setAttribute("aria-label", label);
   button.title = label;
   button.addEventListener("click", onClick);
@@ -1251,16 +1256,8 @@ function openEdit(entry, text = null) {
   field.rows = Math.min(10, Math.max(3, entry.message.content.split("\n").length + 1));
   field.value = text !== null ? text : entry.message.content;
   field.setAttribute("aria-label", "Edit your message");
-  const save = document.createElement("button");
-  save.type = "submit";
-  save.className = "small edit-save";
-  save.dataset.testid = "edit-save";
-  save.textContent = "Save";
-  const cancel = document.createElement("button");
-  cancel.type = "button";
-  cancel.className = "small";
-  cancel.dataset.testid = "edit-cancel";
-  cancel.textContent = "Cancel";
+  const save = smallButton("Save", "edit-save", "edit-save", "submit");
+  const cancel = smallButton("Cancel", "edit-cancel", "");
   const buttons = document.createElement("div");
   buttons.className = "edit-buttons";
   buttons.append(save, cancel);
