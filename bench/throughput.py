@@ -47,10 +47,12 @@ def free_port() -> int:
 
 
 def uvicorn(app: str, port: int, env: dict[str, str], log: Path, *, cprofile: str = "",
-            workers: int = 1) -> subprocess.Popen:
-    runner = [str(ROOT / "bench" / "cprofiled_uvicorn.py")] if cprofile else ["-m", "uvicorn"]
+            timeline: str = "", workers: int = 1) -> subprocess.Popen:
+    runner = ["-m", "uvicorn"]
     if cprofile:
-        env = {**env, "PROFILE_OUT": cprofile}
+        runner, env = [str(ROOT / "bench" / "cprofiled_uvicorn.py")], {**env, "PROFILE_OUT": cprofile}
+    elif timeline:
+        runner, env = [str(ROOT / "bench" / "timeline_uvicorn.py")], {**env, "TIMELINE_OUT": timeline}
     command = [PYTHON, *runner, app, "--host", HOST, "--port", str(port), "--no-access-log",
                "--log-level", "warning", "--lifespan", "off", "--backlog", "4096", "--timeout-keep-alive", "30",
                *(["--workers", str(workers)] if workers > 1 else [])]
@@ -226,8 +228,14 @@ def main() -> None:
     parser.add_argument("--load-only", action="store_true", help="only the 200-stream runs (for profiling)")
     parser.add_argument("--profile", metavar="FILE", help="record Pantheon with py-spy (collapsed stacks) into FILE")
     parser.add_argument("--cprofile", metavar="FILE", help="run Pantheon under cProfile (all threads) into FILE")
+    parser.add_argument("--timeline", metavar="FILE",
+                        help="record each Pantheon request's wall-clock phases into FILE (bench/timeline_uvicorn.py)")
+    parser.add_argument("--timeline-report", metavar="FILE", help="print the median phases of a --timeline FILE")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers for Pantheon (and the relay)")
     args = parser.parse_args()
+    if args.timeline_report:
+        timeline_report(Path(args.timeline_report))
+        return
     if args.quick:
         args.sequential, args.skip_1000 = 20, True
 
@@ -244,7 +252,7 @@ def main() -> None:
                         {"BENCH_UPSTREAM": f"http://{HOST}:{provider_port}/api/v1/chat/completions"},
                         logs / "relay.log", workers=args.workers)
         pantheon = uvicorn("pantheon.asgi:application", pantheon_port, env, logs / "pantheon.log",
-                           cprofile=args.cprofile or "", workers=args.workers)
+                           cprofile=args.cprofile or "", timeline=args.timeline or "", workers=args.workers)
         processes = [provider, relay, pantheon]
         for port, process, name in ((provider_port, provider, "provider"), (relay_port, relay, "relay"),
                                     (pantheon_port, pantheon, "pantheon")):
@@ -265,6 +273,25 @@ def main() -> None:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def timeline_report(path: Path) -> None:
+    """The median time of each event of a --timeline file, by request path, in the order
+    they happen (ms after the ASGI app was called)."""
+    by_path: dict[str, list[list]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_path.setdefault(record["path"].rsplit("/", 2)[-1] or record["path"], []).append(record["events"])
+    for name, requests in sorted(by_path.items(), key=lambda item: -len(item[1])):
+        times: dict[str, list[float]] = {}
+        for events in requests:
+            seen: dict[str, int] = {}
+            for event, at in events:
+                seen[event] = seen.get(event, 0) + 1
+                times.setdefault(f"{event} #{seen[event]}" if seen[event] > 1 else event, []).append(at)
+        print(f"{name}: {len(requests)} requests")
+        for event, values in sorted(times.items(), key=lambda item: statistics.median(item[1])):
+            print(f"  {statistics.median(values):8.2f} ms  {event}  ({len(values)})")
 
 
 async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pantheon_pid: int,

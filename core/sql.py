@@ -9,6 +9,12 @@ Django's (migrations, admin, the ORM everywhere else).
 `pipeline()` sends what runs inside it to PostgreSQL without waiting for each answer (one
 round trip for many statements); on SQLite it does nothing. `transaction()` is one
 transaction whose statements travel that way too, BEGIN and COMMIT included.
+
+On PostgreSQL these statements bind their values on the server and are prepared on each
+connection at their first use (`PANTHEON_DB_PREPARED_STATEMENTS=false` turns that off): the
+server then neither parses nor plans them again, which was most of their time (the
+preflight's joined read: 0.7 ms as a new statement, 0.08 ms prepared). Django's ORM keeps
+its own cursors (client-side binding, never prepared).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 from django.db import transaction as django_transaction
 from django.utils import timezone
@@ -89,6 +96,36 @@ def _db():
     return connections[DEFAULT_DB_ALIAS]
 
 
+# Uses of a statement on a connection before psycopg prepares it there: 0, at its first.
+# Not more: psycopg (3.3) takes a statement it prepares on a later use inside a pipeline for
+# prepared before the server answers, and when an earlier statement of the pipeline failed
+# the server skipped it, so its next use fails ("prepared statement _pg3_7 does not exist");
+# one prepared at its first use is checked against the answer. psycopg keeps at most 100
+# per connection, the least recently used going first (one protocol message each).
+PREPARE_THRESHOLD = 0
+
+
+def _new_cursor(db) -> Any:
+    """A cursor of Django's (its error wrapping, query logging, execute wrappers) that binds
+    values on the server, so that psycopg can prepare its statements (PostgreSQL); Django's
+    own cursor elsewhere."""
+    if db.vendor != "postgresql" or not settings.PANTHEON_DB_PREPARED_STATEMENTS:
+        return db.cursor()
+    from django.db.backends.postgresql.base import Cursor, ServerBindingCursor  # PostgreSQL only
+
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    raw = db.connection
+    if raw.prepare_threshold is None:  # Django's default (None: never prepare) for the ORM's
+        raw.prepare_threshold = PREPARE_THRESHOLD  # cursors, which never prepare anyway
+    with db.wrap_database_errors:
+        raw.cursor_factory = ServerBindingCursor  # the one cursor made here: Django's
+        try:  # create_cursor() adds the time zone as for any cursor
+            return db._prepare_cursor(db.create_cursor())
+        finally:
+            raw.cursor_factory = Cursor
+
+
 @contextlib.contextmanager
 def _cursor() -> Iterator[Any]:
     """The open transaction's cursor (one for all its statements: PostgreSQL, see
@@ -98,7 +135,7 @@ def _cursor() -> Iterator[Any]:
     if shared is not None:
         yield shared
         return
-    with _db().cursor() as cursor:
+    with _new_cursor(_db()) as cursor:
         yield cursor
 
 
@@ -144,7 +181,7 @@ def fetch_together(queries: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]]
     try:
         with pipeline():
             for query, params in queries:
-                cursor = connection.cursor()
+                cursor = _new_cursor(_db())
                 cursors.append(cursor)
                 cursor.execute(query, params)
         return [cursor.fetchall() for cursor in cursors]
@@ -225,7 +262,7 @@ def transaction() -> Iterator[None]:
     _state.depth = 1
     try:
         # Errors surface at the pipeline's sync points: Django's wrapper makes them Django's.
-        with db.wrap_database_errors, raw.pipeline(), db.cursor() as cursor:
+        with db.wrap_database_errors, raw.pipeline(), _new_cursor(db) as cursor:
             _state.cursor = cursor  # one cursor for the plain statements (not the ORM's)
             execute("BEGIN", [], count=False)
             yield

@@ -146,7 +146,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "check": checker(env_float("PANTHEON_DB_CHECK_IDLE_SECONDS", 2.0, minimum=0.0)),
         "reset": note_returned,
     }
-elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+# The hot statements of a turn (core/sql.py) are prepared on each pooled connection. Turn it
+# off behind a pooler that cannot keep prepared statements (PgBouncer's transaction mode
+# before 1.21, or without max_prepared_statements).
+PANTHEON_DB_PREPARED_STATEMENTS = env_bool("PANTHEON_DB_PREPARED_STATEMENTS", True)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the worker and the server share the file; wait instead of failing on a lock.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {"timeout": 20, "transaction_mode": "IMMEDIATE",

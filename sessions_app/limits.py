@@ -101,10 +101,12 @@ def _lock_sql(what: str, vendor: str) -> str:
 
 
 @functools.cache
-def _counts_sql(owner: str, vendor: str) -> str:
+def _counts_sql(owner: str, vendor: str, since_period: bool = False) -> str:
     """Counts of one key's (or user's) turns: running, started in the window and the first
     of those, tokens (closed in the window, reserved by the running), the first closed in
-    the window; for a key also its spend since the period's start and its running holds."""
+    the window; for a key also its spend (since the period's start, `since_period`) and its
+    running holds. (No `%(period)s IS NULL` test: a parameter bound on the server needs a
+    type, and a NULL alone has none.)"""
     turn, hold = sql.table(Turn), sql.table(CreditHold)
     owner_column = "api_key_id" if owner == "key" else "user_id"
     columns = (
@@ -118,7 +120,7 @@ def _counts_sql(owner: str, vendor: str) -> str:
     if owner == "key":
         columns += (
             f", (SELECT COALESCE(SUM(s.cost), 0) FROM {turn} s WHERE s.api_key_id = %(owner)s "
-            f"AND s.status <> 'running' AND (%(period)s IS NULL OR s.finished_at >= %(period)s)), "
+            f"AND s.status <> 'running'{' AND s.finished_at >= %(period)s' if since_period else ''}), "
             f"(SELECT COALESCE(SUM(h.amount), 0) FROM {hold} h JOIN {turn} r ON r.id = h.turn_id "
             f"WHERE r.api_key_id = %(owner)s AND r.status = 'running' AND h.released_at IS NULL)")
     return (f"SELECT {columns} FROM {turn} t WHERE t.{owner_column} = %(owner)s "
@@ -142,7 +144,7 @@ def _read(owner: str, owner_id: object, now: datetime, *, period: datetime | Non
               "horizon": sql.value(Turn, "created_at", _horizon(now)),
               "rounds": settings.PANTHEON_MAX_TOOL_ROUNDS + 1,
               "period": sql.value(Turn, "finished_at", period)}
-    _, rows = sql.fetch_together([lock, (_counts_sql(owner, connection.vendor), params)])
+    _, rows = sql.fetch_together([lock, (_counts_sql(owner, connection.vendor, period is not None), params)])
     row = rows[0]
     return Counts(running=int(row[0]), started=int(row[1]), first_started=sql.as_datetime(row[2]),
                   tokens=int(row[3]), first_closed=sql.as_datetime(row[4]),

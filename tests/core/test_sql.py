@@ -77,3 +77,48 @@ def test_reads_come_back_as_python_values(wallet):
     assert sql.as_money(row[0]) == Decimal("5.000000")
     assert sql.as_datetime(row[1]) == Wallet.objects.get(pk=wallet.pk).created_at
     assert sql.as_uuid(sql.value(LedgerEntry, "id", uuid.UUID(int=7))) == uuid.UUID(int=7)
+
+
+postgres_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements: PostgreSQL")
+
+
+def prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cursor.fetchall()]
+
+
+@postgres_only
+def test_the_hot_statements_are_prepared_on_the_connection_and_the_orms_are_not(wallet):
+    # The server parses and plans a prepared statement once per connection (core/sql.py).
+    read = f"SELECT {sql.column(Wallet, 'held')} FROM {sql.table(Wallet)} WHERE id = %s"
+    with sql.transaction():  # one connection for the whole test: inside one unit of work
+        for _ in range(sql.PREPARE_THRESHOLD + 1):
+            assert sql.fetch_one(read, [wallet.pk]) == (Decimal(0),)
+        list(Wallet.objects.filter(pk=wallet.pk))
+        statements = prepared_statements()
+    assert any(statement.startswith("SELECT \"held\"") for statement in statements), statements
+    assert not any("billing_app_wallet\".\"id\"" in statement for statement in statements), statements
+
+
+@postgres_only
+def test_statements_skipped_by_a_failed_transaction_are_prepared_again(wallet):
+    # Statements after the failing one in a pipeline never reach the server; psycopg must
+    # not think them prepared there, or the next turn's close fails ("prepared statement
+    # _pg3_n does not exist") until the connection is dropped.
+    turn_id = uuid.uuid4()
+
+    def close_like(fail: bool) -> None:
+        with sql.transaction():
+            sql.insert(LedgerEntry, [entry(wallet, turn_id if fail else uuid.uuid4())])
+            sql.update(Wallet, wallet.pk, {"held": Decimal("2")}, count=False)
+
+    sql.insert(LedgerEntry, [entry(wallet, turn_id)])
+    for _ in range(sql.PREPARE_THRESHOLD):  # the UPDATE is next prepared in a failing pipeline
+        close_like(fail=False)
+    with pytest.raises(IntegrityError):
+        close_like(fail=True)  # the insert fails: the UPDATE after it is skipped
+    close_like(fail=False)
+    assert Wallet.objects.get(pk=wallet.pk).held == Decimal("2")
+    LedgerEntry.objects.filter(kind="debit").delete()
+    Wallet.objects.filter(pk=wallet.pk).update(held=0)
