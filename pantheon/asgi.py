@@ -4,13 +4,14 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured
 
-from core.asgi import SharedThreads
+from core.asgi import SharedThreads, no_thread_hop_at_request_start
 from files_app.asgi import UploadSizeLimit
 from web.asgi import ContentTypeGuard, StaticFiles
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pantheon.settings")
 
 django_application = get_asgi_application()
+no_thread_hop_at_request_start()
 
 # pantheon.settings lets commands that need no key run without one; serving needs it, so
 # a server without it stops here, at start, not at its first signed cookie.

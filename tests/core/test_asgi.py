@@ -27,3 +27,28 @@ def test_requests_create_no_threads(alice, live_server_url, monkeypatch):
             assert http.post(stream, json={"content": "hi"}).status_code == 404
     # Django alone makes two per request (its thread-sensitive context and the join at its end).
     assert [name for name in started if not name.startswith("db_call")] == [], started
+
+
+def test_no_thread_hop_before_the_view(alice, live_server_url, monkeypatch):
+    # Django runs its sync request_started receivers through sync_to_async: a thread hop
+    # before every view, on the path to the first token. Under Pantheon's ASGI app a turn
+    # request sends the threads its preflight, then Django's response.close(), and no more.
+    from core.asgi import no_thread_hop_at_request_start
+    from core.db import database_threads
+
+    no_thread_hop_at_request_start()  # again: a test client's request (other tests) undoes it
+    threads = database_threads()
+    submitted = []
+    real_submit = type(threads).submit
+
+    def counting_submit(executor, fn, /, *args, **kwargs):
+        submitted.append(getattr(fn, "__qualname__", repr(fn)))
+        return real_submit(executor, fn, *args, **kwargs)
+
+    key = client_for(alice).raw_key
+    stream = "/api/v1/sessions/00000000-0000-0000-0000-000000000000/turns/stream"
+    with httpx.Client(base_url=live_server_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        assert http.post(stream, json={"content": "hi"}).status_code == 404  # warm up
+        monkeypatch.setattr(type(threads), "submit", counting_submit)
+        assert http.post(stream, json={"content": "hi"}).status_code == 404
+    assert len(submitted) == 2, submitted
