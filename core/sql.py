@@ -111,7 +111,7 @@ def _new_cursor(db) -> Any:
     own cursor elsewhere."""
     if db.vendor != "postgresql" or not settings.PANTHEON_DB_PREPARED_STATEMENTS:
         return db.cursor()
-    from django.db.backends.postgresql.base import Cursor, ServerBindingCursor  # PostgreSQL only
+    from django.db.backends.postgresql.base import ServerBindingCursor  # PostgreSQL only
 
     db.close_if_health_check_failed()
     db.ensure_connection()
@@ -119,23 +119,24 @@ def _new_cursor(db) -> Any:
     if raw.prepare_threshold is None:  # Django's default (None: never prepare) for the ORM's
         raw.prepare_threshold = PREPARE_THRESHOLD  # cursors, which never prepare anyway
     with db.wrap_database_errors:
-        raw.cursor_factory = ServerBindingCursor  # the one cursor made here: Django's
-        try:  # create_cursor() adds the time zone as for any cursor
+        factory, raw.cursor_factory = raw.cursor_factory, ServerBindingCursor  # for this one cursor:
+        try:  # Django's create_cursor() adds the time zone as for any cursor
             return db._prepare_cursor(db.create_cursor())
         finally:
-            raw.cursor_factory = Cursor
+            raw.cursor_factory = factory
 
 
 @contextlib.contextmanager
-def _cursor() -> Iterator[Any]:
+def _cursor(prepare: bool = True) -> Iterator[Any]:
     """The open transaction's cursor (one for all its statements: PostgreSQL, see
     `transaction()`), else a new one. Each statement's result is read before the next is
-    sent on it, or not at all (`count=False`)."""
+    sent on it, or not at all (`count=False`). `prepare=False`: Django's own cursor, for a
+    statement whose text varies (it would take a prepared slot for each variant)."""
     shared = getattr(_state, "cursor", None)
-    if shared is not None:
+    if shared is not None and prepare:
         yield shared
         return
-    with _new_cursor(_db()) as cursor:
+    with (_new_cursor(_db()) if prepare else _db().cursor()) as cursor:
         yield cursor
 
 
@@ -145,8 +146,8 @@ def fetch_one(sql: str, params: Sequence[Any] | dict[str, Any]) -> tuple | None:
         return cursor.fetchone()
 
 
-def fetch_all(sql: str, params: Sequence[Any] | dict[str, Any]) -> list[tuple]:
-    with _cursor() as cursor:
+def fetch_all(sql: str, params: Sequence[Any] | dict[str, Any], *, prepare: bool = True) -> list[tuple]:
+    with _cursor(prepare) as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
 

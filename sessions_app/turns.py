@@ -504,7 +504,10 @@ def renew_turns(requests: Sequence[RenewRequest]) -> dict[uuid.UUID, Renewal]:
             params += [sql.value(Turn, "id", r.turn_id), lease, saving, r.checkpoint if saving else "",
                        sql.value(Turn, "chunk_ends", r.chunk_ends if saving else None),
                        _fit(Turn, "generation_id", r.generation_id), _fit(Turn, "served_model", r.served_model)]
-        for turn_id, cancel_requested in sql.fetch_all(_renew_sql(connection.vendor, len(batch)), params):
+        # Not prepared: a statement per batch size, 1 to RENEW_BATCH, would crowd out the
+        # turn's own prepared statements (psycopg keeps 100 per connection).
+        for turn_id, cancel_requested in sql.fetch_all(_renew_sql(connection.vendor, len(batch)), params,
+                                                       prepare=False):
             found[sql.as_uuid(turn_id)] = Renewal.CANCEL_REQUESTED if cancel_requested else Renewal.RUNNING
     return {r.turn_id: found.get(r.turn_id, Renewal.GONE) for r in requests}
 

@@ -85,3 +85,18 @@ def test_streams_renewing_together_share_one_statement(make_user, session_of, mo
     assert batches == [30]  # asked within RENEW_GATHER_SECONDS of each other: one UPDATE
     assert Turn.objects.filter(pk__in=ids, checkpoint="x").count() == 30
     close_all(ids)
+
+
+def test_renewals_take_no_prepared_statement_slot(turns):
+    # One statement text per batch size: prepared, they would crowd the turn's own
+    # statements out of psycopg's 100 per connection (core/sql.py).
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("prepared statements: PostgreSQL")
+    for size in (1, 2, 3):
+        renew_turns([RenewRequest(prepared.turn_id) for prepared in turns[:size]])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        statements = [row[0] for row in cursor.fetchall()]
+    assert not [statement for statement in statements if statement.startswith("WITH v(")], statements
