@@ -100,9 +100,11 @@ def begin(username: str, address: str | None) -> int | Refused:
         if recent.count() <= limit:
             continue
         attempt.delete()
-        # Allowed again once fewer than `limit` others are left in the window.
-        others = recent.order_by("created_at").values_list("created_at", flat=True)
-        count = others.count()
+        # Allowed again once fewer than `limit` others are left in the window. One read:
+        # counted and indexed apart, concurrent attempts deleting theirs in between made
+        # the index miss (an IndexError, a 500).
+        others = list(recent.order_by("created_at").values_list("created_at", flat=True))
+        count = len(others)
         if count < limit:  # some left the window meanwhile
             return Refused(reason, 1)
         oldest_to_leave = others[count - limit]

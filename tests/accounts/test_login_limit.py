@@ -161,3 +161,23 @@ def test_concurrent_attempts_get_at_most_the_limit_of_password_checks(transactio
 def test_concurrent_attempts_from_one_address(transactional_db):
     results = in_threads(lambda i: login_limit.begin(f"user{i}", "198.51.100.1"), 40, workers=10)
     assert 1 <= sum(not isinstance(r, login_limit.Refused) for r in results) <= 20
+
+
+def test_attempts_deleted_while_a_refusal_is_timed_still_refuse(transactional_db, monkeypatch):
+    # The refusal's retry time reads the others in the window; concurrent attempts delete
+    # theirs meanwhile. Counted and indexed in two reads, that was an IndexError (a 500).
+    from django.db.models import QuerySet
+
+    for _ in range(6):
+        LoginAttempt.objects.create(username="target", ip="198.51.100.9", created_at=timezone.now())
+    real_count = QuerySet.count
+
+    def count_then_others_leave(queryset):
+        counted = real_count(queryset)
+        if tuple(queryset.query.order_by) == ("created_at",):  # the others, about to be indexed
+            LoginAttempt.objects.filter(pk__in=list(LoginAttempt.objects.values_list("pk", flat=True)[:5])).delete()
+        return counted
+
+    monkeypatch.setattr(QuerySet, "count", count_then_others_leave)
+    refused = login_limit.begin("target", "198.51.100.10")
+    assert isinstance(refused, login_limit.Refused) and refused.reason == "username" and refused.retry_after > 0
