@@ -276,8 +276,9 @@ def main() -> None:
 
 
 def timeline_report(path: Path) -> None:
-    """The median time of each event of a --timeline file, by request path, in the order
-    they happen (ms after the ASGI app was called)."""
+    """The median time of each event of a --timeline file, by request path (its last part),
+    sorted by that median (ms after the ASGI app was called); an event seen again in a
+    request is counted as `#2`, `#3`..."""
     by_path: dict[str, list[list]] = {}
     for line in path.read_text().splitlines():
         record = json.loads(line)

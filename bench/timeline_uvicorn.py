@@ -39,75 +39,53 @@ def install() -> None:
     original_db_call = db.db_call
 
     def db_call(fn):
-        @functools.wraps(fn)
-        def on_thread(*args, **kwargs):
-            mark(f"db {fn.__name__} thread-start")
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                mark(f"db {fn.__name__} thread-end")
-
-        call = original_db_call(on_thread)
-
-        async def timed(*args, **kwargs):
-            mark(f"db {fn.__name__} queued")
-            try:
-                return await call(*args, **kwargs)
-            finally:
-                mark(f"db {fn.__name__} resumed")
-
-        return timed
+        name = f"db {fn.__name__}"
+        on_thread = _marked(fn, f"{name} thread-start", f"{name} thread-end")
+        return _marked(original_db_call(on_thread), f"{name} queued", f"{name} resumed")
 
     db.db_call = db_call
 
     from llm_gateway import openrouter
 
-    original_open = openrouter.OpenRouterGateway._open
-
-    async def _open(self, *args, **kwargs):
-        mark("upstream open")
-        try:
-            return await original_open(self, *args, **kwargs)
-        finally:
-            mark("upstream headers")
-
-    openrouter.OpenRouterGateway._open = _open
+    openrouter.OpenRouterGateway._open = _marked(openrouter.OpenRouterGateway._open, "upstream open",
+                                                 "upstream headers")
 
     from sessions_app import turn_views, turns
 
     for module, names in ((turn_views, ("parse_turn_input", "load_preflight", "begin_turn")),
                           (turns, ("_close_locked",))):
         for name in names:
-            setattr(module, name, _marked(getattr(module, name)))
+            function = getattr(module, name)
+            setattr(module, name, _marked(function, f"{name} >", f"{name} <"))
     extra = os.environ.get("TIMELINE_MARK", "")  # more: module:function,...
     for spec in filter(None, extra.split(",")):
         module_name, name = spec.split(":")
         module = importlib.import_module(module_name)
         owner, _, attr = name.rpartition(".")
         target = getattr(module, owner) if owner else module
-        setattr(target, attr, _marked(getattr(target, attr), spec))
+        setattr(target, attr, _marked(getattr(target, attr), f"{spec} >", f"{spec} <"))
 
 
-def _marked(fn, label: str = ""):
-    label = label or fn.__name__
+def _marked(fn, enter: str, leave: str):
+    """`fn` (sync or async) marking `enter` when called and `leave` when it returns or raises."""
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def marked_async(*args, **kwargs):
-            mark(f"{label} >")
+            mark(enter)
             try:
                 return await fn(*args, **kwargs)
             finally:
-                mark(f"{label} <")
+                mark(leave)
 
         return marked_async
 
     @functools.wraps(fn)
     def marked(*args, **kwargs):
-        mark(f"{label} >")
+        mark(enter)
         try:
             return fn(*args, **kwargs)
         finally:
-            mark(f"{label} <")
+            mark(leave)
 
     return marked
 
