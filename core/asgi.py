@@ -12,11 +12,11 @@ from core.db import database_threads
 
 class SharedThreads:
     """Each request's sync work (Django's request signals and `response.close()`, the sync
-    DRF views, static files) runs on the process's database threads, instead of a thread
-    Django creates for the request and a second one that joins it at the end: about half a
-    millisecond of CPU per request. It also bounds the threads that hold a database
-    connection to the pool's size. Django's own per-request context finds this one and
-    uses it."""
+    DRF views, static files) runs on the process's database threads (`database_threads()`,
+    beside db_call's own), instead of a thread Django creates for the request and a second
+    one that joins it at the end: about half a millisecond of CPU per request. It also
+    bounds the threads that hold a database connection to the pool's size. Django's own
+    per-request context finds this one and uses it."""
 
     def __init__(self, app) -> None:
         self.app = app

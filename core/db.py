@@ -25,20 +25,42 @@ def _closing_connections(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
             close_old_connections()
 
 
-_executor: ThreadPoolExecutor | None = None
+_executors: dict[str, ThreadPoolExecutor] = {}
+
+
+def _pool_size() -> int:
+    pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool") or {}
+    return pool.get("max_size", 20) if isinstance(pool, dict) else 20
+
+
+def call_threads() -> ThreadPoolExecutor:
+    """The threads of every `db_call` (the async views' database work: a turn's preflight,
+    its renewals, its close): few, PANTHEON_DB_CALL_THREADS (4), at most the pool's size.
+
+    With the GIL they add no parallelism to Python; what they overlap is waiting on the
+    database. Each more thread competing for the GIL with the event loop costs CPU: psycopg
+    lets the GIL go around every libpq call, and a thread that wants it back while the loop
+    runs waits and switches. Under load (200 streams) 4 threads spent about a fifth less CPU
+    than 20, with 40 % fewer context switches (docs/performance.md)."""
+    executor = _executors.get("call")
+    if executor is None:
+        size = max(1, min(settings.PANTHEON_DB_CALL_THREADS, _pool_size()))
+        executor = _executors["call"] = _DatabaseThreads(max_workers=size, thread_name_prefix="db_call")
+    return executor
 
 
 def database_threads() -> ThreadPoolExecutor:
-    """One pool of threads for the sync work of the process (every db_call, and through
-    core.asgi.SharedThreads Django's sync parts of each request), as many as the connection
-    pool has connections: a thread never waits for a connection, and no request makes a
-    thread of its own (Django's default creates one per request, and another to join it)."""
-    global _executor
-    if _executor is None:
-        pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool") or {}
-        size = pool.get("max_size", 20) if isinstance(pool, dict) else 20
-        _executor = _DatabaseThreads(max_workers=size, thread_name_prefix="db_call")
-    return _executor
+    """The threads of the rest of the process's sync work: Django's sync parts of each
+    request (through core.asgi.SharedThreads: `response.close()`, the sync DRF views, static
+    files), as many as the connection pool has connections left beside `call_threads()`, so
+    that a thread does not wait for a connection and no request makes a thread of its own
+    (Django's default creates one per request, and another to join it). A slow sync view
+    holds one of these, never a turn's lane."""
+    executor = _executors.get("sync")
+    if executor is None:
+        size = max(1, _pool_size() - call_threads()._max_workers)
+        executor = _executors["sync"] = _DatabaseThreads(max_workers=size, thread_name_prefix="db_sync")
+    return executor
 
 
 def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,21 +68,21 @@ def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     The connection goes back (to the pool) as soon as the work is done, so a stream that
     lasts a minute does not hold a database connection for that minute. The work runs on
-    the process's database threads, unless a sync caller is waiting on this event loop
+    the process's call threads (`call_threads()`), unless a sync caller is waiting on this event loop
     (Django's test client, a sync middleware): then in that caller's thread, so what it
     holds (a test's transaction) stays visible.
     """
     in_caller_thread = sync_to_async(functools.partial(_closing_connections, fn))
-    on_database_threads = None  # made at the first call: the settings size the threads
+    on_call_threads = None  # made at the first call: the settings size the threads
 
     @functools.wraps(fn)
     async def call(*args: Any, **kwargs: Any) -> Any:
-        nonlocal on_database_threads
+        nonlocal on_call_threads
         if getattr(AsyncToSync.executors, "current", None) is not None:
             return await in_caller_thread(*args, **kwargs)
-        if on_database_threads is None:
+        if on_call_threads is None:
             # The threads hand the connection back after each call themselves.
-            on_database_threads = sync_to_async(fn, thread_sensitive=False, executor=database_threads())
-        return await on_database_threads(*args, **kwargs)
+            on_call_threads = sync_to_async(fn, thread_sensitive=False, executor=call_threads())
+        return await on_call_threads(*args, **kwargs)
 
     return call

@@ -146,6 +146,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "check": checker(env_float("PANTHEON_DB_CHECK_IDLE_SECONDS", 2.0, minimum=0.0)),
         "reset": note_returned,
     }
+# The threads of the async views' database work (core.db.call_threads): few, because each
+# more thread competes for the GIL with the event loop; raise it for a database far away.
+PANTHEON_DB_CALL_THREADS = env_int("PANTHEON_DB_CALL_THREADS", 4, minimum=1)
 # The hot statements of a turn (core/sql.py) are prepared on each pooled connection. Turn it
 # off behind a pooler that cannot keep prepared statements (PgBouncer's transaction mode
 # before 1.21, or without max_prepared_statements).
