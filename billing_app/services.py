@@ -320,7 +320,8 @@ _RELEASE = (f"UPDATE {_HOLD} SET released_at = %(now)s WHERE turn_id = %(turn)s 
 _CHARGE = (f"UPDATE {_WALLET} SET balance = ROUND(balance - CASE WHEN EXISTS "
            f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit') THEN 0 "
            f"ELSE CAST(%(cost)s AS NUMERIC) END, 6), "
-           f"held = ROUND(held - CAST(%(released)s AS NUMERIC), 6), updated_at = %(now)s WHERE user_id = %(user)s")
+           f"held = ROUND(held - CAST(%(released)s AS NUMERIC), 6), updated_at = %(now)s WHERE user_id = %(user)s "
+           f"RETURNING balance")
 # On PostgreSQL the debit's time is taken by the database once the wallet row is locked
 # (its statement runs after the UPDATE that locked it), so the ledger's time order is its
 # lock order; a time taken before the lock could sort before a concurrent entry that
@@ -349,17 +350,15 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
               "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
     with sql.transaction():
         params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)), Decimal(0))
-        for first_time in (True, False):
-            sql.execute(_CHARGE, params, count=False)
-            if cost > 0:
-                sql.execute(_DEBIT, params, count=False)
-            row = wallet_snapshot(user_id)
-            if row is not None or not first_time:
-                break
+        row = sql.fetch_one(_CHARGE, params)  # the new balance, if the user has a wallet
+        if row is None:
             # No wallet yet (credit enforcement off, nothing ever granted): make one, charge again.
             sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
                                  "updated_at": now}], ignore_conflicts=True)
-    return row[0] if row else Decimal("0")
+            row = sql.fetch_one(_CHARGE, params)
+        if row is not None and cost > 0:  # its answer comes with the caller's next statement (pipelined)
+            sql.execute(_DEBIT, params, count=False)
+    return sql.as_money(row[0]) if row is not None else Decimal("0")
 
 
 def release_holds_without_turn(*, live_turn_ids, created_before) -> int:

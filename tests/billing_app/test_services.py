@@ -180,6 +180,19 @@ def test_settle_debits_once_and_releases_the_hold(alice, price):
     assert not CreditHold.objects.open().exists()
 
 
+def test_settle_without_a_wallet_makes_one_and_debits_it_once(make_user):
+    # Credit enforcement off and nothing ever granted: the turn is still paid for, once.
+    carol = make_user("carol")
+    turn_id = uuid.uuid4()
+    assert services.settle(user_id=carol.pk, turn_id=turn_id, cost=Decimal("0.25")) == Decimal("-0.25")
+    assert services.settle(user_id=carol.pk, turn_id=turn_id, cost=Decimal("0.25")) == Decimal("-0.25")
+    wallet = Wallet.objects.get(user=carol)
+    assert (wallet.balance, wallet.held) == (Decimal("-0.25"), Decimal("0"))
+    debit = LedgerEntry.objects.get(user=carol)
+    assert (debit.kind, debit.amount, debit.balance_after) == ("debit", Decimal("-0.25"), Decimal("-0.25"))
+    assert ledger_problems() == []
+
+
 def test_settle_zero_cost_releases_without_entry(alice, price):
     turn_id = uuid.uuid4()
     services.hold(user_id=alice.pk, turn_id=turn_id, model=MODEL, prompt_tokens=10)
