@@ -41,7 +41,9 @@ def call_threads() -> ThreadPoolExecutor:
     database. Each more thread competing for the GIL with the event loop costs CPU: psycopg
     lets the GIL go around every libpq call, and a thread that wants it back while the loop
     runs waits and switches. Under load (200 streams) 4 threads spent about a fifth less CPU
-    than 20, with 40 % fewer context switches (docs/performance.md)."""
+    than 20, with 40 % fewer context switches (docs/performance.md). So a unit of work must
+    never wait for another one to run (a poll until some other request's close committed):
+    a few such waits would hold every lane."""
     executor = _executors.get("call")
     if executor is None:
         size = max(1, min(settings.PANTHEON_DB_CALL_THREADS, _pool_size()))
