@@ -70,9 +70,9 @@ def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     The connection goes back (to the pool) as soon as the work is done, so a stream that
     lasts a minute does not hold a database connection for that minute. The work runs on
-    the process's call threads (`call_threads()`), unless a sync caller is waiting on this event loop
-    (Django's test client, a sync middleware): then in that caller's thread, so what it
-    holds (a test's transaction) stays visible.
+    the process's call threads (`call_threads()`), unless a sync caller is waiting on this
+    event loop (Django's test client, a sync middleware): then in that caller's thread, so
+    what it holds (a test's transaction) stays visible.
     """
     in_caller_thread = sync_to_async(functools.partial(_closing_connections, fn))
     on_call_threads = None  # made at the first call: the settings size the threads
