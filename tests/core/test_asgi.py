@@ -1,6 +1,7 @@
 """core.asgi.SharedThreads: no thread created per request."""
 
 import threading
+import time
 
 import httpx
 
@@ -51,4 +52,10 @@ def test_no_thread_hop_before_the_view(alice, live_server_url, monkeypatch):
         assert http.post(stream, json={"content": "hi"}).status_code == 404  # warm up
         monkeypatch.setattr(type(threads), "submit", counting_submit)
         assert http.post(stream, json={"content": "hi"}).status_code == 404
+    # response.close() is sent to the threads after the last byte went out: the client may
+    # have the response before it is submitted.
+    deadline = time.monotonic() + 5
+    while len(submitted) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # and nothing more comes
     assert len(submitted) == 2, submitted
