@@ -33,6 +33,14 @@ def _pool_size() -> int:
     return pool.get("max_size", 20) if isinstance(pool, dict) else 20
 
 
+def thread_counts() -> tuple[int, int]:
+    """(call threads, sync threads): PANTHEON_DB_CALL_THREADS, at most the pool's size, and
+    what the pool has left beside them (at least one)."""
+    pool = _pool_size()
+    calls = max(1, min(settings.PANTHEON_DB_CALL_THREADS, pool))
+    return calls, max(1, pool - calls)
+
+
 def call_threads() -> ThreadPoolExecutor:
     """The threads of every `db_call` (the async views' database work: a turn's preflight,
     its renewals, its close): few, PANTHEON_DB_CALL_THREADS (4), at most the pool's size.
@@ -46,8 +54,7 @@ def call_threads() -> ThreadPoolExecutor:
     a few such waits would hold every lane."""
     executor = _executors.get("call")
     if executor is None:
-        size = max(1, min(settings.PANTHEON_DB_CALL_THREADS, _pool_size()))
-        executor = _executors["call"] = _DatabaseThreads(max_workers=size, thread_name_prefix="db_call")
+        executor = _executors["call"] = _DatabaseThreads(max_workers=thread_counts()[0], thread_name_prefix="db_call")
     return executor
 
 
@@ -60,8 +67,7 @@ def database_threads() -> ThreadPoolExecutor:
     holds one of these, never a turn's lane."""
     executor = _executors.get("sync")
     if executor is None:
-        size = max(1, _pool_size() - call_threads()._max_workers)
-        executor = _executors["sync"] = _DatabaseThreads(max_workers=size, thread_name_prefix="db_sync")
+        executor = _executors["sync"] = _DatabaseThreads(max_workers=thread_counts()[1], thread_name_prefix="db_sync")
     return executor
 
 

@@ -268,3 +268,12 @@ def pantheon_server(transactional_db, tmp_path_factory):
                 server.process.kill()
                 server.process.wait(timeout=10)
         log.close()
+
+
+def prepared_statements() -> list[str]:
+    """The statements prepared on the test's connection (PostgreSQL)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cursor.fetchall()]

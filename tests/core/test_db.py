@@ -40,8 +40,18 @@ def test_db_calls_run_on_at_most_the_call_threads(fresh_threads, settings):
     assert len(names) == 3 and all(name.startswith("db_call") for name in names), names
 
 
-def test_the_two_kinds_of_threads_share_the_pool(fresh_threads, settings):
-    settings.PANTHEON_DB_CALL_THREADS = 4
-    assert db.call_threads()._max_workers == min(4, db._pool_size())
-    assert db.database_threads()._max_workers == max(1, db._pool_size() - db.call_threads()._max_workers)
-    assert db.database_threads()._thread_name_prefix == "db_sync"
+@pytest.mark.parametrize(("pool", "call_threads", "expected"), [
+    (20, 4, (4, 16)),  # the defaults: four lanes for the turns, the rest for Django's sync parts
+    (10, 4, (4, 6)),
+    (3, 4, (3, 1)),  # a small pool: the lanes take it all, one thread stays for the rest
+    (1, 4, (1, 1)),
+])
+def test_the_two_kinds_of_threads_share_the_pool(monkeypatch, settings, pool, call_threads, expected):
+    monkeypatch.setattr(db, "_pool_size", lambda: pool)
+    settings.PANTHEON_DB_CALL_THREADS = call_threads
+    assert db.thread_counts() == expected
+
+
+def test_sync_work_runs_on_its_own_threads(fresh_threads):
+    name = db.database_threads().submit(lambda: threading.current_thread().name).result()
+    assert name.startswith("db_sync"), name

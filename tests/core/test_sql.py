@@ -8,6 +8,7 @@ from django.db import IntegrityError, connection
 
 from billing_app.models import LedgerEntry, Wallet
 from core import sql
+from tests.conftest import prepared_statements
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -80,12 +81,6 @@ def test_reads_come_back_as_python_values(wallet):
 
 
 postgres_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements: PostgreSQL")
-
-
-def prepared_statements() -> list[str]:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT statement FROM pg_prepared_statements")
-        return [row[0] for row in cursor.fetchall()]
 
 
 @postgres_only

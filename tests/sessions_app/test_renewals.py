@@ -12,6 +12,7 @@ from core.db import db_call
 from sessions_app import live_turn
 from sessions_app.models import Turn
 from sessions_app.turns import Renewal, RenewRequest, TurnOutcome, close_turn, renew_turns
+from tests.conftest import prepared_statements
 from tests.sessions_app.helpers import begun_turn
 
 
@@ -96,7 +97,5 @@ def test_renewals_take_no_prepared_statement_slot(turns):
         pytest.skip("prepared statements: PostgreSQL")
     for size in (1, 2, 3):
         renew_turns([RenewRequest(prepared.turn_id) for prepared in turns[:size]])
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT statement FROM pg_prepared_statements")
-        statements = [row[0] for row in cursor.fetchall()]
+    statements = prepared_statements()
     assert not [statement for statement in statements if statement.startswith("WITH v(")], statements
