@@ -1,3 +1,4 @@
+import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -6,6 +7,8 @@ from typing import Any
 from asgiref.sync import AsyncToSync, sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
+
+from core import db_on_loop
 
 
 class _DatabaseThreads(ThreadPoolExecutor):
@@ -71,7 +74,7 @@ def database_threads() -> ThreadPoolExecutor:
     return executor
 
 
-def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+def db_call(fn: Callable[..., Any] | None = None, *, on_loop: bool = False) -> Any:
     """`sync_to_async` for one unit of database work from async code.
 
     The connection goes back (to the pool) as soon as the work is done, so a stream that
@@ -79,18 +82,44 @@ def db_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     the process's call threads (`call_threads()`), unless a sync caller is waiting on this
     event loop (Django's test client, a sync middleware): then in that caller's thread, so
     what it holds (a test's transaction) stays visible.
+
+    `on_loop=True` (the turn's preflight, renewals and close, written with core.sql): on
+    PostgreSQL the work runs on the event loop's own thread instead, on an async connection
+    (core.db_on_loop), and on the threads only if it reaches the ORM. Either way it runs to
+    its end when the awaiting caller is cancelled, as a thread would.
     """
+    if fn is None:
+        return functools.partial(db_call, on_loop=on_loop)
     in_caller_thread = sync_to_async(functools.partial(_closing_connections, fn))
     on_call_threads = None  # made at the first call: the settings size the threads
 
-    @functools.wraps(fn)
-    async def call(*args: Any, **kwargs: Any) -> Any:
+    async def on_threads(*args: Any, **kwargs: Any) -> Any:
         nonlocal on_call_threads
-        if getattr(AsyncToSync.executors, "current", None) is not None:
-            return await in_caller_thread(*args, **kwargs)
         if on_call_threads is None:
             # The threads hand the connection back after each call themselves.
             on_call_threads = sync_to_async(fn, thread_sensitive=False, executor=call_threads())
         return await on_call_threads(*args, **kwargs)
 
+    async def on_the_loop(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await db_on_loop.run(fn, *args, **kwargs)
+        except db_on_loop.NeedsThread:
+            return await on_threads(*args, **kwargs)
+
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        if getattr(AsyncToSync.executors, "current", None) is not None:
+            return await in_caller_thread(*args, **kwargs)
+        if on_loop and db_on_loop.enabled():
+            task = asyncio.ensure_future(on_the_loop(*args, **kwargs))
+            task.add_done_callback(_retrieved)
+            return await asyncio.shield(task)
+        return await on_threads(*args, **kwargs)
+
     return call
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a unit's outcome as seen: its caller may have been cancelled meanwhile."""
+    if not task.cancelled():
+        task.exception()

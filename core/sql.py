@@ -15,6 +15,10 @@ connection at their first use (`PANTHEON_DB_PREPARED_STATEMENTS=false` turns tha
 server then neither parses nor plans them again, which was most of their time (the
 preflight's joined read: 0.7 ms as a new statement, 0.08 ms prepared). Django's ORM keeps
 its own cursors (client-side binding, never prepared).
+
+The same functions run a unit of work on the event loop's thread with psycopg's
+AsyncConnection (core.db_on_loop: the turn's preflight, renewals and close), which is why
+the connection, the cursor and the transaction's state are looked up through it first.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from django.db import transaction as django_transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from core import db_on_loop
 from core.money import quantize_money
 
 
@@ -108,7 +113,11 @@ PREPARE_THRESHOLD = 0
 def _new_cursor(db) -> Any:
     """A cursor of Django's (its error wrapping, query logging, execute wrappers) that binds
     values on the server, so that psycopg can prepare its statements (PostgreSQL); Django's
-    own cursor elsewhere."""
+    own cursor elsewhere; in a unit on the event loop (core.db_on_loop), one of its
+    connection's."""
+    on_loop = db_on_loop.current()
+    if on_loop is not None:
+        return on_loop.new_cursor()
     if db.vendor != "postgresql" or not settings.PANTHEON_DB_PREPARED_STATEMENTS:
         return db.cursor()
     from django.db.backends.postgresql.base import ServerBindingCursor  # PostgreSQL only
@@ -132,9 +141,14 @@ def _cursor(prepare: bool = True) -> Iterator[Any]:
     `transaction()`), else a new one. Each statement's result is read before the next is
     sent on it, or not at all (`count=False`). `prepare=False`: Django's own cursor, for a
     statement whose text varies (it would take a prepared slot for each variant)."""
-    shared = getattr(_state, "cursor", None)
+    shared = getattr(_st(), "cursor", None)
     if shared is not None and prepare:
         yield shared
+        return
+    on_loop = db_on_loop.current()
+    if on_loop is not None:
+        with on_loop.new_cursor(prepare=prepare) as cursor:
+            yield cursor
         return
     with (_new_cursor(_db()) if prepare else _db().cursor()) as cursor:
         yield cursor
@@ -160,7 +174,7 @@ def execute(sql: str, params: Sequence[Any] | dict[str, Any], *, count: bool = T
         if count and _pipelined():
             # In a pipeline the count comes with the answer: a nested pipeline block sends
             # what is pending and waits for the answers when it ends (one round trip).
-            with _db().connection.pipeline():
+            with _raw_pipeline():
                 cursor.execute(sql, params)
             return cursor.rowcount
         cursor.execute(sql, params)
@@ -168,6 +182,9 @@ def execute(sql: str, params: Sequence[Any] | dict[str, Any], *, count: bool = T
 
 
 def _pipelined() -> bool:
+    on_loop = db_on_loop.current()
+    if on_loop is not None:
+        return on_loop.in_pipeline()
     db = _db()
     if db.vendor != "postgresql" or db.connection is None:
         return False
@@ -218,15 +235,29 @@ def as_money(raw: Any) -> Decimal:
 def pipeline() -> Iterator[None]:
     """Pipeline mode on PostgreSQL (psycopg 3): statements inside are sent at once and
     their answers collected at the next fetch or at the end. A no-op elsewhere."""
-    if connection.vendor != "postgresql":
+    if db_on_loop.current() is None and connection.vendor != "postgresql":
         yield
         return
-    connection.ensure_connection()
-    with connection.connection.pipeline():
+    with _raw_pipeline():
         yield
 
 
+def _raw_pipeline():
+    on_loop = db_on_loop.current()
+    if on_loop is not None:
+        return on_loop.pipeline()
+    _db().ensure_connection()
+    return _db().connection.pipeline()
+
+
+# A transaction's depth and cursor (core.sql's own), per thread; a unit on the event loop
+# keeps its own on its connection (the loop's thread runs many units at once).
 _state = threading.local()
+
+
+def _st() -> Any:
+    on_loop = db_on_loop.current()
+    return on_loop if on_loop is not None else _state
 
 
 @contextlib.contextmanager
@@ -238,42 +269,52 @@ def transaction() -> Iterator[None]:
     the COMMIT, in one round trip (psycopg's own transactions in pipeline mode add two).
     If anything fails the transaction is rolled back. Code inside must not open a Django
     `atomic` block (it would try to leave autocommit mid-transaction); the ORM's plain
-    queries are fine. Elsewhere (SQLite, or inside a caller's or a test's `atomic`) it is
-    Django's `atomic` (a savepoint inside an enclosing one, so a refusal raised through it
-    leaves the enclosing transaction usable).
+    queries are fine (not in a unit on the event loop: core.db_on_loop, whose statements
+    all go through here on its own connection, in the same way). Elsewhere (SQLite, or
+    inside a caller's or a test's `atomic`) it is Django's `atomic` (a savepoint inside an
+    enclosing one, so a refusal raised through it leaves the enclosing transaction usable).
     """
-    if getattr(_state, "depth", 0):
-        _state.depth += 1
+    state, on_loop = _st(), db_on_loop.current()
+    if getattr(state, "depth", 0):
+        state.depth += 1
         try:
             yield
         finally:
-            _state.depth -= 1
+            state.depth -= 1
         return
-    if connection.vendor != "postgresql" or connection.in_atomic_block or not connection.get_autocommit():
+    if on_loop is None and (connection.vendor != "postgresql" or connection.in_atomic_block
+                            or not connection.get_autocommit()):
         with django_transaction.atomic():
-            _state.depth = 1
+            state.depth = 1
             try:
                 yield
             finally:
-                _state.depth = 0
+                state.depth = 0
         return
-    db = _db()
-    db.ensure_connection()
-    raw = db.connection
-    _state.depth = 1
+    if on_loop is None:
+        db = _db()
+        db.ensure_connection()
+        raw, errors = db.connection, db.wrap_database_errors
+    else:  # its statements' errors are Django's already
+        raw, errors = on_loop, contextlib.nullcontext()
+    state.depth = 1
     try:
         # Errors surface at the pipeline's sync points: Django's wrapper makes them Django's.
-        with db.wrap_database_errors, raw.pipeline(), _new_cursor(db) as cursor:
-            _state.cursor = cursor  # one cursor for the plain statements (not the ORM's)
+        with errors, _raw_pipeline(), _new_cursor(_db()) as cursor:
+            state.cursor = cursor  # one cursor for the plain statements (not the ORM's)
             execute("BEGIN", [], count=False)
             yield
             execute("COMMIT", [], count=False)
     except BaseException:
-        from psycopg.pq import TransactionStatus  # here: only PostgreSQL gets this far
+        if on_loop is not None:
+            if on_loop.in_transaction():
+                on_loop.execute("ROLLBACK")
+        else:
+            from psycopg.pq import TransactionStatus  # here: only PostgreSQL gets this far
 
-        if raw.info.transaction_status != TransactionStatus.IDLE:
-            raw.execute("ROLLBACK")
+            if raw.info.transaction_status != TransactionStatus.IDLE:
+                raw.execute("ROLLBACK")
         raise
     finally:
-        _state.depth = 0
-        _state.cursor = None
+        state.depth = 0
+        state.cursor = None

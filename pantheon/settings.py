@@ -136,6 +136,8 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# A pooled connection is checked with a round trip only after it sat idle (core/pool.py).
+PANTHEON_DB_CHECK_IDLE_SECONDS = env_float("PANTHEON_DB_CHECK_IDLE_SECONDS", 2.0, minimum=0.0)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env_int("PANTHEON_DB_POOL_MIN", 2),
@@ -143,12 +145,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # How long a request waits for a free connection before failing.
         "timeout": env_float("PANTHEON_DB_POOL_TIMEOUT", 10.0, minimum=0.1),
         # A connection is checked with a round trip only after it sat idle (core/pool.py).
-        "check": checker(env_float("PANTHEON_DB_CHECK_IDLE_SECONDS", 2.0, minimum=0.0)),
+        "check": checker(PANTHEON_DB_CHECK_IDLE_SECONDS),
         "reset": note_returned,
     }
 # The threads of the async views' database work (core.db.call_threads): few, because each
 # more thread competes for the GIL with the event loop; raise it for a database far away.
 PANTHEON_DB_CALL_THREADS = env_int("PANTHEON_DB_CALL_THREADS", 4, minimum=1)
+# On PostgreSQL a turn's preflight, renewals and close run on the event loop's own thread,
+# on as many async connections as there are call threads (core/db_on_loop.py); false runs
+# them on the call threads.
+PANTHEON_DB_ON_LOOP = env_bool("PANTHEON_DB_ON_LOOP", True)
 # The hot statements of a turn (core/sql.py) are prepared on each pooled connection. Turn it
 # off behind a pooler that cannot keep prepared statements (PgBouncer's transaction mode
 # before 1.21, or without max_prepared_statements).

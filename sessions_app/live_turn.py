@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 # Pauses between attempts of the close-time write: about six seconds in all.
 CLOSE_RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0, 1.5, 2.5)
 
-_renew_all = db_call(renew_turns)
-_close = db_call(close_turn)
+_renew_all = db_call(renew_turns, on_loop=True)
+_close = db_call(close_turn, on_loop=True)
 _background: set[asyncio.Task] = set()
 
 

@@ -96,7 +96,7 @@ def make_api_session(key_hash: str, model: str) -> None:
                                    title=f"API: {key.name or key.prefix}"[:200])
 
 
-@db_call
+@db_call(on_loop=True)
 def _preflight(request: HttpRequest, parsed: list[fmt.ChatRequest]) -> PreparedTurn:
     """Everything before the model call, in one database call: 401, 400, 404, 402. The
     parsed body is appended to `parsed`. Raises OpenAIError, or AlreadyRequested."""

@@ -173,7 +173,7 @@ def _models(value, *, present: bool) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-@db_call
+@db_call(on_loop=True)
 def _preflight(request: HttpRequest, session_id: uuid.UUID, streamed: bool) -> PreparedTurn:
     """Everything before the model call, in one database call and in this order: 401, 404,
     400, 422, 402. Raises AuthFailure, TurnRejected, or AlreadyRequested (a repeat of an

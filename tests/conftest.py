@@ -1,3 +1,4 @@
+import asyncio
 import dataclasses
 import socket
 import subprocess
@@ -32,9 +33,14 @@ def _fast_password_hashing():
 @pytest.fixture(autouse=True, scope="session")
 def _close_connection_pools(django_db_setup, django_db_blocker):
     """Close PostgreSQL's connection pool before the test database is dropped: its idle
-    connections (and the server threads') would keep the database in use."""
+    connections (and the server threads', and those the tests' ended event loops left: see
+    core.db_on_loop) would keep the database in use."""
     yield
     from django.db import connections
+
+    from core import db_on_loop
+
+    db_on_loop.discard_ended_loops()
 
     with django_db_blocker.unblock():
         for conn in connections.all():
@@ -173,11 +179,21 @@ def live_server_url(transactional_db):
 
     import uvicorn
 
+    from core import db_on_loop
     from pantheon.asgi import application
 
     server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=0, log_level="warning",
                                            lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    def run() -> None:
+        async def serve() -> None:
+            try:
+                await server.serve()
+            finally:  # before the test database is flushed or dropped
+                await db_on_loop.close()
+
+        asyncio.run(serve())
+
+    thread = threading.Thread(target=run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:

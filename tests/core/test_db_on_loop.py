@@ -1,0 +1,172 @@
+"""core.db_on_loop: a unit of core.sql work runs on the event loop's thread, on an async
+connection, with the same transaction semantics as on Django's connection in a thread."""
+
+import asyncio
+import threading
+
+import pytest
+from django.db import IntegrityError, OperationalError, connection
+from django.utils import timezone
+
+from billing_app.models import Provider
+from core import db_on_loop, sql
+from core.db import db_call
+from sessions_app.models import Turn
+from tests.sessions_app.helpers import auth, read_stream
+
+pytestmark = [
+    pytest.mark.skipif(connection.vendor != "postgresql", reason="the event loop's connections are PostgreSQL's"),
+    pytest.mark.django_db(transaction=True),
+]
+
+
+def _row(name: str) -> dict:
+    now = timezone.now()
+    return {"name": name, "base_url": "http://127.0.0.1:9/v1", "api_key_env": "", "api_key": "",
+            "timeout_seconds": None, "created_at": now, "updated_at": now}
+
+
+def _store(*names: str) -> str:
+    """One transaction inserting a provider per name (unique); the thread it ran on."""
+    with sql.transaction():
+        for name in names:
+            sql.insert(Provider, [_row(name)])
+    return threading.current_thread().name
+
+
+def _keys() -> list[str]:
+    return sorted(Provider.objects.values_list("name", flat=True))
+
+
+@pytest.fixture
+def fresh_pools(monkeypatch):
+    monkeypatch.setattr(db_on_loop, "_pools", {})
+    monkeypatch.setattr(db_on_loop, "fallbacks", db_on_loop.fallbacks.__class__())
+
+
+async def test_a_unit_runs_on_the_loop_thread_and_commits(fresh_pools):
+    loop_thread = threading.current_thread().name
+    assert await db_call(_store, on_loop=True)("a", "b") == loop_thread
+    assert await db_call(_keys)() == ["a", "b"]
+    assert not db_on_loop.fallbacks
+    await db_on_loop.close()
+
+
+async def test_its_errors_are_djangos_and_its_transaction_rolls_back(fresh_pools):
+    with pytest.raises(IntegrityError):
+        await db_call(_store, on_loop=True)("a", "a")  # the second breaks the unique key
+    assert await db_call(_keys)() == []
+    assert await db_call(_store, on_loop=True)("c")  # the connection is usable again
+    assert await db_call(_keys)() == ["c"]
+    await db_on_loop.close()
+
+
+async def test_a_unit_that_reaches_the_orm_runs_again_on_the_threads(fresh_pools):
+    threads = []
+
+    def store_then_count() -> int:
+        threads.append(threading.current_thread().name)
+        with sql.transaction():
+            sql.insert(Provider, [_row("once")])
+            return Provider.objects.count()  # the ORM: refused on the loop's thread
+
+    assert await db_call(store_then_count, on_loop=True)() == 1
+    assert threads[0] == threading.current_thread().name and threads[1].startswith("db_call"), threads
+    assert await db_call(_keys)() == ["once"]  # the first run's insert was rolled back
+    assert list(db_on_loop.fallbacks.values()) == [1]
+    await db_on_loop.close()
+
+
+async def test_units_interleave_on_the_loop_each_in_its_own_transaction(fresh_pools, settings):
+    settings.PANTHEON_DB_CALL_THREADS = 2  # fewer connections than units: they queue for them
+    ticks = 0
+
+    def store_slowly(key: str) -> str:
+        with sql.transaction():
+            sql.insert(Provider, [_row(key)])
+            sql.fetch_one("SELECT pg_sleep(0.05)", [])
+            # This transaction's row, and none of the others' uncommitted ones.
+            mine = sql.fetch_all(f"SELECT name FROM {sql.table(Provider)} WHERE name = %s", [key])
+            return mine[0][0]
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    ticking = asyncio.ensure_future(ticker())
+    keys = [f"k{n}" for n in range(8)]
+    results = await asyncio.gather(*(db_call(store_slowly, on_loop=True)(key) for key in keys))
+    ticking.cancel()
+    assert results == keys
+    assert await db_call(_keys)() == sorted(keys)
+    assert ticks >= 5  # the loop ran other tasks while PostgreSQL slept
+    await db_on_loop.close()
+
+
+async def test_a_cancelled_caller_leaves_its_unit_to_finish(fresh_pools):
+    def sleep_then_store() -> None:
+        sql.fetch_one("SELECT pg_sleep(0.2)", [])
+        _store("late")
+
+    caller = asyncio.ensure_future(db_call(sleep_then_store, on_loop=True)())
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    for _ in range(100):
+        if await db_call(_keys)():
+            break
+        await asyncio.sleep(0.02)
+    assert await db_call(_keys)() == ["late"]  # as a thread would have
+    await db_on_loop.close()
+
+
+def test_an_ended_loops_connections_are_closed(fresh_pools):
+    async def one_unit():
+        await db_call(_store, on_loop=True)(f"x{len(db_on_loop._pools)}")
+        return db_on_loop._pools[asyncio.get_running_loop()]
+
+    pool = asyncio.run(one_unit())  # ends with the unit's connection idle, not closed
+    (raw, _), = pool.idle
+    asyncio.run(one_unit())  # a new loop's first unit closes what the ended loops left
+    assert raw.closed and not pool.idle
+
+
+async def test_no_free_connection_in_time_is_an_operational_error(fresh_pools, settings, monkeypatch):
+    settings.PANTHEON_DB_CALL_THREADS = 1
+    options = dict(connection.settings_dict.get("OPTIONS", {}))
+    options["pool"] = {**(options.get("pool") or {}), "timeout": 0.2}
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+    busy = asyncio.ensure_future(db_call(lambda: sql.fetch_one("SELECT pg_sleep(1)", []), on_loop=True)())
+    await asyncio.sleep(0.1)
+    with pytest.raises(OperationalError):
+        await db_call(_store, on_loop=True)("y")
+    await busy
+    await db_on_loop.close()
+
+
+def test_a_streamed_turn_runs_its_database_work_on_the_loop(alice, session_of, live_server_url, fake_openrouter,
+                                                             fake_openrouter_settings, monkeypatch):
+    """Through the real server: the preflight and the close of a session's turn ran as units
+    on the server's loop, and never needed the threads (no fallback). (A session's first
+    turn also queues its title, with the ORM: that close runs on the threads.)"""
+    from tests.conftest import client_for
+
+    ran = []
+    original = db_on_loop.run
+
+    async def counted(fn, *args, **kwargs):
+        ran.append(fn.__name__)
+        return await original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(db_on_loop, "fallbacks", db_on_loop.fallbacks.__class__())
+    monkeypatch.setattr(db_on_loop, "run", counted)
+    session = session_of(alice, title="Named already")
+    fake_openrouter.enqueue(fake_openrouter.sse_stream(["Hel", "lo"], usage=(12, 2)))
+    _, events, _ = read_stream(live_server_url, session, auth(client_for(alice)))
+    assert events[-1][0] == "done"
+    assert "_preflight" in ran and "close_turn" in ran, ran
+    assert not db_on_loop.fallbacks
+    assert Turn.objects.get(pk=events[-1][1]["turn_id"]).status == "completed"
