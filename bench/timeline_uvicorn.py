@@ -3,7 +3,7 @@ $TIMELINE_OUT (JSON lines) when the process gets SIGTERM. bench/throughput.py
 --timeline FILE starts Pantheon this way; `--timeline-report FILE` prints the medians.
 
 Each request's events, in milliseconds from the moment the ASGI app was called: each
-unit of database work (queued, started and ended on its thread, resumed on the loop), the
+unit of database work (queued, started and ended on its thread or on the loop, resumed), the
 upstream call opened, the response's start, its first `chunk` frame, and its last body;
 the preflight's and the close's main steps. TIMELINE_MARK="module:function,module:Class.method"
 marks more (entered `>`, left `<`), e.g. "psycopg:Connection.wait" for each wait on the
@@ -38,10 +38,12 @@ def install() -> None:
 
     original_db_call = db.db_call
 
-    def db_call(fn):
+    def db_call(fn=None, *, on_loop=False):
+        if fn is None:
+            return functools.partial(db_call, on_loop=on_loop)
         name = f"db {fn.__name__}"
-        on_thread = _marked(fn, f"{name} thread-start", f"{name} thread-end")
-        return _marked(original_db_call(on_thread), f"{name} queued", f"{name} resumed")
+        work = _marked(fn, f"{name} work-start", f"{name} work-end")  # on a thread, or in a unit on the loop
+        return _marked(original_db_call(work, on_loop=on_loop), f"{name} queued", f"{name} resumed")
 
     db.db_call = db_call
 
