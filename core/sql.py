@@ -296,7 +296,7 @@ def transaction() -> Iterator[None]:
         db.ensure_connection()
         raw, errors = db.connection, db.wrap_database_errors
     else:  # its statements' errors are Django's already
-        raw, errors = on_loop, contextlib.nullcontext()
+        raw, errors = None, contextlib.nullcontext()
     state.depth = 1
     try:
         # Errors surface at the pipeline's sync points: Django's wrapper makes them Django's.

@@ -144,7 +144,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "max_size": env_int("PANTHEON_DB_POOL_MAX", 20, minimum=1),
         # How long a request waits for a free connection before failing.
         "timeout": env_float("PANTHEON_DB_POOL_TIMEOUT", 10.0, minimum=0.1),
-        # A connection is checked with a round trip only after it sat idle (core/pool.py).
         "check": checker(PANTHEON_DB_CHECK_IDLE_SECONDS),
         "reset": note_returned,
     }
