@@ -83,20 +83,21 @@ async def _drive(unit: _Unit, args: Sequence[Any], kwargs: dict[str, Any]) -> An
 class LoopCursor:
     """An AsyncCursor seen from a unit's sync code, its errors Django's (as a Django cursor's)."""
 
-    def __init__(self, cursor: Any, prepare: bool) -> None:
+    def __init__(self, cursor: Any, prepare: bool, errors: Any) -> None:
         self._cursor = cursor
         self._prepare = None if prepare else False  # None: the connection's threshold decides
+        self._errors = errors
 
     def execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
-        with _errors():
+        with self._errors:
             await_only(self._cursor.execute(query, params, prepare=self._prepare))
 
     def fetchone(self) -> tuple | None:
-        with _errors():
+        with self._errors:
             return await_only(self._cursor.fetchone())
 
     def fetchall(self) -> list[tuple]:
-        with _errors():
+        with self._errors:
             return await_only(self._cursor.fetchall())
 
     @property
@@ -118,25 +119,28 @@ class LoopConnection:
 
     def __init__(self, connection: Any) -> None:
         self.raw = connection
+        # psycopg's exceptions as Django's (IntegrityError, OperationalError, ...), as Django's
+        # cursors raise them: callers catch Django's. One wrapper, reusable, per unit.
+        self.errors = connections[DEFAULT_DB_ALIAS].wrap_database_errors
         self.depth = 0  # core.sql.transaction()'s nesting in this unit, and its cursor
         self.cursor: LoopCursor | None = None
 
     def new_cursor(self, *, prepare: bool = True) -> LoopCursor:
-        return LoopCursor(self.raw.cursor(), prepare)
+        return LoopCursor(self.raw.cursor(), prepare, self.errors)
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[None]:
         manager = self.raw.pipeline()
-        with _errors():
+        with self.errors:
             await_only(manager.__aenter__())
         try:
             yield
         except BaseException:
-            with _errors():
+            with self.errors:
                 if not await_only(manager.__aexit__(*sys.exc_info())):
                     raise
         else:
-            with _errors():
+            with self.errors:
                 await_only(manager.__aexit__(None, None, None))
 
     def in_pipeline(self) -> bool:
@@ -150,14 +154,8 @@ class LoopConnection:
         return self.raw.info.transaction_status != TransactionStatus.IDLE
 
     def execute(self, query: str) -> None:
-        with _errors():
+        with self.errors:
             await_only(self.raw.execute(query))
-
-
-def _errors():
-    """psycopg's exceptions as Django's (IntegrityError, OperationalError, ...), as Django's
-    cursors raise them: callers catch Django's."""
-    return connections[DEFAULT_DB_ALIAS].wrap_database_errors
 
 
 def enabled() -> bool:
@@ -176,7 +174,9 @@ class _LoopPool:
         params = db.get_connection_params()
         params.pop("cursor_factory", None)  # Django's sync classes; AsyncConnection's own
         params["autocommit"] = True  # as Django's: core.sql.transaction() sends BEGIN/COMMIT
-        params["prepare_threshold"] = 0 if settings.PANTHEON_DB_PREPARED_STATEMENTS else None
+        from core.sql import PREPARE_THRESHOLD  # (core.sql imports this module)
+
+        params["prepare_threshold"] = PREPARE_THRESHOLD if settings.PANTHEON_DB_PREPARED_STATEMENTS else None
         options = db.settings_dict.get("OPTIONS", {}).get("pool") or {}
         self.params = params
         self.timezone = db.timezone_name
@@ -212,7 +212,7 @@ class _LoopPool:
                 return raw
             except psycopg.Error:
                 await raw.close()
-        with _errors():
+        with connections[DEFAULT_DB_ALIAS].wrap_database_errors:
             async with asyncio.timeout(self.timeout):
                 raw = await psycopg.AsyncConnection.connect(**self.params)
             # Django sets its connections' time zone the same way (UTC unless TIME_ZONE says).
