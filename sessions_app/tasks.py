@@ -10,7 +10,7 @@ from django.tasks import task
 from django.utils import timezone
 
 from billing_app.services import UnknownModel
-from core.tasks import schedule_once
+from core.tasks import enqueue, schedule_once
 from sessions_app import reconciliation
 from sessions_app.models import Turn
 from sessions_app.turns import sweep_lapsed_turns
@@ -78,7 +78,7 @@ def reconcile_backoff(attempt: int) -> timedelta:
 def schedule_reconciliation(turn_id: uuid.UUID) -> None:
     """Queue the reconciliation of a turn that just closed on an estimate."""
     delay = timedelta(seconds=settings.PANTHEON_RECONCILE_DELAY_SECONDS)
-    reconcile_turn_task.using(run_after=timezone.now() + delay).enqueue(str(turn_id))
+    enqueue(reconcile_turn_task, str(turn_id), run_after=timezone.now() + delay)
 
 
 @task()
@@ -91,4 +91,4 @@ def title_session_task(session_id: str) -> str:
 
 def schedule_title(session_id: uuid.UUID) -> None:
     """Queue the title of a session whose first turn just completed (in that close's transaction)."""
-    title_session_task.enqueue(str(session_id))
+    enqueue(title_session_task, str(session_id))

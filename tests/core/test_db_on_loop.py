@@ -150,8 +150,7 @@ async def test_no_free_connection_in_time_is_an_operational_error(fresh_pools, s
 def test_a_streamed_turn_runs_its_database_work_on_the_loop(alice, session_of, live_server_url, fake_openrouter,
                                                              fake_openrouter_settings, monkeypatch):
     """Through the real server: the preflight and the close of a session's turn ran as units
-    on the server's loop, and never needed the threads (no fallback). (A session's first
-    turn also queues its title, with the ORM: that close runs on the threads.)"""
+    on the server's loop, and never needed the threads (no fallback)."""
     from tests.conftest import client_for
 
     ran = []
@@ -170,3 +169,23 @@ def test_a_streamed_turn_runs_its_database_work_on_the_loop(alice, session_of, l
     assert "_preflight" in ran and "close_turn" in ran, ran
     assert not db_on_loop.fallbacks
     assert Turn.objects.get(pk=events[-1][1]["turn_id"]).status == "completed"
+
+
+def test_a_session_s_first_turn_queues_its_title_on_the_loop(alice, session_of, live_server_url, fake_openrouter,
+                                                             fake_openrouter_settings, monkeypatch, settings):
+    """The close of an untitled session's first turn queues the title task (core.tasks.enqueue:
+    core.sql's INSERT, not the ORM's), so it stays on the loop too; the task is there after."""
+    from django_tasks_db.models import DBTaskResult
+
+    from sessions_app.tasks import title_session_task
+    from tests.conftest import client_for
+
+    settings.PANTHEON_AUTO_TITLE = True
+    monkeypatch.setattr(db_on_loop, "fallbacks", db_on_loop.fallbacks.__class__())
+    session = session_of(alice, title="")
+    fake_openrouter.enqueue(fake_openrouter.sse_stream(["Hel", "lo"], usage=(12, 2)))
+    _, events, _ = read_stream(live_server_url, session, auth(client_for(alice)))
+    assert events[-1][0] == "done" and events[-1][1]["status"] == "completed"
+    assert not db_on_loop.fallbacks
+    task = DBTaskResult.objects.get(task_path=title_session_task.module_path)
+    assert task.args_kwargs == {"args": [str(session.id)], "kwargs": {}} and task.status == "READY"

@@ -16,6 +16,7 @@ from django.conf import settings as django_settings
 from billing_app.models import LedgerEntry, UsageRecord, Wallet
 from billing_app.selectors import ledger_problems
 from billing_app.services import compute_cost, get_price
+from core import db_on_loop
 from sessions_app.models import LlmEvent, Turn
 from sessions_app.tasks import reconcile_turn_task
 from sessions_app.turns import sweep_lapsed_turns
@@ -55,13 +56,18 @@ def assert_billed_at(turn: Turn, record: dict, *, estimated_cost: Decimal, user)
     assert ledger_problems(user_ids=[user.pk], allow_open_holds=False) == []
 
 
-def test_a_cancelled_stream_is_reconciled_by_the_db_worker(alice, alice_stream, fake_openrouter, settings):
+def test_a_cancelled_stream_is_reconciled_by_the_db_worker(alice, alice_stream, fake_openrouter, settings,
+                                                            monkeypatch):
     settings.PANTHEON_RECONCILE_DELAY_SECONDS = 0
+    monkeypatch.setattr(db_on_loop, "fallbacks", db_on_loop.fallbacks.__class__())
     base, session, headers = alice_stream
     fake_openrouter.enqueue(fake_openrouter.slow_stream(pieces=100, delay=0.05))
     read_until(base, session, headers, characters=12)
     turn = wait_until_closed(session=session)
     assert turn.status == "cancelled" and turn.usage_estimated and turn.reconciliation == "pending"
+    # The close queued the task with core.sql (core.tasks.enqueue): on PostgreSQL it stayed
+    # on the event loop (core.db_on_loop); the worker below runs that row.
+    assert not db_on_loop.fallbacks
     estimated_cost = turn.cost
     record = provider_record(fake_openrouter, turn)
     assert record["cancelled"] is True and 0 < record["native_tokens_completion"] < 100
