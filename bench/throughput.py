@@ -4,8 +4,9 @@
 
 One command starts, each in its own uvicorn process: the loopback fake provider
 (bench/fake_provider.py), a bare relay (bench/bare_relay.py: plain ASGI + httpx, no
-database, no auth) and Pantheon on PostgreSQL (a scratch database `pantheon_bench`, created
-afresh; DATABASE_URL overrides it). The same minimal asyncio HTTP client drives them all,
+database, no auth; `--relay-client aiohttp`: with the gateway's HTTP client instead) and
+Pantheon on PostgreSQL (a scratch database `pantheon_bench`, created afresh; DATABASE_URL
+overrides it). The same minimal asyncio HTTP client drives them all,
 interleaved, and prints:
 
 - sequential: added time to first chunk (TTFC) and added total, p50, over the provider
@@ -237,6 +238,8 @@ def main() -> None:
                         help="record each Pantheon request's wall-clock phases into FILE (bench/timeline_uvicorn.py)")
     parser.add_argument("--timeline-report", metavar="FILE", help="print the median phases of a --timeline FILE")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers for Pantheon (and the relay)")
+    parser.add_argument("--relay-client", choices=("httpx", "aiohttp"), default="httpx",
+                        help="the relay's HTTP client: httpx (the issue's floor) or aiohttp (the gateway's)")
     args = parser.parse_args()
     if args.timeline_report:
         timeline_report(Path(args.timeline_report))
@@ -256,7 +259,8 @@ def main() -> None:
     try:
         provider = uvicorn("bench.fake_provider:app", provider_port, {}, logs / "provider.log")
         relay = uvicorn("bench.bare_relay:app", relay_port,
-                        {"BENCH_UPSTREAM": f"http://{HOST}:{provider_port}/api/v1/chat/completions"},
+                        {"BENCH_UPSTREAM": f"http://{HOST}:{provider_port}/api/v1/chat/completions",
+                         "BENCH_RELAY_CLIENT": args.relay_client},
                         logs / "relay.log", workers=args.workers)
         pantheon = uvicorn("pantheon.asgi:application", pantheon_port, env, logs / "pantheon.log",
                            cprofile=args.cprofile or "", timeline=args.timeline or "", workers=args.workers)
@@ -266,7 +270,8 @@ def main() -> None:
             wait_listening(port, process, logs / f"{name}.log")
         if args.profile:
             processes.append(subprocess.Popen(["py-spy", "record", "--pid", str(pantheon.pid), "--format", "raw",
-                                               "--output", args.profile, "--rate", "100", "--threads", "--gil"],
+                                               "--output", args.profile, "--rate", os.environ.get("PYSPY_RATE", "100"),
+                                               "--threads", "--gil"],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         asyncio.run(run(args, provider_port, relay_port, pantheon_port, pantheon.pid, users, relay.pid),
                     loop_factory=loop_factory())

@@ -1,4 +1,4 @@
-"""The OpenRouter gateway: the OpenAI-compatible chat completions API over httpx.
+"""The OpenRouter gateway: the OpenAI-compatible chat completions API over aiohttp.
 
 Works with any OpenAI-compatible base URL (OpenRouter, vLLM, Ollama, the test server).
 Wire format: /work/shared/reference/openrouter-protocol.md. The provider is not trusted to
@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import json
 import logging
 import math
 import secrets
+import ssl
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import httpx
+import aiohttp
+import certifi
 
 from core.money import quantize_money
 from core.text import REPLACEMENT, clean_text, find_unstorable
@@ -83,42 +86,63 @@ MAX_TOOL_CALLS_PER_ROUND = 128
 # this many characters in all, past which the stream fails as "too large" (a real call's are
 # a few kB; a non-streamed answer is bounded by MAX_BODY_BYTES as a whole).
 MAX_TOOL_ARGUMENTS_CHARS = 16 * 1024 * 1024
-# Kept-alive connections are as many as the streams a busy worker has open: a pool that keeps
-# fewer reconnects (a TCP and, to a real provider, a TLS handshake per turn, milliseconds of
-# CPU) each time the load dips and comes back. An idle one costs a socket, for 30 s at most.
-_POOL_LIMITS = httpx.Limits(max_connections=2000, max_keepalive_connections=1000, keepalive_expiry=30.0)
+# Open connections: more than a worker's streams. Every idle one is kept (for 30 s at most): a
+# pool that keeps fewer reconnects (a TCP and, to a real provider, a TLS handshake per turn,
+# milliseconds of CPU) each time the load dips and comes back.
+_MAX_CONNECTIONS = 2000
+_KEEPALIVE_SECONDS = 30.0
 
-# One AsyncClient per event loop: a client's pooled connections belong to the loop that
-# opened them, and pytest-asyncio gives every test a new loop while uvicorn has one.
-_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """Certificates checked against certifi's CA bundle (as httpx did before): the same
+    providers verify on any machine, whatever CA store it has."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _session(**options: Any) -> aiohttp.ClientSession:
+    # trust_env: HTTP(S)_PROXY and NO_PROXY apply, as they do for most HTTP clients.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=_MAX_CONNECTIONS, ssl=_tls(),
+                                                                keepalive_timeout=_KEEPALIVE_SECONDS),
+                                 trust_env=True, **options)
+
+
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """`seconds` for connecting (a free pooled connection included) and for each read: no
+    limit on the whole, since a stream may last minutes (the turn's own deadline bounds it)."""
+    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds)
+
+
+# One session per event loop: its pooled connections belong to the loop that opened them,
+# and pytest-asyncio gives every test a new loop while uvicorn has one.
+_clients: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 _clients_lock = threading.Lock()
 
 
-def shared_client() -> httpx.AsyncClient:
-    """The process-wide client of the running event loop (created on first use)."""
+def shared_client() -> aiohttp.ClientSession:
+    """The process-wide HTTP session of the running event loop (created on first use)."""
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
-    if client is None or client.is_closed:
+    if client is None or client.closed:
         with _clients_lock:
-            # Forget clients of loops that are gone; their sockets died with the loop, and a
-            # plain dict (not weak) is needed because a client's connections refer to its loop.
+            # Forget sessions of loops that are gone; their sockets died with the loop, and a
+            # plain dict (not weak) is needed because a session's connections refer to its loop.
             for stale in [other for other in _clients if other.is_closed()]:
                 del _clients[stale]
             client = _clients.get(loop)
-            if client is None or client.is_closed:
-                # Timeouts are set per request (each gateway has its own).
-                client = httpx.AsyncClient(limits=_POOL_LIMITS, follow_redirects=False)
+            if client is None or client.closed:
+                client = _session()  # timeouts are set per request (each gateway has its own)
                 _clients[loop] = client
     return client
 
 
 async def aclose_shared_client() -> None:
-    """Close the running loop's client (at shutdown; tests)."""
+    """Close the running loop's session (at shutdown; tests)."""
     loop = asyncio.get_running_loop()
     with _clients_lock:
         client = _clients.pop(loop, None)
     if client is not None:
-        await client.aclose()
+        await client.close()
 
 
 def _parse_usage(raw: Any) -> Usage | None:
@@ -198,10 +222,20 @@ def _loads(data: bytes | str) -> Any:
         return None
 
 
-async def _read_body(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """At most `limit` bytes of the body, and whether there was more (left unread)."""
+def _release(response: aiohttp.ClientResponse) -> None:
+    """Done with `response`: its connection goes back to the pool if the body was read to
+    its end, else it is closed (the provider sees the abort and stops generating)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+async def _read_body(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of the body, and whether there was more (left unread).
+    A timeout raises TimeoutError; a broken connection aiohttp.ClientError."""
     body = bytearray()
-    async for piece in response.aiter_bytes():
+    async for piece in response.content.iter_any():
         body += piece
         if len(body) > limit:
             return bytes(body[:limit]), True
@@ -446,7 +480,7 @@ class OpenRouterGateway(LlmGateway):
         self.backoff_seconds = backoff_seconds
         self.app_url = app_url
         self.app_title = app_title
-        self._timeout = httpx.Timeout(timeout_seconds)
+        self._timeout = _timeout(timeout_seconds)
 
     @property
     def url(self) -> str:
@@ -471,7 +505,8 @@ class OpenRouterGateway(LlmGateway):
             headers["X-OpenRouter-Title"] = self.app_title
         return headers
 
-    def _retry_delay(self, attempt: int, headers: httpx.Headers | None) -> float:
+    def _retry_delay(self, attempt: int, headers: Mapping[str, str] | None) -> float:
+        """`headers`: case-insensitive (aiohttp's), as every HTTP client's are."""
         value: float | None = None
         if headers is not None:
             if "retry-after-ms" in headers:
@@ -490,7 +525,7 @@ class OpenRouterGateway(LlmGateway):
         return self.backoff_seconds * (2 ** attempt)
 
     async def _open(self, payload: dict[str, Any], *, stream: bool, records: list[CallRecord],
-                    usage: Usage | None) -> tuple[httpx.Response, CallRecord, float]:
+                    usage: Usage | None) -> tuple[aiohttp.ClientResponse, CallRecord, float]:
         """POST with retries (only before any answer arrived). Returns the 2xx response with
         its body unread, its record (not yet in `records`) and the attempt's start time.
         Every failed attempt is appended to `records`."""
@@ -500,32 +535,31 @@ class OpenRouterGateway(LlmGateway):
         attempt = 0
         while True:
             record = CallRecord(requested_model=model, stream=stream)
-            request = client.build_request("POST", self.url, content=content,
-                                           headers=self._headers(stream=stream), timeout=self._timeout)
             started = time.monotonic()
             # Exception messages may reach end users: keep them short; details go to the record.
-            retry_headers: httpx.Headers | None = None
+            retry_headers: Mapping[str, str] | None = None
             try:
-                response = await client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                response = await client.post(self.url, data=content, headers=self._headers(stream=stream),
+                                             timeout=self._timeout, allow_redirects=False)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Nothing reached the provider: safe to retry.
-                timed_out = isinstance(exc, httpx.ConnectTimeout)
+                timed_out = isinstance(exc, aiohttp.ConnectionTimeoutError)
                 error: GatewayError = (
                     UpstreamTimeout("timed out connecting to the model provider") if timed_out
                     else UpstreamError("could not connect to the model provider", unreachable=True))
                 self._fail(record, started, f"{error.message}: {exc!r}")
-            except httpx.TimeoutException as exc:
+            except TimeoutError as exc:  # no answer in time (aiohttp's read timeout is one)
                 self._fail(record, started, f"timeout: {exc!r}")
                 records.append(record)
                 raise UpstreamTimeout("the model provider timed out", records=list(records),
                                       usage=usage) from exc
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp refuses
                 self._fail(record, started, f"request failed: {exc!r}")
                 records.append(record)
                 raise UpstreamError("the request to the model provider failed", records=list(records),
                                     usage=usage, unreachable=True) from exc
             else:
-                status = response.status_code
+                status = response.status
                 record.http_status = status
                 if 200 <= status < 300:
                     # The answer's own id (a chunk's, the body's) replaces it when there is one.
@@ -534,10 +568,10 @@ class OpenRouterGateway(LlmGateway):
                     return response, record, started
                 try:
                     body, _ = await _read_body(response, MAX_ERROR_BODY_BYTES)
-                except httpx.HTTPError:
+                except (aiohttp.ClientError, TimeoutError):
                     body = b""
                 finally:
-                    await response.aclose()
+                    _release(response)
                 message = _error_message_from_body(body, status)
                 self._fail(record, started, f"HTTP {status}: {message}")
                 if status in (401, 403):
@@ -632,15 +666,15 @@ class OpenRouterGateway(LlmGateway):
         records.append(record)
         try:
             body, too_large = await _read_body(response, MAX_BODY_BYTES)
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             self._fail(record, started, "read timeout")
             raise UpstreamTimeout("the model provider timed out", records=list(records), usage=usage) from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             self._fail(record, started, f"reading the answer failed: {exc!r}")
             raise UpstreamError("the model provider's answer was cut off", records=list(records),
                                 usage=usage) from exc
         finally:
-            await response.aclose()
+            _release(response)
         record.latency_ms = ms_since(started)
 
         def fail(message: str, status: int | None, reported: Usage | None = None) -> UpstreamError:
@@ -733,16 +767,16 @@ class OpenRouterGateway(LlmGateway):
         try:
             async with (
                 asyncio.timeout(self.timeout_seconds),
-                httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client,
-                client.stream("GET", f"{self.base_url}/generation", params={"id": generation_id},
-                              headers=headers) as response,
+                _session(timeout=self._timeout) as client,
+                client.get(f"{self.base_url}/generation", params={"id": generation_id}, headers=headers,
+                           allow_redirects=False) as response,
             ):
                 body, too_large = await _read_body(response, MAX_GENERATION_BODY_BYTES)
-        except (TimeoutError, httpx.TimeoutException) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout("the model provider timed out (generation lookup)") from exc
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a URL aiohttp refuses
             raise UpstreamError(f"the generation lookup failed: {type(exc).__name__}") from exc
-        status = response.status_code
+        status = response.status
         if status == 404:
             raise GenerationNotFound(_message(f"the model provider has no record of generation {generation_id[:80]}"))
         if not 200 <= status < 300:
@@ -773,14 +807,14 @@ _DONE = object()
 
 
 class _UpstreamStream(StreamingContext):
-    """One open upstream stream over httpx: SSE read as it comes, or a whole JSON answer
+    """One open upstream stream over aiohttp: SSE read as it comes, or a whole JSON answer
     (`read_json()`) handed out as one piece. The lifecycle is `StreamingContext`'s.
 
     With `client_tools`, the tool-call fragments are read too (`_ToolCallStream`) and handed
     out among the text deltas; a stream without reads them not at all (one check per chunk
     that has a delta)."""
 
-    def __init__(self, response: httpx.Response, record: CallRecord, started: float,
+    def __init__(self, response: aiohttp.ClientResponse, record: CallRecord, started: float,
                  prior_records: list[CallRecord], *, client_tools: bool = False) -> None:
         self.response = response
         self._tools = _ToolCallStream() if client_tools else None
@@ -801,15 +835,13 @@ class _UpstreamStream(StreamingContext):
         if self._response_closed:
             return
         self._response_closed = True
-        # Closing an unfinished response drops the connection (not pooled): the provider
-        # sees the abort and stops generating.
         with contextlib.suppress(Exception):
-            await self.response.aclose()
+            _release(self.response)
 
     def _failure(self, exc: Exception) -> tuple[GatewayError, str]:
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, TimeoutError):  # aiohttp's read timeout is one
             return UpstreamTimeout("the model provider stopped sending (read timeout)"), ""
-        # httpx errors, or whatever the transport raises.
+        # aiohttp's errors (a payload cut off, the connection lost), or whatever else.
         error = UpstreamError("truncated stream (connection lost)", unreachable=True)
         return error, f"{error.message}: {exc!r}"
 
@@ -828,11 +860,12 @@ class _UpstreamStream(StreamingContext):
                     yield self._sent(item)
                 return
             decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
-            async for raw in self.response.aiter_bytes():
+            async for raw in self.response.content.iter_any():
+                too_large = None
                 try:
                     events = decoder.feed(raw)
-                except SSEEventTooLarge:
-                    raise UpstreamError("the model provider sent a stream event that is too large") from None
+                except SSEEventTooLarge as exc:  # the events before it still go out (one read
+                    events, too_large = exc.events, exc  # can hold them and the oversized one)
                 for event in events:
                     delta = self._handle(event)
                     if delta is _DONE:
@@ -849,6 +882,8 @@ class _UpstreamStream(StreamingContext):
                         else:
                             for item in delta:
                                 yield self._sent(item)
+                if too_large is not None:
+                    raise UpstreamError("the model provider sent a stream event that is too large") from None
             # The body ended without [DONE]. (After aclose() the reader stops quietly instead.)
             decoder.finish()
             raise UpstreamError("truncated stream")
@@ -935,9 +970,9 @@ class _UpstreamStream(StreamingContext):
         `chunks` then hands out its text as one piece."""
         try:
             body, too_large = await _read_body(self.response, MAX_BODY_BYTES)
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             raise self._fail(UpstreamTimeout("the model provider timed out")) from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise self._fail(UpstreamError("the model provider's answer was cut off")) from exc
         finally:
             await self._disconnect()

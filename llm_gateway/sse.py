@@ -23,7 +23,12 @@ _MAX_RETRY_DIGITS = 10  # int() of thousands of digits is slow, and refused past
 
 
 class SSEEventTooLarge(ValueError):
-    """The event being received grew past the decoder's `max_event_bytes`."""
+    """The event being received grew past the decoder's `max_event_bytes`. `events`: the
+    complete ones the same `feed()` decoded before it (they are the peer's valid output)."""
+
+    def __init__(self, message: str, events: list[SSEEvent] | None = None) -> None:
+        super().__init__(message)
+        self.events = events or []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +50,7 @@ class SSEDecoder:
 
     With `max_event_bytes`, `feed()` raises `SSEEventTooLarge` once the event being received
     (its data lines plus the unterminated line) is larger: a peer sending one endless line
-    must not take all the memory.
+    must not take all the memory. The exception carries the events decoded before it.
     """
 
     def __init__(self, max_event_bytes: int | None = None) -> None:
@@ -81,19 +86,23 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 pos = 1
-        for match in _EOL.finditer(chunk, pos):
-            self._line += chunk[pos:match.start()]
-            pos = match.end()
-            line = bytes(self._line)
-            self._line.clear()
-            event = self._process_line(line)
-            if event is not None:
-                events.append(event)
+        try:
+            for match in _EOL.finditer(chunk, pos):
+                self._line += chunk[pos:match.start()]
+                pos = match.end()
+                line = bytes(self._line)
+                self._line.clear()
+                event = self._process_line(line)
+                if event is not None:
+                    events.append(event)
+        except SSEEventTooLarge as exc:
+            exc.events = events
+            raise
         self._line += chunk[pos:]
         if chunk.endswith(b"\r"):
             self._skip_lf = True
         if self.max_event_bytes is not None and len(self._line) + self._data_bytes > self.max_event_bytes:
-            raise SSEEventTooLarge(f"an SSE event is larger than {self.max_event_bytes} bytes")
+            raise SSEEventTooLarge(f"an SSE event is larger than {self.max_event_bytes} bytes", events)
         return events
 
     def finish(self) -> bool:

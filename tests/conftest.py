@@ -180,6 +180,7 @@ def live_server_url(transactional_db):
     import uvicorn
 
     from core import db_on_loop
+    from llm_gateway.openrouter import aclose_shared_client
     from pantheon.asgi import application
 
     server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=0, log_level="warning",
@@ -190,6 +191,7 @@ def live_server_url(transactional_db):
                 await server.serve()
             finally:  # before the test database is flushed or dropped
                 await db_on_loop.close()
+                await aclose_shared_client()
 
         asyncio.run(serve())
 

@@ -4,6 +4,7 @@ and nothing grows without bound. Against the real loopback fake upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -198,7 +199,8 @@ async def test_huge_error_body_is_not_read_whole(gateway: OpenRouterGateway, fak
     with pytest.raises(UpstreamError) as info:
         await gateway.generate(model="m", messages=MESSAGES, max_tokens=8)
     assert info.value.message == "E" * 500 and info.value.status == 500
-    assert fake_openrouter.disconnected.wait(5)
+    # Waited for in a thread: the socket closes in the event loop's next iteration.
+    assert await asyncio.to_thread(fake_openrouter.disconnected.wait, 5)
 
 
 # -- bytes and JSON ---------------------------------------------------------------------------
@@ -331,6 +333,17 @@ def test_decoder_event_size_limit() -> None:
             decoder.feed(b"data: aaaaaaaaaa\n")
     unlimited = SSEDecoder()
     assert unlimited.feed(b"data: " + b"a" * 100_000 + b"\n\n")[0].data == "a" * 100_000
+
+
+@pytest.mark.parametrize("oversized", [b"data: " + b"x" * 200, b"data: xxxxxxxxxx\n" * 20],
+                         ids=["one endless line", "data lines without an end"])
+def test_the_events_before_an_oversized_one_come_with_the_error(oversized: bytes) -> None:
+    """One read can hold complete events and then the oversized one (aiohttp hands out
+    what the socket had): those events are the provider's valid output, so they come out."""
+    decoder = SSEDecoder(max_event_bytes=100)
+    with pytest.raises(SSEEventTooLarge) as info:
+        decoder.feed(b"data: one\n\ndata: two\n\n" + oversized)
+    assert [event.data for event in info.value.events] == ["one", "two"]
 
 
 @pytest.mark.parametrize("as_text", [True, False])

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import httpx
 import pytest
+from multidict import CIMultiDict
 
 from llm_gateway import (
     CallRecord,
@@ -281,20 +281,20 @@ async def test_read_timeout_raises_upstream_timeout(fake_openrouter: FakeOpenRou
 def test_retry_delay() -> None:
     gateway = OpenRouterGateway(base_url="http://x", api_key="k", timeout_seconds=1, backoff_seconds=0.5)
     assert gateway._retry_delay(0, None) == 0.5
-    assert gateway._retry_delay(2, httpx.Headers({})) == 2.0
-    assert gateway._retry_delay(0, httpx.Headers({"Retry-After": "2"})) == 2.0
-    assert gateway._retry_delay(0, httpx.Headers({"Retry-After": "3600"})) == 30.0  # capped
-    assert gateway._retry_delay(0, httpx.Headers({"Retry-After": "-5"})) == 0.0
-    assert gateway._retry_delay(0, httpx.Headers({"retry-after-ms": "250"})) == 0.25
+    assert gateway._retry_delay(2, CIMultiDict({})) == 2.0
+    assert gateway._retry_delay(0, CIMultiDict({"Retry-After": "2"})) == 2.0
+    assert gateway._retry_delay(0, CIMultiDict({"Retry-After": "3600"})) == 30.0  # capped
+    assert gateway._retry_delay(0, CIMultiDict({"Retry-After": "-5"})) == 0.0
+    assert gateway._retry_delay(0, CIMultiDict({"retry-after-ms": "250"})) == 0.25
     http_date = format_datetime(datetime.now(UTC) + timedelta(seconds=10), usegmt=True)
-    assert 8 <= gateway._retry_delay(0, httpx.Headers({"Retry-After": http_date})) <= 10
-    assert gateway._retry_delay(1, httpx.Headers({"Retry-After": "soon"})) == 1.0
+    assert 8 <= gateway._retry_delay(0, CIMultiDict({"Retry-After": http_date})) <= 10
+    assert gateway._retry_delay(1, CIMultiDict({"Retry-After": "soon"})) == 1.0
 
 
 async def test_one_shared_client_per_event_loop() -> None:
     client = shared_client()
     assert shared_client() is client
-    other: list[httpx.AsyncClient] = []
+    other: list = []
 
     def in_another_loop() -> None:
         async def grab() -> None:
@@ -305,7 +305,7 @@ async def test_one_shared_client_per_event_loop() -> None:
     await asyncio.to_thread(in_another_loop)
     assert other[0] is not client
     await aclose_shared_client()
-    assert client.is_closed and shared_client() is not client
+    assert client.closed and shared_client() is not client
     await aclose_shared_client()
 
 
