@@ -65,7 +65,7 @@ def reconcile_turn_task(turn_id: str, attempt: int = 0) -> str:
         reconciliation.give_up(turn_uuid)
         return "unreconciled"
     wait = min(reconcile_backoff(attempt), deadline - now)
-    reconcile_turn_task.using(run_after=now + wait).enqueue(turn_id, attempt + 1)
+    enqueue(reconcile_turn_task, turn_id, attempt + 1, run_after=now + wait)
     return outcome.value
 
 
