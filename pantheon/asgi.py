@@ -4,8 +4,10 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured
 
-from core.asgi import SharedThreads, no_thread_hop_at_request_start
+from core import db_on_loop
+from core.asgi import Lifespan, SharedThreads, no_thread_hop_at_request_start
 from files_app.asgi import UploadSizeLimit
+from llm_gateway.openrouter import aclose_shared_client
 from web.asgi import ContentTypeGuard, StaticFiles
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pantheon.settings")
@@ -28,5 +30,7 @@ except ImproperlyConfigured:
 # (after `manage.py collectstatic`) itself simply never reaches it.
 # UploadSizeLimit answers 413 for an oversized upload before Django spools its body to disk;
 # ContentTypeGuard answers 400 for a Content-Type Django would turn into a 500; SharedThreads
-# runs each request's sync work on the process's database threads (core/asgi.py).
-application = UploadSizeLimit(ContentTypeGuard(SharedThreads(StaticFiles(django_application))))
+# runs each request's sync work on the process's database threads (core/asgi.py); Lifespan
+# closes the event loop's upstream and database connections when the server stops.
+application = Lifespan(UploadSizeLimit(ContentTypeGuard(SharedThreads(StaticFiles(django_application)))),
+                       on_shutdown=[aclose_shared_client, db_on_loop.close])

@@ -255,7 +255,7 @@ def pantheon_server(transactional_db, tmp_path_factory):
         log = log_path.open("wb")
         process = subprocess.Popen(
             [str(python if python.exists() else sys.executable), "-m", "uvicorn", "pantheon.asgi:application",
-             "--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"],
+             "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env=subprocess_env(**extra_env), stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -80,3 +80,40 @@ def test_no_thread_hop_before_the_view(alice, live_server_url, monkeypatch):
         assert http.post(stream, json={"content": "hi"}).status_code == 404
         settle()
     assert len(submitted) == expected, submitted
+
+
+def test_lifespan_runs_every_shutdown_hook_and_passes_other_scopes_on():
+    import asyncio
+
+    from core.asgi import Lifespan
+
+    ran, seen = [], []
+
+    async def failing() -> None:
+        ran.append("failing")
+        raise RuntimeError("boom")
+
+    async def closing() -> None:
+        ran.append("closing")
+
+    async def inner(scope, receive, send) -> None:
+        seen.append(scope["type"])
+
+    app = Lifespan(inner, on_shutdown=[failing, closing])
+
+    async def drive() -> list[str]:
+        messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+        sent: list[str] = []
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message["type"])
+
+        await app({"type": "lifespan"}, receive, send)
+        await app({"type": "http"}, receive, send)
+        return sent
+
+    assert asyncio.run(drive()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert ran == ["failing", "closing"] and seen == ["http"]

@@ -79,12 +79,14 @@ def test_asgi_application_serves_static_files_and_hands_the_rest_to_django():
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
     from django.core.handlers.asgi import ASGIHandler
 
+    from core.asgi import Lifespan
     from files_app.asgi import UploadSizeLimit
     from web.asgi import ContentTypeGuard
 
-    assert isinstance(application, UploadSizeLimit)
-    assert isinstance(application.app, ContentTypeGuard)
-    static = application.app.app.app
+    assert isinstance(application, Lifespan)
+    assert isinstance(application.app, UploadSizeLimit)
+    assert isinstance(application.app.app, ContentTypeGuard)
+    static = application.app.app.app.app
     assert isinstance(static, ASGIStaticFilesHandler)
     assert static.base_url.path == "/static/"
     assert type(static.application) is ASGIHandler
