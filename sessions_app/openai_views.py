@@ -10,14 +10,14 @@ errors. Calls land in the key's own session, `API: <key name or prefix>`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import IntegrityError, InterfaceError, OperationalError, transaction
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -25,6 +25,7 @@ from django.views.decorators.csrf import csrf_exempt
 from accounts.authentication import request_key_hash
 from accounts.models import ApiKey
 from billing_app.models import ModelPrice
+from core import sql
 from core.db import db_call
 from core.money import format_money
 from llm_gateway import GatewayError, ToolCall, Usage
@@ -83,17 +84,27 @@ def _key(request: HttpRequest) -> ApiKey:
     return key
 
 
+def _api_session_sql() -> str:
+    session, key = sql.table(ChatSession), sql.table(ApiKey)
+    columns = ", ".join(sql.column(ChatSession, name) for name in (
+        "id", "user", "title", "model", "system_prompt", "api_key", "current_leaf", "title_requested",
+        "created_at", "updated_at"))
+    longest = ChatSession._meta.get_field("title").max_length
+    title = f"SUBSTR('API: ' || COALESCE(NULLIF(k.name, ''), k.prefix), 1, {longest})"
+    # ON CONFLICT: a racing first call of the same key made it (api_key is unique).
+    return (f"INSERT INTO {session} ({columns}) SELECT %s, k.user_id, {title}, %s, '', k.id, NULL, %s, %s, %s "
+            f"FROM {key} k WHERE k.key_hash = %s ON CONFLICT DO NOTHING")
+
+
 def make_api_session(key_hash: str, model: str) -> None:
     """The key's session of OpenAI-compatible calls, made at its first call (a racing first
-    call of the same key makes nothing: the other's is found). Raises the 401."""
-    key = ApiKey.objects.active().filter(key_hash=key_hash).first()
-    if key is None:
-        raise _BAD_KEY
-    if ChatSession.objects.filter(api_key=key).exists():
-        return
-    with contextlib.suppress(IntegrityError), transaction.atomic():
-        ChatSession.objects.create(user_id=key.user_id, api_key=key, model=model,
-                                   title=f"API: {key.name or key.prefix}"[:200])
+    call of the same key makes nothing: the other's is found). One plain INSERT, so the
+    preflight it is part of stays on the event loop (core.db_on_loop: no ORM there); the
+    caller has just found the key active."""
+    now = timezone.now()
+    sql.execute(_api_session_sql(), [sql.value(ChatSession, "id", uuid.uuid4()), model, False,
+                                     sql.value(ChatSession, "created_at", now),
+                                     sql.value(ChatSession, "updated_at", now), key_hash])
 
 
 @db_call(on_loop=True)

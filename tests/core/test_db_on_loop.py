@@ -189,3 +189,28 @@ def test_a_session_s_first_turn_queues_its_title_on_the_loop(alice, session_of, 
     assert not db_on_loop.fallbacks
     task = DBTaskResult.objects.get(task_path=title_session_task.module_path)
     assert task.args_kwargs == {"args": [str(session.id)], "kwargs": {}} and task.status == "READY"
+
+
+def test_a_key_s_first_openai_call_makes_its_session_on_the_loop(alice, price, live_server_url, fake_openrouter,
+                                                                  fake_openrouter_settings, monkeypatch):
+    """The OpenAI front door's first call of a key makes the key's API session (a plain INSERT,
+    not the ORM's), so that preflight stays on the loop too; a second call finds the session."""
+    import httpx
+
+    from accounts.models import ApiKey
+    from sessions_app.models import ChatSession
+    from tests.conftest import MODEL, client_for
+
+    monkeypatch.setattr(db_on_loop, "fallbacks", db_on_loop.fallbacks.__class__())
+    key = client_for(alice)
+    ApiKey.objects.update(name="script")
+    with httpx.Client(base_url=live_server_url, headers=auth(key), timeout=30) as http:
+        for _ in range(2):
+            fake_openrouter.enqueue(fake_openrouter.sse_stream(["Hel", "lo"], usage=(12, 2)))
+            response = http.post("/v1/chat/completions", json={
+                "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            assert response.status_code == 200 and "data: [DONE]" in response.text
+    assert not db_on_loop.fallbacks
+    session = ChatSession.objects.get(api_key__name="script")
+    assert session.title == "API: script" and session.user_id == alice.pk and session.model == MODEL
+    assert session.turns.count() == 2
