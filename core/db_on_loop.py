@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import functools
 import logging
 import sys
 import time
@@ -117,11 +118,14 @@ class LoopCursor:
 class LoopConnection:
     """A pooled AsyncConnection seen from a unit's sync code (what core.sql needs of it)."""
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, db: Any) -> None:
         self.raw = connection
-        # psycopg's exceptions as Django's (IntegrityError, OperationalError, ...), as Django's
-        # cursors raise them: callers catch Django's. One wrapper, reusable, per unit.
-        self.errors = connections[DEFAULT_DB_ALIAS].wrap_database_errors
+        # Django's DatabaseWrapper of the loop (never connected) for what core.sql asks of
+        # one: the fields' value preparation, and psycopg's exceptions as Django's
+        # (IntegrityError, OperationalError, ...), as Django's cursors raise them: callers
+        # catch Django's. One wrapper, reusable, per unit.
+        self.db = db
+        self.errors = db.wrap_database_errors
         self.depth = 0  # core.sql.transaction()'s nesting in this unit, and its cursor
         self.cursor: LoopCursor | None = None
 
@@ -158,9 +162,23 @@ class LoopConnection:
             await_only(self.raw.execute(query))
 
 
+@functools.cache
+def _vendor(engine: str) -> str:
+    from django.db.utils import load_backend
+
+    return load_backend(engine).DatabaseWrapper.vendor
+
+
+def vendor() -> str:
+    """The default database's vendor, without `connections[...]`: on the event loop that
+    makes a DatabaseWrapper for each request's context (its features, operations and
+    introspection objects), a tenth of a millisecond per request."""
+    return _vendor(connections.settings[DEFAULT_DB_ALIAS]["ENGINE"])
+
+
 def enabled() -> bool:
     """Whether db_call may run its on-loop units here: PostgreSQL, PANTHEON_DB_ON_LOOP."""
-    return settings.PANTHEON_DB_ON_LOOP and connections[DEFAULT_DB_ALIAS].vendor == "postgresql"
+    return settings.PANTHEON_DB_ON_LOOP and vendor() == "postgresql"
 
 
 class _LoopPool:
@@ -170,7 +188,8 @@ class _LoopPool:
     cancels every task, then waits for them); here everything runs in the units' tasks."""
 
     def __init__(self) -> None:
-        db = connections[DEFAULT_DB_ALIAS]
+        # The loop's own wrapper (connections[...] would give each request context its own).
+        self.db = db = connections.create_connection(DEFAULT_DB_ALIAS)
         params = db.get_connection_params()
         params.pop("cursor_factory", None)  # Django's sync classes; AsyncConnection's own
         params["autocommit"] = True  # as Django's: core.sql.transaction() sends BEGIN/COMMIT
@@ -212,7 +231,7 @@ class _LoopPool:
                 return raw
             except psycopg.Error:
                 await raw.close()
-        with connections[DEFAULT_DB_ALIAS].wrap_database_errors:
+        with self.db.wrap_database_errors:
             async with asyncio.timeout(self.timeout):
                 raw = await psycopg.AsyncConnection.connect(**self.params)
             # Django sets its connections' time zone the same way (UTC unless TIME_ZONE says).
@@ -267,9 +286,10 @@ async def close() -> None:
 async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run `fn(*args, **kwargs)` on the event loop with a connection of its pool; raises
     NeedsThread if `fn` reached the ORM (its transaction rolled back)."""
-    async with _pool().connection() as raw:
+    pool = _pool()
+    async with pool.connection() as raw:
         try:
-            return await _drive(_Unit(fn, LoopConnection(raw)), args, kwargs)
+            return await _drive(_Unit(fn, LoopConnection(raw, pool.db)), args, kwargs)
         except SynchronousOnlyOperation:
             name = getattr(fn, "__qualname__", repr(fn))
             fallbacks[name] += 1

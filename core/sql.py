@@ -90,6 +90,12 @@ def update(model: type[models.Model], pk: Any, values: dict[str, Any], *, count:
     return execute(_update_sql(model, names, db.vendor), params, count=count)
 
 
+def vendor() -> str:
+    """The database's vendor ("postgresql", "sqlite"): for the statements' variants. Not
+    `connection.vendor`, which on the event loop makes a connection object per request."""
+    return db_on_loop.vendor()
+
+
 def value(model: type[models.Model], field: str, python_value: Any) -> Any:
     """A value as a query parameter for `model.field` (a UUID for SQLite is its hex, ...)."""
     return model._meta.get_field(field).get_db_prep_value(python_value, _db())
@@ -97,8 +103,10 @@ def value(model: type[models.Model], field: str, python_value: Any) -> Any:
 
 def _db():
     """This thread's connection itself: `django.db.connection` is a proxy that looks it up
-    again (in an asgiref Local) on every attribute, which the field methods read often."""
-    return connections[DEFAULT_DB_ALIAS]
+    again (in an asgiref Local) on every attribute, which the field methods read often. In a
+    unit on the event loop, the loop's own (core.db_on_loop: never connected)."""
+    on_loop = db_on_loop.current()
+    return on_loop.db if on_loop is not None else connections[DEFAULT_DB_ALIAS]
 
 
 # Uses of a statement on a connection before psycopg prepares it there: 0, at its first.

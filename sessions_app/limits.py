@@ -139,12 +139,12 @@ class Counts:
 
 
 def _read(owner: str, owner_id: object, now: datetime, *, period: datetime | None = None) -> Counts:
-    lock = (_lock_sql(owner, connection.vendor), [owner_id])
+    lock = (_lock_sql(owner, sql.vendor()), [owner_id])
     params = {"owner": owner_id, "minute": sql.value(Turn, "created_at", now - WINDOW),
               "horizon": sql.value(Turn, "created_at", _horizon(now)),
               "rounds": settings.PANTHEON_MAX_TOOL_ROUNDS + 1,
               "period": sql.value(Turn, "finished_at", period)}
-    _, rows = sql.fetch_together([lock, (_counts_sql(owner, connection.vendor, period is not None), params)])
+    _, rows = sql.fetch_together([lock, (_counts_sql(owner, sql.vendor(), period is not None), params)])
     row = rows[0]
     return Counts(running=int(row[0]), started=int(row[1]), first_started=sql.as_datetime(row[2]),
                   tokens=int(row[3]), first_closed=sql.as_datetime(row[4]),

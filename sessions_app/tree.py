@@ -15,8 +15,6 @@ import functools
 import uuid
 from collections import defaultdict
 
-from django.db import connection
-
 from core import sql
 from sessions_app.models import ChatSession, Message
 
@@ -83,7 +81,7 @@ def branch(session: ChatSession) -> list[Message]:
                 .values_list("id", flat=True).first())
         if leaf is None:
             return []
-    ids = [sql.as_uuid(row[0]) for row in sql.fetch_all(_branch_sql(connection.vendor), {
+    ids = [sql.as_uuid(row[0]) for row in sql.fetch_all(_branch_sql(sql.vendor()), {
         "leaf": sql.value(Message, "id", leaf),
         "session": sql.value(Message, "session", session.id)})]
     found = Message.objects.in_bulk(ids)
@@ -117,6 +115,6 @@ def _leaf_sql(vendor: str) -> str:
 def leaf_below(session: ChatSession, message_id: uuid.UUID) -> uuid.UUID | None:
     """The most recently created leaf under `message_id` (itself if it is a leaf); None when
     it is not a message of the session."""
-    row = sql.fetch_one(_leaf_sql(connection.vendor), {"start": sql.value(Message, "id", message_id),
+    row = sql.fetch_one(_leaf_sql(sql.vendor()), {"start": sql.value(Message, "id", message_id),
                                                        "session": sql.value(Message, "session", session.id)})
     return sql.as_uuid(row[0]) if row is not None else None

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from django.db import connections
 
-from core import sql
+from core import db_on_loop, sql
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def subscribe(kind: str, handler: Callable[[uuid.UUID], None]) -> None:
 
 
 def enabled() -> bool:
-    return connections["default"].vendor == "postgresql"
+    return db_on_loop.vendor() == "postgresql"
 
 
 def notify(kind: str, turn_id: uuid.UUID) -> None:

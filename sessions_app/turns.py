@@ -176,13 +176,13 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
               "now": sql.value(ApiKey, "expires_at", now)}
     if session_id is None:
         assert key_hash is not None, "the API session is found by key"
-        found, history = sql.fetch_all(_preflight_sql(True, connection.vendor, True), params), []
+        found, history = sql.fetch_all(_preflight_sql(True, sql.vendor(), True), params), []
     elif root:  # a new root (or a title): no chain to read
-        found, history = sql.fetch_all(_preflight_sql(key_hash is not None, connection.vendor), params), []
+        found, history = sql.fetch_all(_preflight_sql(key_hash is not None, sql.vendor()), params), []
     else:
         chain = {"session": params["session"], "parent": sql.value(Message, "id", parent_id), "root": root}
-        found, history = sql.fetch_together([(_preflight_sql(key_hash is not None, connection.vendor), params),
-                                             (tree.chain_sql(connection.vendor), chain)])
+        found, history = sql.fetch_together([(_preflight_sql(key_hash is not None, sql.vendor()), params),
+                                             (tree.chain_sql(sql.vendor()), chain)])
     if not found:
         return None
     (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
@@ -506,7 +506,7 @@ def renew_turns(requests: Sequence[RenewRequest]) -> dict[uuid.UUID, Renewal]:
                        _fit(Turn, "generation_id", r.generation_id), _fit(Turn, "served_model", r.served_model)]
         # Not prepared: a statement per batch size, 1 to RENEW_BATCH, would crowd out the
         # turn's own prepared statements (psycopg keeps 100 per connection).
-        for turn_id, cancel_requested in sql.fetch_all(_renew_sql(connection.vendor, len(batch)), params,
+        for turn_id, cancel_requested in sql.fetch_all(_renew_sql(sql.vendor(), len(batch)), params,
                                                        prepare=False):
             found[sql.as_uuid(turn_id)] = Renewal.CANCEL_REQUESTED if cancel_requested else Renewal.RUNNING
     return {r.turn_id: found.get(r.turn_id, Renewal.GONE) for r in requests}
@@ -656,7 +656,7 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
     """Lock the turn row until the transaction ends (PostgreSQL; SQLite's writers are
     serialised). With `lapsed_before`, only a running turn whose lease lapsed, skipping one
     that another sweeper holds."""
-    row = sql.fetch_one(_lock_sql(lapsed_before is not None, connection.vendor),
+    row = sql.fetch_one(_lock_sql(lapsed_before is not None, sql.vendor()),
                         {"turn": sql.value(Turn, "id", turn_id),
                          "lapsed": sql.value(Turn, "lease_until", lapsed_before)})
     if row is None:

@@ -214,3 +214,28 @@ def test_a_key_s_first_openai_call_makes_its_session_on_the_loop(alice, price, l
     session = ChatSession.objects.get(api_key__name="script")
     assert session.title == "API: script" and session.user_id == alice.pk and session.model == MODEL
     assert session.turns.count() == 2
+
+
+def test_a_streamed_turn_makes_no_django_connection_objects_on_the_loop(alice, session_of, live_server_url,
+                                                                         monkeypatch):
+    """On the event loop every request has its own context, so `connections[...]` would make
+    a DatabaseWrapper (its features, operations, introspection) for each: the units use their
+    loop's own, and the vendor is read from the settings."""
+    from django.db import connections
+
+    from tests.conftest import client_for
+
+    session, headers = session_of(alice), auth(client_for(alice))
+    _, events, _ = read_stream(live_server_url, session, headers)  # warm up: the loop's pool
+    made = []
+    real = type(connections).create_connection
+
+    def counting(handler, alias):
+        made.append(threading.current_thread().name)
+        return real(handler, alias)
+
+    monkeypatch.setattr(type(connections), "create_connection", counting)
+    for _ in range(2):
+        _, events, _ = read_stream(live_server_url, session, headers)
+        assert events[-1][0] == "done"
+    assert "uvicorn-test" not in made, made
