@@ -57,7 +57,7 @@ def uvicorn(app: str, port: int, env: dict[str, str], log: Path, *, cprofile: st
     elif timeline:
         runner, env = [str(ROOT / "bench" / "timeline_uvicorn.py")], {**env, "TIMELINE_OUT": timeline}
     command = [PYTHON, *runner, app, "--host", HOST, "--port", str(port), "--no-access-log",
-               "--log-level", "warning", "--lifespan", "off", "--backlog", "4096", "--timeout-keep-alive", "30",
+               "--log-level", "warning", "--backlog", "4096", "--timeout-keep-alive", "30",
                *(["--workers", str(workers)] if workers > 1 else [])]
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)

@@ -5,7 +5,7 @@ from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured
 
 from core import db_on_loop
-from core.asgi import Lifespan, SharedThreads, no_thread_hop_at_request_start
+from core.asgi import Lifespan, SharedThreads, no_thread_hop_at_request_start, tune_garbage_collector
 from files_app.asgi import UploadSizeLimit
 from llm_gateway.openrouter import aclose_shared_client
 from web.asgi import ContentTypeGuard, StaticFiles
@@ -31,6 +31,7 @@ except ImproperlyConfigured:
 # UploadSizeLimit answers 413 for an oversized upload before Django spools its body to disk;
 # ContentTypeGuard answers 400 for a Content-Type Django would turn into a 500; SharedThreads
 # runs each request's sync work on the process's database threads (core/asgi.py); Lifespan
-# closes the event loop's upstream and database connections when the server stops.
+# sets up the garbage collector when the server starts and closes the event loop's upstream
+# and database connections when it stops.
 application = Lifespan(UploadSizeLimit(ContentTypeGuard(SharedThreads(StaticFiles(django_application)))),
-                       on_shutdown=[aclose_shared_client, db_on_loop.close])
+                       on_startup=[tune_garbage_collector], on_shutdown=[aclose_shared_client, db_on_loop.close])

@@ -117,3 +117,40 @@ def test_lifespan_runs_every_shutdown_hook_and_passes_other_scopes_on():
 
     assert asyncio.run(drive()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert ran == ["failing", "closing"] and seen == ["http"]
+
+
+def test_the_garbage_collector_is_tuned_for_serving():
+    import gc
+
+    from core.asgi import GC_THRESHOLDS, tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_a_failing_startup_hook_fails_the_startup():
+    import asyncio
+
+    from core.asgi import Lifespan
+
+    def failing() -> None:
+        raise RuntimeError("no")
+
+    async def drive() -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "lifespan.startup"}
+
+        async def send(message):
+            sent.append(message)
+
+        await Lifespan(None, on_startup=[failing])({"type": "lifespan"}, receive, send)
+        return sent
+
+    assert asyncio.run(drive()) == [{"type": "lifespan.startup.failed", "message": "RuntimeError('no')"}]

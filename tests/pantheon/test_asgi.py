@@ -20,3 +20,10 @@ def test_a_stopped_server_closes_its_upstream_and_database_connections(alice, se
     assert "Application shutdown complete" in log, log
     # aiohttp's warnings for a session or connector the process exits without closing.
     assert "Unclosed" not in log and "Traceback" not in log, log
+
+
+def test_the_served_app_tunes_the_garbage_collector_at_startup():
+    from core.asgi import tune_garbage_collector
+    from pantheon.asgi import application
+
+    assert application.on_startup == (tune_garbage_collector,)
