@@ -13,7 +13,7 @@ given up, its transaction rolled back, and run again on the threads (`core.db.db
 unit must be safe to run twice up to its first ORM call, which holds for the turn's preflight
 and close (reads, then one transaction). The hot paths never reach it; `fallbacks` counts.
 
-PostgreSQL only; each event loop has its own PANTHEON_DB_CALL_THREADS connections at most.
+PostgreSQL only; each event loop has its own PANTHEON_DB_LOOP_CONNECTIONS connections at most.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def enabled() -> bool:
 
 
 class _LoopPool:
-    """One event loop's connections: at most PANTHEON_DB_CALL_THREADS, made when needed and
+    """One event loop's connections: at most PANTHEON_DB_LOOP_CONNECTIONS, made when needed and
     kept idle between units. Not psycopg_pool's AsyncConnectionPool: its background tasks
     swallow a cancellation while they connect, which hangs the loop's shutdown (asyncio.run
     cancels every task, then waits for them); here everything runs in the units' tasks."""
@@ -200,7 +200,7 @@ class _LoopPool:
         self.params = params
         self.timezone = db.timezone_name
         self.timeout = options.get("timeout", 10.0) if isinstance(options, dict) else 10.0
-        self.slots = asyncio.Semaphore(settings.PANTHEON_DB_CALL_THREADS)
+        self.slots = asyncio.Semaphore(settings.PANTHEON_DB_LOOP_CONNECTIONS)
         self.idle: collections.deque[tuple[Any, float]] = collections.deque()
 
     @contextlib.asynccontextmanager

@@ -151,9 +151,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 # more thread competes for the GIL with the event loop; raise it for a database far away.
 PANTHEON_DB_CALL_THREADS = env_int("PANTHEON_DB_CALL_THREADS", 4, minimum=1)
 # On PostgreSQL a turn's preflight, renewals and close run on the event loop's own thread,
-# on as many async connections as there are call threads (core/db_on_loop.py); false runs
-# them on the call threads.
+# on async connections of its own (core/db_on_loop.py); false runs them on the call threads.
 PANTHEON_DB_ON_LOOP = env_bool("PANTHEON_DB_ON_LOOP", True)
+# How many such connections one event loop keeps at most. Not the threads' four: under load a
+# unit keeps its connection while the busy loop gets round to each answer, so four made the
+# preflights of 200 streams queue for them (docs/performance.md); a connection on the loop
+# costs no thread and no GIL.
+PANTHEON_DB_LOOP_CONNECTIONS = env_int("PANTHEON_DB_LOOP_CONNECTIONS", 16, minimum=1)
 # The hot statements of a turn (core/sql.py) are prepared on each pooled connection. Turn it
 # off behind a pooler that cannot keep prepared statements (PgBouncer's transaction mode
 # before 1.21, or without max_prepared_statements).

@@ -78,7 +78,7 @@ async def test_a_unit_that_reaches_the_orm_runs_again_on_the_threads(fresh_pools
 
 
 async def test_units_interleave_on_the_loop_each_in_its_own_transaction(fresh_pools, settings):
-    settings.PANTHEON_DB_CALL_THREADS = 2  # fewer connections than units: they queue for them
+    settings.PANTHEON_DB_LOOP_CONNECTIONS = 2  # fewer connections than units: they queue for them
     ticks = 0
 
     def store_slowly(key: str) -> str:
@@ -102,6 +102,28 @@ async def test_units_interleave_on_the_loop_each_in_its_own_transaction(fresh_po
     assert results == keys
     assert await db_call(_keys)() == sorted(keys)
     assert ticks >= 5  # the loop ran other tasks while PostgreSQL slept
+    await db_on_loop.close()
+
+
+async def test_the_loop_has_its_own_number_of_connections_not_the_threads(fresh_pools, settings):
+    """PANTHEON_DB_LOOP_CONNECTIONS, not PANTHEON_DB_CALL_THREADS, bounds the units running at
+    once: under load four made 200 streams' preflights queue for them (docs/performance.md)."""
+    settings.PANTHEON_DB_CALL_THREADS = 1
+    settings.PANTHEON_DB_LOOP_CONNECTIONS = 3
+    running = peak = 0
+
+    def sleep_a_little() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            sql.fetch_one("SELECT pg_sleep(0.1)", [])
+        finally:
+            running -= 1
+
+    await asyncio.gather(*(db_call(sleep_a_little, on_loop=True)() for _ in range(5)))
+    assert peak == 3
+    assert len(db_on_loop._pools[asyncio.get_running_loop()].idle) == 3
     await db_on_loop.close()
 
 
@@ -135,7 +157,7 @@ def test_an_ended_loops_connections_are_closed(fresh_pools):
 
 
 async def test_no_free_connection_in_time_is_an_operational_error(fresh_pools, settings, monkeypatch):
-    settings.PANTHEON_DB_CALL_THREADS = 1
+    settings.PANTHEON_DB_LOOP_CONNECTIONS = 1
     options = dict(connection.settings_dict.get("OPTIONS", {}))
     options["pool"] = {**(options.get("pool") or {}), "timeout": 0.2}
     monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
