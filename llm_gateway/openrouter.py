@@ -25,6 +25,8 @@ from typing import Any
 
 import aiohttp
 import certifi
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from core.money import quantize_money
 from core.text import REPLACEMENT, clean_text, find_unstorable
@@ -101,10 +103,24 @@ def _tls() -> ssl.SSLContext:
 
 
 def _session(**options: Any) -> aiohttp.ClientSession:
-    # trust_env: HTTP(S)_PROXY and NO_PROXY apply, as they do for most HTTP clients.
+    # Not trust_env: with it aiohttp hands two lookups to threads on every request (~/.netrc,
+    # and the proxy variables), two thread hops before each upstream call; the proxy is
+    # looked up once per URL instead (_proxy_for), and a provider's key is its auth.
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=_MAX_CONNECTIONS, ssl=_tls(),
                                                                 keepalive_timeout=_KEEPALIVE_SECONDS),
-                                 trust_env=True, **options)
+                                 trust_env=False, **options)
+
+
+@functools.lru_cache(maxsize=256)
+def _proxy_for(url: str) -> dict[str, Any]:
+    """The proxy for `url` from HTTP(S)_PROXY and NO_PROXY, as aiohttp's trust_env
+    reads them (its own lookup), as request options: read once per URL, since a process's
+    environment is set when it starts (a provider's URL is one of few)."""
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(url))
+    except LookupError:  # none set, or NO_PROXY names the host
+        return {}
+    return {"proxy": proxy, "proxy_auth": auth}
 
 
 def _timeout(seconds: float) -> aiohttp.ClientTimeout:
@@ -540,7 +556,7 @@ class OpenRouterGateway(LlmGateway):
             retry_headers: Mapping[str, str] | None = None
             try:
                 response = await client.post(self.url, data=content, headers=self._headers(stream=stream),
-                                             timeout=self._timeout, allow_redirects=False)
+                                             timeout=self._timeout, allow_redirects=False, **_proxy_for(self.url))
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Nothing reached the provider: safe to retry.
                 timed_out = isinstance(exc, aiohttp.ConnectionTimeoutError)
@@ -769,7 +785,7 @@ class OpenRouterGateway(LlmGateway):
                 asyncio.timeout(self.timeout_seconds),
                 _session(timeout=self._timeout) as client,
                 client.get(f"{self.base_url}/generation", params={"id": generation_id}, headers=headers,
-                           allow_redirects=False) as response,
+                           allow_redirects=False, **_proxy_for(f"{self.base_url}/generation")) as response,
             ):
                 body, too_large = await _read_body(response, MAX_GENERATION_BODY_BYTES)
         except TimeoutError as exc:

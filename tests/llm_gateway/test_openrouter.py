@@ -581,3 +581,66 @@ async def test_closing_the_chunk_iterator_marks_cancelled(gateway: OpenRouterGat
 def test_records_are_plain_call_records() -> None:
     # The contract other modules persist from.
     assert CallRecord(requested_model="m").status == "ok"
+
+
+# -- the proxy from the environment ---------------------------------------------------------
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """HTTP(S)_PROXY and NO_PROXY set for one test (the proxy lookup is cached per URL)."""
+    from llm_gateway.openrouter import _proxy_for
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    _proxy_for.cache_clear()
+    yield monkeypatch
+    _proxy_for.cache_clear()
+
+
+async def test_the_environment_s_proxy_applies_and_no_proxy_bypasses_it(fake_openrouter: FakeOpenRouter,
+                                                                        proxy_env) -> None:
+    proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{_closed_port()}")  # a proxy that is down
+    gateway = OpenRouterGateway(base_url=fake_openrouter.base_url, api_key="k", timeout_seconds=2, max_retries=0,
+                                backoff_seconds=0)
+    fake_openrouter.enqueue(completion("through"))
+    with pytest.raises(UpstreamError):  # it went to the proxy, not to the provider
+        await gateway.generate(model="m", messages=MESSAGES, max_tokens=5)
+    assert fake_openrouter.requests == []
+
+    from llm_gateway.openrouter import _proxy_for
+
+    proxy_env.setenv("NO_PROXY", "127.0.0.1")
+    _proxy_for.cache_clear()
+    result = await gateway.generate(model="m", messages=MESSAGES, max_tokens=5)
+    assert result.content == "through" and len(fake_openrouter.requests) == 1
+    await aclose_shared_client()
+
+
+async def test_an_upstream_call_hands_nothing_to_a_thread(gateway: OpenRouterGateway, fake_openrouter: FakeOpenRouter,
+                                                         proxy_env) -> None:
+    """aiohttp's trust_env looks up ~/.netrc and the proxy variables in a thread on every
+    request: two thread hops before each call's first byte. The lookup is ours, once per URL."""
+    loop = asyncio.get_running_loop()
+    handed: list = []
+    original = loop.run_in_executor
+
+    def counted(executor, fn, *args):
+        handed.append(getattr(fn, "__qualname__", repr(fn)))
+        return original(executor, fn, *args)
+
+    async def one_call(pieces: list[str]) -> None:
+        fake_openrouter.enqueue(fake_openrouter.sse_stream(pieces, usage=(3, len(pieces))))
+        ctx = await gateway.stream(model="m", messages=MESSAGES, max_tokens=8)
+        assert await collect(ctx) == pieces
+
+    await one_call(["a", "b"])  # opens the pooled connection (its address lookup may use a thread)
+    loop.run_in_executor = counted  # type: ignore[method-assign]
+    try:
+        await one_call(["c"])
+        await one_call(["d", "e"])
+    finally:
+        loop.run_in_executor = original  # type: ignore[method-assign]
+    assert handed == []
+    await aclose_shared_client()
