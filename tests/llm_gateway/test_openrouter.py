@@ -22,7 +22,7 @@ from llm_gateway import (
     UpstreamTimeout,
     Usage,
 )
-from llm_gateway.openrouter import aclose_shared_client, shared_client
+from llm_gateway.openrouter import _proxy_for, aclose_shared_client, shared_client
 from tests.fake_openrouter import DEFAULT_MODEL, FakeOpenRouter, completion, tool_call
 from tests.llm_gateway.helpers import collect
 
@@ -589,8 +589,6 @@ def test_records_are_plain_call_records() -> None:
 @pytest.fixture
 def proxy_env(monkeypatch):
     """HTTP(S)_PROXY and NO_PROXY set for one test (the proxy lookup is cached per URL)."""
-    from llm_gateway.openrouter import _proxy_for
-
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY",
                  "all_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -608,8 +606,6 @@ async def test_the_environment_s_proxy_applies_and_no_proxy_bypasses_it(fake_ope
     with pytest.raises(UpstreamError):  # it went to the proxy, not to the provider
         await gateway.generate(model="m", messages=MESSAGES, max_tokens=5)
     assert fake_openrouter.requests == []
-
-    from llm_gateway.openrouter import _proxy_for
 
     proxy_env.setenv("NO_PROXY", "127.0.0.1")
     _proxy_for.cache_clear()
