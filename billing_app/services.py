@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -195,6 +195,14 @@ _LEDGER = sql.table(LedgerEntry)
 _RESERVE = (f"UPDATE {_WALLET} SET held = ROUND(held + CAST(%(amount)s AS NUMERIC), 6), updated_at = %(now)s "
             f"WHERE user_id = %(user)s AND ROUND(balance - held, 6) >= CAST(%(amount)s AS NUMERIC) RETURNING id")
 _SNAPSHOT = f"SELECT balance, held FROM {_WALLET} WHERE user_id = %s"
+# PostgreSQL: the reservation and the hold row in one statement that waits for no answer.
+# The hold's wallet is the reserved row's id: without the reservation (a concurrent turn
+# took the credits since they were read) it is NULL, which the column refuses, so the
+# whole transaction fails in the server and nothing of it commits (see `refused_in_flight`).
+_HOLD_COLUMNS = ("id", "user_id", "turn_id", "model", "amount", "max_tokens", "created_at", "released_at")
+_RESERVE_AND_HOLD = (f"WITH reserved AS ({_RESERVE}) INSERT INTO {_HOLD} "
+                     f"({', '.join(sql.column(CreditHold, name) for name in ('wallet', *_HOLD_COLUMNS))}) "
+                     f"VALUES ((SELECT id FROM reserved), {', '.join(f'%({name})s' for name in _HOLD_COLUMNS)})")
 
 
 def wallet_snapshot(user_id: int, *, lock: bool = False) -> tuple[Decimal, Decimal] | None:
@@ -231,9 +239,20 @@ def _size_hold(available: Decimal, *, price: ModelPrice, prompt_tokens: int, cap
     return granted, cost_of(granted)
 
 
+def refused_in_flight(error: IntegrityError) -> bool:
+    """Whether `error` is a reservation sent in one flight (`hold(in_one_flight=True)`)
+    finding too few credits: its transaction was rolled back, and the turn may be tried
+    again the careful way (`in_one_flight=False`)."""
+    diag = getattr(error.__cause__, "diag", None)
+    return (getattr(error.__cause__, "sqlstate", None) == "23502" and diag is not None
+            and diag.table_name == CreditHold._meta.db_table
+            and diag.column_name == CreditHold._meta.get_field("wallet").column)
+
+
 def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
          max_tokens: int | None = None, rounds: int = 1, price: ModelPrice | None = None,
-         wallet: tuple[Decimal, Decimal] | None = None, budget_left: Decimal | None = None) -> HoldDecision:
+         wallet: tuple[Decimal, Decimal] | None = None, budget_left: Decimal | None = None,
+         in_one_flight: bool = False) -> HoldDecision:
     """The credit preflight: reserve the most this turn can cost, or refuse with 402.
 
     `prompt_tokens` is a conservative estimate of every prompt the turn sends (all tool
@@ -252,6 +271,12 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     the key's row lock, so it stays true until the commit): the hold is sized to the smaller
     of it and the wallet's available credits. Refused by the budget alone (the wallet could
     pay): KeyBudgetExceeded; by both: InsufficientCredits.
+
+    `in_one_flight` (PostgreSQL, with `wallet`): the reservation and the hold row are one
+    statement that waits for no answer, so the caller's transaction makes one round trip
+    with its COMMIT, and the wallet row is locked only while the server runs it. If the
+    credits were taken meanwhile, the transaction fails with an IntegrityError for which
+    `refused_in_flight` is true, and the caller tries again without it.
     """
     price = price or get_price(model)
     cap = min(max_tokens or settings.PANTHEON_MAX_OUTPUT_TOKENS, settings.PANTHEON_MAX_OUTPUT_TOKENS)
@@ -259,32 +284,42 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
         return HoldDecision(max_tokens=cap, hold_id=None, amount=Decimal("0"))
     minimum = min(settings.PANTHEON_MIN_OUTPUT_TOKENS, cap)
     now = timezone.now()
+
+    def size(snapshot: tuple[Decimal, Decimal] | None) -> tuple[int, Decimal]:
+        """(output tokens granted, amount to hold) from a (balance, held), or the refusal raised."""
+        balance, held = snapshot or (Decimal(0), Decimal(0))
+        available = balance - held
+        limit = available if budget_left is None else min(available, budget_left)
+        sized = _size_hold(limit, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum, rounds=rounds)
+        if isinstance(sized, InsufficientCredits):
+            if limit < available and not isinstance(_size_hold(
+                    available, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
+                    rounds=rounds), InsufficientCredits):
+                raise KeyBudgetExceeded(
+                    f"This key's budget allows {format_money(limit)} more credits; this turn needs "
+                    f"{format_money(sized.needed)}.", available=limit, needed=sized.needed)
+            raise sized
+        return sized
+
+    reservation = {"now": sql.value(Wallet, "updated_at", now), "user": user_id}
+    hold_id = uuid.uuid4()
+    row = {"id": hold_id, "user_id": user_id, "turn_id": turn_id, "model": model, "created_at": now,
+           "released_at": None}
     with sql.transaction():
+        if in_one_flight and wallet is not None and sql.vendor() == "postgresql":
+            granted, amount = size(wallet)
+            values = {**row, "amount": amount, "max_tokens": granted}
+            sql.execute(_RESERVE_AND_HOLD, {**reservation, **{
+                name: sql.value(CreditHold, name, values[name]) for name in _HOLD_COLUMNS}}, count=False)
+            return HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
         snapshot = wallet if wallet is not None else wallet_snapshot(user_id)
         for locked in (False, True):
             if locked:  # a concurrent turn took credits since the snapshot: size again, locked
                 snapshot = wallet_snapshot(user_id, lock=True)
-            balance, held = snapshot or (Decimal(0), Decimal(0))
-            available = balance - held
-            limit = available if budget_left is None else min(available, budget_left)
-            sized = _size_hold(limit, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
-                               rounds=rounds)
-            if isinstance(sized, InsufficientCredits):
-                if limit < available and not isinstance(_size_hold(
-                        available, price=price, prompt_tokens=prompt_tokens, cap=cap, minimum=minimum,
-                        rounds=rounds), InsufficientCredits):
-                    raise KeyBudgetExceeded(
-                        f"This key's budget allows {format_money(limit)} more credits; this turn needs "
-                        f"{format_money(sized.needed)}.", available=limit, needed=sized.needed)
-                raise sized
-            granted, amount = sized
-            reserved = sql.fetch_one(_RESERVE, {"amount": amount, "now": sql.value(Wallet, "updated_at", now),
-                                                "user": user_id})
+            granted, amount = size(snapshot)
+            reserved = sql.fetch_one(_RESERVE, {**reservation, "amount": amount})
             if reserved is not None:
-                hold_id = uuid.uuid4()
-                sql.insert(CreditHold, [{"id": hold_id, "wallet_id": reserved[0], "user_id": user_id,
-                                         "turn_id": turn_id, "model": model, "amount": amount,
-                                         "max_tokens": granted, "created_at": now, "released_at": None}])
+                sql.insert(CreditHold, [{**row, "wallet_id": reserved[0], "amount": amount, "max_tokens": granted}])
                 return HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
     raise InsufficientCredits("Your wallet has no available credits.")  # only float fuzz on SQLite
 
@@ -317,11 +352,21 @@ def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, ou
 # Lock order, here and in release_holds_without_turn: the hold rows, then the wallet row.
 _RELEASE = (f"UPDATE {_HOLD} SET released_at = %(now)s WHERE turn_id = %(turn)s AND released_at IS NULL "
             f"RETURNING amount")
-_CHARGE = (f"UPDATE {_WALLET} SET balance = ROUND(balance - CASE WHEN EXISTS "
-           f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit') THEN 0 "
-           f"ELSE CAST(%(cost)s AS NUMERIC) END, 6), "
-           f"held = ROUND(held - CAST(%(released)s AS NUMERIC), 6), updated_at = %(now)s WHERE user_id = %(user)s "
-           f"RETURNING balance")
+_CHARGED_BALANCE = (f"balance = ROUND(balance - CASE WHEN EXISTS "
+                    f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit') THEN 0 "
+                    f"ELSE CAST(%(cost)s AS NUMERIC) END, 6), updated_at = %(now)s")
+_CHARGE = (f"UPDATE {_WALLET} SET {_CHARGED_BALANCE}, held = ROUND(held - CAST(%(released)s AS NUMERIC), 6) "
+           f"WHERE user_id = %(user)s RETURNING balance")
+# PostgreSQL: the release and the charge in one statement, so that nothing waits for the
+# release's answer. `held` goes down by the sum of exactly the amounts this statement
+# released (the CTE's RETURNING). PostgreSQL does not promise the order of a CTE's writes
+# and the main statement's; here the wallet's new `held` needs the CTE's sum first, and
+# either order is free of deadlocks: the only other writer of an existing hold,
+# release_holds_without_turn, takes holds whose turn is not running, and this turn's is
+# (its row locked by the close).
+_RELEASE_AND_CHARGE = (f"WITH released AS ({_RELEASE}) UPDATE {_WALLET} SET {_CHARGED_BALANCE}, "
+                       f"held = ROUND(held - (SELECT COALESCE(SUM(amount), 0) FROM released), 6) "
+                       f"WHERE user_id = %(user)s RETURNING balance")
 # On PostgreSQL the debit's time is taken by the database once the wallet row is locked
 # (its statement runs after the UPDATE that locked it), so the ledger's time order is its
 # lock order; a time taken before the lock could sort before a concurrent entry that
@@ -337,11 +382,19 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
     """Debit the actual cost of a turn and release its hold. Returns the new balance.
 
     Idempotent by turn id: a second call neither debits nor fails (and the ledger's unique
-    constraint refuses a second debit whatever happens). Callers that store the turn call
-    this inside their own `core.sql.transaction()` so both commit together. `held` goes
-    down by exactly what this call released, and balance and ledger change together under
-    the row lock.
+    constraint refuses a second debit whatever happens). `held` goes down by exactly what
+    this call released, and balance and ledger change together under the row lock.
     """
+    with sql.transaction():
+        balance = settle_later(user_id=user_id, turn_id=turn_id, cost=cost, note=note)
+    return balance()
+
+
+def settle_later(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -> Callable[[], Decimal]:
+    """settle(), inside the caller's `core.sql.transaction()` (so the turn and its payment
+    commit together), waiting for no answer: the returned function gives the new balance,
+    to be called once the transaction has committed. On PostgreSQL its statements go out
+    with the caller's COMMIT, in one round trip."""
     if cost < 0:
         raise InvalidAmount("A cost cannot be negative.")
     now = timezone.now()
@@ -349,16 +402,24 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
               "now": sql.value(LedgerEntry, "created_at", now), "user": user_id,
               "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
     with sql.transaction():
-        params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)), Decimal(0))
-        row = sql.fetch_one(_CHARGE, params)  # the new balance, if the user has a wallet
-        if row is None:
-            # No wallet yet (credit enforcement off, nothing ever granted): make one, charge again.
-            sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
-                                 "updated_at": now}], ignore_conflicts=True)
-            row = sql.fetch_one(_CHARGE, params)
-        if row is not None and cost > 0:  # its answer comes with the caller's next statement (pipelined)
+        # A user who was never granted anything (credit enforcement off) has no wallet yet:
+        # made here, so that the charge always finds one.
+        sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
+                             "updated_at": now}], ignore_conflicts=True)
+        if sql.vendor() == "postgresql":
+            charged = sql.fetch_later(_RELEASE_AND_CHARGE, params)
+        else:  # SQLite has no UPDATE in a WITH; nothing there waits on a network
+            params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)),
+                                     Decimal(0))
+            charged = sql.fetch_later(_CHARGE, params)
+        if cost > 0:
             sql.execute(_DEBIT, params, count=False)
-    return sql.as_money(row[0]) if row is not None else Decimal("0")
+
+    def balance() -> Decimal:
+        row = charged()
+        assert row is not None, "the wallet was made above"
+        return sql.as_money(row[0])
+    return balance
 
 
 def release_holds_without_turn(*, live_turn_ids, created_before) -> int:

@@ -28,7 +28,7 @@ import functools
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -172,6 +172,31 @@ def fetch_all(sql: str, params: Sequence[Any] | dict[str, Any], *, prepare: bool
     with _cursor(prepare) as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
+
+
+def fetch_later(sql: str, params: Sequence[Any] | dict[str, Any]) -> Callable[[], tuple | None]:
+    """Send one statement now and read its row later: the returned function gives it (call
+    it once). In a pipeline (PostgreSQL) the statement joins the next round trip, the
+    COMMIT's inside `transaction()`, and its row is read once that has answered: it runs on
+    a cursor of its own, since the transaction's cursor moves on to the next statement.
+    Elsewhere it runs at once. Reading it inside the pipeline waits for the answer."""
+    if not _pipelined():
+        row = fetch_one(sql, params)
+        return lambda: row
+    on_loop = db_on_loop.current()
+    cursor = on_loop.new_cursor() if on_loop is not None else _new_cursor(_db())
+    try:
+        cursor.execute(sql, params)
+    except BaseException:
+        cursor.close()
+        raise
+
+    def row() -> tuple | None:
+        try:
+            return cursor.fetchone()
+        finally:
+            cursor.close()
+    return row
 
 
 def execute(sql: str, params: Sequence[Any] | dict[str, Any], *, count: bool = True) -> int:

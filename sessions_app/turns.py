@@ -23,7 +23,7 @@ import enum
 import functools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -318,6 +318,60 @@ def _lease_from(now: datetime) -> datetime:
     return now + timedelta(seconds=settings.PANTHEON_TURN_LEASE_SECONDS)
 
 
+def _open_turn(preflight: Preflight, request: TurnInput, *, turn_id: uuid.UUID, model: str, price: ModelPrice,
+               rounds: int, held_prompt: int, prompt_estimate: int, parent: uuid.UUID | None,
+               question_id: uuid.UUID | None, streamed: bool, now: datetime,
+               in_one_flight: bool) -> tuple[billing.HoldDecision, limits.Admission | None]:
+    """begin_turn()'s transaction (the caller's): the hold, the running turn and its question."""
+    session, key = preflight.session, preflight.key
+    titling = request.kind == Turn.Kind.TITLE
+    if request.idempotency is not None:
+        # Inserted first, so a concurrent repeat waits on the unique index here and
+        # fails there once this commits: one turn per key, never a second hold.
+        idempotency_key, fingerprint = request.idempotency
+        sql.execute(_DROP_EXPIRED_KEY, [preflight.user_id, idempotency_key, sql.value(
+            IdempotencyKey, "created_at", now - IDEMPOTENCY_TTL)], count=False)
+        sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": idempotency_key,
+                                     "fingerprint": fingerprint, "turn_id": turn_id, "created_at": now}])
+    admission = None
+    if (key is not None and key.counts_turns) or any(value is not None for value in limits.user_limits()):
+        # One more round trip, only with limits: the key's (or user's) row lock and counts.
+        admission = limits.admit(user_id=preflight.user_id, key=key, now=now)
+    decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
+                            prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
+                            price=price, wallet=preflight.wallet if in_one_flight else None,
+                            budget_left=admission.budget_left if admission is not None else None,
+                            in_one_flight=in_one_flight)
+    if admission is not None:
+        admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
+    sql.insert(Turn, [{
+        "id": turn_id, "session_id": session.id, "user_id": preflight.user_id,
+        "api_key_id": key.id if key is not None else None, "status": Turn.Status.RUNNING,
+        "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
+        "tools_enabled": request.tools_enabled,
+        "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
+        "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
+        "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
+        "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
+        "generation_id": "", "kind": request.kind, "reply_to_id": question_id, "created_at": now,
+        "finished_at": None,
+    }])
+    if request.content is not None and not titling:  # a regenerate answers a stored question
+        sql.insert(Message, [{
+            "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
+            "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
+            "tool_call_id": "", "position": 0, "created_at": now,
+        }])
+    if not titling:
+        # While it runs, the branch ends at its question (a reload shows it); the
+        # close moves the leaf on to the answer.
+        sql.update(ChatSession, session.id, {"current_leaf": question_id}, count=False)
+    if preflight.key_id is not None:  # at most once a minute per key
+        sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
+                                 sql.value(ApiKey, "id", preflight.key_id)], count=False)
+    return decision, admission
+
+
 def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> PreparedTurn:
     """The preflight after authentication and the session check: 422, 400, then 402.
 
@@ -373,68 +427,38 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                                                   tool_output_chars=TOOL_OUTPUT_BUDGET_CHARS)
     turn_id = uuid.uuid4()
     now = timezone.now()
-    try:
-        # Pipelined: the hold's UPDATE is one round trip, the inserts and the commit another.
-        with sql.transaction():
-            if request.idempotency is not None:
-                # Inserted first, so a concurrent repeat waits on the unique index here and
-                # fails there once this commits: one turn per key, never a second hold.
-                idempotency_key, fingerprint = request.idempotency
-                sql.execute(_DROP_EXPIRED_KEY, [preflight.user_id, idempotency_key, sql.value(
-                    IdempotencyKey, "created_at", now - IDEMPOTENCY_TTL)], count=False)
-                sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": idempotency_key,
-                                             "fingerprint": fingerprint, "turn_id": turn_id, "created_at": now}])
-            admission = None
-            if (key is not None and key.counts_turns) or any(value is not None for value in limits.user_limits()):
-                # One more round trip, only with limits: the key's (or user's) row lock and counts.
-                admission = limits.admit(user_id=preflight.user_id, key=key, now=now)
-            decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
-                                    prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
-                                    price=price, wallet=preflight.wallet,
-                                    budget_left=admission.budget_left if admission is not None else None)
-            if admission is not None:
-                admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
-            sql.insert(Turn, [{
-                "id": turn_id, "session_id": session.id, "user_id": preflight.user_id,
-                "api_key_id": key.id if key is not None else None, "status": Turn.Status.RUNNING,
-                "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
-                "tools_enabled": request.tools_enabled,
-                "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
-                "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
-                "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
-                "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
-                "generation_id": "", "kind": request.kind, "reply_to_id": question_id, "created_at": now,
-                "finished_at": None,
-            }])
-            if request.content is not None and not titling:  # a regenerate answers a stored question
-                sql.insert(Message, [{
-                    "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
-                    "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
-                    "tool_call_id": "", "position": 0, "created_at": now,
-                }])
-            if not titling:
-                # While it runs, the branch ends at its question (a reload shows it); the
-                # close moves the leaf on to the answer.
-                sql.update(ChatSession, session.id, {"current_leaf": question_id}, count=False)
-            if preflight.key_id is not None:  # at most once a minute per key
-                sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
-                                         sql.value(ApiKey, "id", preflight.key_id)], count=False)
-    except billing.InsufficientCredits as exc:  # or KeyBudgetExceeded
-        amounts = {name: format_money(value) for name, value in (("needed", exc.needed),
-                                                                 ("available", exc.available)) if value is not None}
-        raise TurnRejected(exc.code, str(exc), extra=amounts) from None
-    except limits.LimitRefused as exc:
-        raise TurnRejected(exc.code, exc.detail, headers=exc.headers) from None
-    except IntegrityError:
-        # A concurrent request with the same Idempotency-Key made its turn first; this
-        # transaction (and its hold) was rolled back.
-        earlier = find_repeat(preflight.user_id, *request.idempotency) if request.idempotency else None
-        if earlier is not None:
-            raise AlreadyRequested(earlier) from None
-        if not ChatSession.objects.filter(pk=session.id).exists():
-            # The session was deleted while this preflight ran (its turn's foreign key failed).
-            raise TurnRejected("not_found", "Not found.") from None
-        raise
+    # PostgreSQL, sized from the preflight's read of the wallet: one round trip (the hold and
+    # the inserts go out with the COMMIT). If a concurrent turn took the credits since that
+    # read, that transaction fails in the server, and this one is tried again the careful
+    # way (a fresh read, the hold's UPDATE answering before the inserts).
+    for in_one_flight in (True, False):
+        try:
+            with sql.transaction():
+                decision, admission = _open_turn(preflight, request, turn_id=turn_id, model=model, price=price,
+                                                 rounds=rounds, held_prompt=held_prompt,
+                                                 prompt_estimate=prompt_estimate, parent=parent,
+                                                 question_id=question_id, streamed=streamed, now=now,
+                                                 in_one_flight=in_one_flight)
+            break
+        except billing.InsufficientCredits as exc:  # or KeyBudgetExceeded
+            amounts = {name: format_money(value) for name, value in (("needed", exc.needed),
+                                                                     ("available", exc.available))
+                       if value is not None}
+            raise TurnRejected(exc.code, str(exc), extra=amounts) from None
+        except limits.LimitRefused as exc:
+            raise TurnRejected(exc.code, exc.detail, headers=exc.headers) from None
+        except IntegrityError as exc:
+            if in_one_flight and billing.refused_in_flight(exc):
+                continue  # rolled back, nothing committed: again, the careful way
+            # A concurrent request with the same Idempotency-Key made its turn first; this
+            # transaction (and its hold) was rolled back.
+            earlier = find_repeat(preflight.user_id, *request.idempotency) if request.idempotency else None
+            if earlier is not None:
+                raise AlreadyRequested(earlier) from None
+            if not ChatSession.objects.filter(pk=session.id).exists():
+                # The session was deleted while this preflight ran (its turn's foreign key failed).
+                raise TurnRejected("not_found", "Not found.") from None
+            raise
     return PreparedTurn(
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
@@ -634,6 +658,10 @@ class LockedTurn:
     api_key_id: uuid.UUID | None
     reply_to_id: uuid.UUID | None
     kind: str
+    # Its session has a title or has asked for one (a title is asked for once), so the
+    # close needs no answer from the session's row. A title cleared after this was read
+    # is asked for by the session's next turn.
+    session_titled: bool
 
 
 _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
@@ -643,12 +671,13 @@ _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "
 
 @functools.cache
 def _lock_sql(lapsed: bool, vendor: str) -> str:
-    query = (f"SELECT {', '.join(sql.column(Turn, name) for name in _LOCKED_FIELDS)} FROM {sql.table(Turn)} "
-             f"WHERE id = %(turn)s")
+    columns = ", ".join(f"t.{sql.column(Turn, name)}" for name in _LOCKED_FIELDS)
+    query = (f"SELECT {columns}, s.title <> '' OR s.title_requested FROM {sql.table(Turn)} t "
+             f"JOIN {sql.table(ChatSession)} s ON s.id = t.{sql.column(Turn, 'session')} WHERE t.id = %(turn)s")
     if lapsed:
-        query += " AND status = 'running' AND lease_until < %(lapsed)s"
-    if connection.features.has_select_for_update:
-        query += " FOR UPDATE SKIP LOCKED" if lapsed else " FOR UPDATE"
+        query += " AND t.status = 'running' AND t.lease_until < %(lapsed)s"
+    if connection.features.has_select_for_update:  # the turn's row only (the session's: later)
+        query += " FOR UPDATE OF t SKIP LOCKED" if lapsed else " FOR UPDATE OF t"
     return query
 
 
@@ -666,7 +695,8 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
                       streamed=bool(row[8]), checkpoint=row[9], created_at=sql.as_datetime(row[10]),
                       chunk_ends=sql.as_json(row[11]), resumable=bool(row[12]), generation_id=row[13] or "",
                       served_model=row[14] or "", api_key_id=sql.as_uuid(row[15]) if row[15] is not None else None,
-                      reply_to_id=sql.as_uuid(row[16]) if row[16] is not None else None, kind=row[17])
+                      reply_to_id=sql.as_uuid(row[16]) if row[16] is not None else None, kind=row[17],
+                      session_titled=bool(row[18]))
 
 
 def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
@@ -675,17 +705,20 @@ def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | 
 
     Lock order everywhere: the turn row, then (in settle) the hold rows and the wallet row,
     then the session row (its current leaf).
+
+    Two round trips on PostgreSQL: the turn's lock, then everything else with the COMMIT.
     """
     with sql.transaction():
         turn = _lock_turn(turn_id)
         if turn is None:
             raise Turn.DoesNotExist(f"no turn {turn_id}")
-        if turn.status == Turn.Status.RUNNING:
-            return _close_locked(turn, outcome, price=price)
-    return _stored_result(turn_id)
+        closed = _close_locked(turn, outcome, price=price) if turn.status == Turn.Status.RUNNING else None
+    return closed() if closed is not None else _stored_result(turn_id)
 
 
-def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice | None) -> TurnResult:
+def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice | None) -> Callable[[], TurnResult]:
+    """Close a locked running turn in the caller's transaction; the returned function gives
+    the result once it has committed (the new balance is read from the COMMIT's answer)."""
     served = outcome.served_model or turn.served_model or turn.model
     if price is None or price.model != served:
         price = billing.get_price(served)  # billed at the served model's price (SPEC section 15)
@@ -707,7 +740,7 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
         "lease_until": None, "checkpoint": "", "finished_at": now,
         "chunk_ends": _fitting_ends(outcome.chunk_ends, content), "reconciliation": reconciliation,
     }
-    # None of these waits for an answer: on PostgreSQL they go out with settle's first read.
+    # None of these waits for an answer: on PostgreSQL they go out with the COMMIT.
     sql.update(Turn, turn.id, ended, count=False)
     common = {"session_id": turn.session_id, "turn_id": turn.id, "user_id": turn.user_id, "created_at": now}
     rows = [{**common, "id": uuid.uuid4(), "role": extra["role"], "content": clean_text(extra.get("content") or ""),
@@ -737,9 +770,9 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
             "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
         }])
     sql.insert(LlmEvent, [_event_row(record, turn, now) for record in outcome.records])
-    balance = billing.settle(user_id=turn.user_id, turn_id=turn.id, cost=cost,
-                             note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
-    untitled = False
+    balance = billing.settle_later(user_id=turn.user_id, turn_id=turn.id, cost=cost,
+                                   note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
+    ask_for_title = False
     # The session row after the wallet row (settle), as in the preflight (hold, then the
     # session row): one lock order, so a turn closing and the next one starting never deadlock.
     if titling:
@@ -748,27 +781,32 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
             sql.execute(_SET_TITLE, [_fit(ChatSession, "title", clean_title(content)), now,
                                      sql.value(ChatSession, "id", turn.session_id)], count=False)
     else:
-        row = sql.fetch_one(_MOVE_LEAF, [sql.value(ChatSession, "updated_at", now),
-                                         sql.value(ChatSession, "current_leaf", assistant["id"]),
-                                         sql.value(ChatSession, "id", turn.session_id)])
-        untitled = row is not None and row[0] == "" and not row[1]
+        leaf = [sql.value(ChatSession, "updated_at", now), sql.value(ChatSession, "current_leaf", assistant["id"]),
+                sql.value(ChatSession, "id", turn.session_id)]
+        if (turn.session_titled or outcome.status != Turn.Status.COMPLETED
+                or not settings.PANTHEON_AUTO_TITLE):
+            sql.execute(_MOVE_LEAF, leaf, count=False)  # no title to ask for: nothing to wait for
+        else:
+            row = sql.fetch_one(_MOVE_LEAF, leaf)
+            ask_for_title = row is not None and row[0] == "" and not row[1]  # untitled
     if reconciliation == Turn.Reconciliation.PENDING:
         # In this transaction: a turn that closed as pending always has its task queued.
         from sessions_app.tasks import schedule_reconciliation  # the tasks import this module
 
         schedule_reconciliation(turn.id)
-    if (untitled and outcome.status == Turn.Status.COMPLETED and settings.PANTHEON_AUTO_TITLE
-            and sql.execute(_ASK_TITLE, [True, sql.value(ChatSession, "id", turn.session_id), False])):
+    if ask_for_title:
         from sessions_app.tasks import schedule_title
 
         # SPEC section 17: after the first completed turn. Once: the session's next turns
-        # (which close before the task runs, or after it failed) see title_requested.
+        # (which close before the task runs, or after it failed) see title_requested. The
+        # leaf's UPDATE locked the session's row, so nobody asked meanwhile: no answer awaited.
+        sql.execute(_ASK_TITLE, [True, sql.value(ChatSession, "id", turn.session_id), False], count=False)
         schedule_title(turn.session_id)
     stored = Turn(id=turn.id, session_id=turn.session_id, user_id=turn.user_id, api_key_id=turn.api_key_id,
                   model=turn.model,
                   streamed=turn.streamed, tools_enabled=turn.tools_enabled, max_tokens=turn.max_tokens,
                   resumable=turn.resumable, created_at=turn.created_at, **ended)
-    return TurnResult(turn=stored, message=Message(**assistant), balance=balance, closed=True)
+    return lambda: TurnResult(turn=stored, message=Message(**assistant), balance=balance(), closed=True)
 
 
 def billed_records(records: list[CallRecord], served_model: str) -> list[CallRecord]:
@@ -882,7 +920,8 @@ def sweep_lapsed_turns(*, now: datetime | None = None) -> SweepReport:
                     turn = _lock_turn(turn_id, lapsed_before=now)
                     if turn is None:  # closed meanwhile, or another sweeper has it
                         continue
-                    closed = _close_locked(turn, _interrupted(turn), price=None)
+                    closing = _close_locked(turn, _interrupted(turn), price=None)
+                closed = closing()
             except Exception:
                 # One turn that cannot be closed (its model's price was deleted) must not stop
                 # the others; it stays running, and in the log, until an operator fixes it.

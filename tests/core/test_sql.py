@@ -80,6 +80,18 @@ def test_reads_come_back_as_python_values(wallet):
     assert sql.as_uuid(sql.value(LedgerEntry, "id", uuid.UUID(int=7))) == uuid.UUID(int=7)
 
 
+def test_a_row_fetched_later_is_read_after_the_commit_and_reflects_the_transaction(wallet):
+    change = f"UPDATE {sql.table(Wallet)} SET held = held + 1 WHERE id = %s RETURNING held"
+    with sql.transaction():
+        first = sql.fetch_later(change, [wallet.pk])
+        second = sql.fetch_later(change, [wallet.pk])  # each its own cursor: both rows kept
+        sql.update(Wallet, wallet.pk, {"balance": Decimal("4")}, count=False)
+    assert (sql.as_money(first()[0]), sql.as_money(second()[0])) == (Decimal(1), Decimal(2))
+    read = sql.fetch_later(f"SELECT balance FROM {sql.table(Wallet)} WHERE id = %s", [wallet.pk])  # at once
+    assert sql.as_money(read()[0]) == Decimal(4)
+    Wallet.objects.filter(pk=wallet.pk).update(held=0, balance=Decimal(5))
+
+
 postgres_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements: PostgreSQL")
 
 

@@ -1,0 +1,149 @@
+"""A turn's database round trips, counted on the wire (a proxy in front of PostgreSQL) for
+the units the streaming path runs on the event loop: a fixed number whatever the history
+(docs/performance.md), and the money path's holds still right when a concurrent turn
+takes the credits between the preflight's read and its transaction."""
+
+import asyncio
+import uuid
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+
+from billing_app import services as billing
+from billing_app.models import CreditHold, Wallet
+from core import db_on_loop
+from core.db import db_call
+from llm_gateway import Usage
+from sessions_app.models import Message, Turn
+from sessions_app.turns import TurnInput, TurnOutcome, TurnRejected, begin_turn, close_turn, load_preflight, renew_turn
+from tests.conftest import MODEL
+from tests.round_trips import RoundTripProxy
+
+pytestmark = [
+    pytest.mark.skipif(connection.vendor != "postgresql", reason="round trips are PostgreSQL's"),
+    pytest.mark.django_db(transaction=True),
+]
+
+
+@pytest.fixture
+def fresh_loop_pools(monkeypatch):
+    monkeypatch.setattr(db_on_loop, "_pools", {})
+    monkeypatch.setattr(db_on_loop, "fallbacks", db_on_loop.fallbacks.__class__())
+
+
+@pytest.fixture
+def proxy(monkeypatch, settings, fresh_loop_pools):
+    """The event loop's connections go through a RoundTripProxy: one connection, never
+    health-checked between units (that would be a round trip of its own)."""
+    settings.PANTHEON_DB_LOOP_CONNECTIONS = 1
+    settings.PANTHEON_DB_CHECK_IDLE_SECONDS = 3600
+    db = connection.settings_dict
+    counting = RoundTripProxy(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
+    made = db_on_loop._LoopPool.__init__
+
+    def through_the_proxy(pool):
+        made(pool)
+        pool.params.update(host="127.0.0.1", port=counting.port)
+
+    monkeypatch.setattr(db_on_loop._LoopPool, "__init__", through_the_proxy)
+    yield counting
+    counting.close()
+
+
+async def _counted(proxy: RoundTripProxy, fn, *args, **kwargs):
+    proxy.reset()
+    result = await db_call(fn, on_loop=True)(*args, **kwargs)
+    return result, proxy.answers
+
+
+async def _one_turn(proxy, user, session, history_length: int) -> dict[str, int]:
+    trips = {}
+    preflight, trips["preflight read"] = await _counted(proxy, load_preflight, session_id=session.pk, model=None,
+                                                        user_id=user.pk)
+    assert len(preflight.history) == history_length
+    prepared, trips["preflight transaction"] = await _counted(proxy, begin_turn, preflight, TurnInput(content="q"),
+                                                              streamed=True)
+    _, trips["checkpoint"] = await _counted(proxy, renew_turn, prepared.turn_id, checkpoint="a", chunk_ends=[1])
+    result, trips["close"] = await _counted(proxy, close_turn, prepared.turn_id,
+                                            TurnOutcome(status="completed", content="a", usage=Usage(5, 5)),
+                                            price=prepared.price)  # as the relay closes it
+    balance = await db_call(lambda: Wallet.objects.get(user=user).balance)()
+    assert result.closed and result.balance == balance  # the committed balance
+    assert not db_on_loop.fallbacks  # all of it on the loop: through the proxy
+    return trips
+
+
+def _on_a_loop(main):
+    """Run `main()` on a new event loop, then close that loop's connections."""
+    async def run():
+        try:
+            return await main()
+        finally:
+            await db_on_loop.close()
+    return asyncio.run(run())
+
+
+def test_a_streamed_turn_makes_two_round_trips_before_its_call_and_two_at_its_close(proxy, alice, session_of):
+    session = session_of(alice, title="Named")
+
+    async def turns():
+        await _one_turn(proxy, alice, session, 0)  # the connection's first use prepares its statements
+        return [await _one_turn(proxy, alice, session, history) for history in (2, 4)]
+
+    assert _on_a_loop(turns) == [{"preflight read": 1, "preflight transaction": 1, "checkpoint": 1, "close": 2}] * 2
+    assert not db_on_loop.fallbacks
+
+
+def test_the_close_of_an_untitled_session_s_turn_waits_once_more_to_ask_for_its_title(proxy, alice, session_of,
+                                                                                      settings):
+    session = session_of(alice)
+
+    async def turns():
+        settings.PANTHEON_AUTO_TITLE = False
+        await _one_turn(proxy, alice, session, 0)
+        never = await _one_turn(proxy, alice, session, 2)  # never asks: nothing to wait for
+        settings.PANTHEON_AUTO_TITLE = True
+        untitled = await _one_turn(proxy, alice, session, 4)  # reads the session row: untitled
+        asked = await _one_turn(proxy, alice, session, 6)  # asked once: no more
+        return never["close"], untitled["close"], asked["close"]
+
+    assert _on_a_loop(turns) == (2, 3, 2)
+
+
+def _stale_preflight(user, session):
+    """The preflight's read of the wallet, then another turn's hold takes 9.2 of its 10 credits."""
+    preflight = load_preflight(session_id=session.pk, model=None, user_id=user.pk)
+    billing.hold(user_id=user.pk, turn_id=uuid.uuid4(), model=MODEL, prompt_tokens=9000, max_tokens=100)
+    taken = CreditHold.objects.get(user=user).amount
+    return preflight, taken
+
+
+@pytest.mark.open_holds_ok
+def test_credits_taken_since_the_preflight_s_read_refuse_the_turn_and_nothing_is_stored(alice, session_of, settings,
+                                                                                         fresh_loop_pools):
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = settings.PANTHEON_MAX_OUTPUT_TOKENS = 2000
+    preflight, taken = _stale_preflight(alice, session_of(alice))
+    assert preflight.wallet == (Decimal(10), Decimal(0))  # the read said it could pay
+    with pytest.raises(TurnRejected) as refused:
+        _on_a_loop(lambda: db_call(begin_turn, on_loop=True)(preflight, TurnInput(content="q"), streamed=True))
+    assert refused.value.code == "insufficient_credits"
+    assert not db_on_loop.fallbacks
+    assert (Turn.objects.count(), Message.objects.count(), CreditHold.objects.count(),
+            Wallet.objects.get(user=alice).held) == (0, 0, 1, taken)  # only the other turn's hold
+
+
+@pytest.mark.open_holds_ok
+def test_credits_taken_since_the_preflight_s_read_shrink_the_turn_s_hold_to_what_is_left(alice, session_of, settings,
+                                                                                           fresh_loop_pools):
+    settings.PANTHEON_MIN_OUTPUT_TOKENS = 10
+    settings.PANTHEON_MAX_OUTPUT_TOKENS = 2000
+    preflight, taken = _stale_preflight(alice, session_of(alice))
+    prepared = _on_a_loop(lambda: db_call(begin_turn, on_loop=True)(preflight, TurnInput(content="q"),
+                                                                    streamed=True))
+    assert 10 <= prepared.max_tokens < 2000  # sized again, on what the other hold left
+    assert not db_on_loop.fallbacks
+    wallet = Wallet.objects.get(user=alice)
+    assert Turn.objects.get().max_tokens == prepared.max_tokens and CreditHold.objects.count() == 2
+    assert wallet.held - taken == CreditHold.objects.get(turn_id=prepared.turn_id).amount
+    assert wallet.held <= wallet.balance
