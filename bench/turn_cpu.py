@@ -1,19 +1,22 @@
 """The database side of one streamed turn, alone on one thread: its CPU, without the noise
 of a load run (where the event loop, the provider and the client share the two cores).
 
-    .venv/bin/python bench/turn_cpu.py [--turns 200] [--history] [--cprofile FILE]
+    .venv/bin/python bench/turn_cpu.py [--turns 200] [--history] [--on-loop] [--cprofile FILE]
 
 On a scratch PostgreSQL database (`pantheon_turn_cpu`, created afresh; DATABASE_URL
 overrides it) it runs what a streamed turn runs on the database threads, each step as one
 unit of database work (`core.db`), as the server does: the preflight (read and begin), two
 checkpoints, the close. It prints the CPU and wall time per turn and the statements sent.
 Each turn starts a new root (`"parent_id": null`), as in bench/throughput.py; `--history`
-continues the session's branch instead, so late turns read and trim a long history.
+continues the session's branch instead, so late turns read and trim a long history;
+`--on-loop` runs each unit on an event loop's own connection (core.db_on_loop), as the
+server does on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import os
 import subprocess
@@ -31,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=200)
     parser.add_argument("--history", action="store_true", help="continue the branch instead of new roots")
+    parser.add_argument("--on-loop", action="store_true", help="run the units as the server does: on the loop")
     parser.add_argument("--cprofile", metavar="FILE", help="profile the measured turns (CPU time) into FILE")
     args = parser.parse_args()
     os.environ["DATABASE_URL"] = scratch_database("pantheon_turn_cpu")
@@ -49,7 +53,8 @@ def main() -> None:
 
     from accounts.models import ApiKey, hash_key
     from billing_app import services
-    from core.db import _closing_connections as unit  # one unit of database work, as db_call runs it
+    from core import db_on_loop
+    from core.db import _closing_connections as on_a_thread  # one unit of database work, as db_call runs it
     from llm_gateway import Usage
     from sessions_app.models import ChatSession
     from sessions_app.turns import TurnInput, TurnOutcome, begin_turn, close_turn, load_preflight, renew_turn
@@ -68,6 +73,13 @@ def main() -> None:
         return begin_turn(found, TurnInput(content="bench", parent_id=None, parent_given=root), streamed=True)
 
     spent = {"preflight": 0.0, "checkpoint": 0.0, "close": 0.0}  # CPU of each kind of unit
+
+    loop = asyncio.new_event_loop()
+
+    def on_the_loop(fn, *args, **kwargs):
+        return loop.run_until_complete(db_on_loop.run(fn, *args, **kwargs))
+
+    unit = on_a_thread
 
     def timed(kind: str, fn, *args, **kwargs):
         start = time.thread_time()
@@ -93,6 +105,11 @@ def main() -> None:
         one_turn()
     statements = len(queries)
     connection.force_debug_cursor = False
+    if args.on_loop:
+        unit = on_the_loop
+        for _ in range(20):  # warm the loop's connection: its statements are prepared there
+            one_turn()
+        assert not db_on_loop.fallbacks, db_on_loop.fallbacks
     spent.update(dict.fromkeys(spent, 0.0))
     profile = cProfile.Profile(time.process_time) if args.cprofile else None
     cpu, wall = time.process_time(), time.perf_counter()
@@ -104,7 +121,8 @@ def main() -> None:
         profile.disable()
         profile.dump_stats(args.cprofile)
     cpu, wall = (time.process_time() - cpu) / args.turns, (time.perf_counter() - wall) / args.turns
-    print(f"{args.turns} turns ({'a growing branch' if args.history else 'new roots'}): CPU {cpu * 1000:.2f} ms, "
+    print(f"{args.turns} turns ({'a growing branch' if args.history else 'new roots'}"
+          f"{', on the loop' if args.on_loop else ''}): CPU {cpu * 1000:.2f} ms, "
           f"wall {wall * 1000:.2f} ms per turn; {statements} statements per turn")
     print("  CPU per turn: " + ", ".join(f"{kind} {total / args.turns * 1000:.2f} ms" for kind, total in spent.items()))
 
