@@ -90,6 +90,31 @@ def update(model: type[models.Model], pk: Any, values: dict[str, Any], *, count:
     return execute(_update_sql(model, names, db.vendor), params, count=count)
 
 
+@functools.cache
+def _guarded_update_sql(model: type[models.Model], fields: tuple[str, ...], where: str) -> str:
+    assignments = ", ".join(f"{column(model, name)} = %s" for name in fields)
+    return (f"WITH updated AS (UPDATE {table(model)} SET {assignments} "
+            f"WHERE {column(model, model._meta.pk.name)} = %s AND {where} RETURNING 1) "
+            f"SELECT 1 / COUNT(*) FROM updated")
+
+
+def update_or_fail(model: type[models.Model], pk: Any, values: dict[str, Any], *, where: str) -> None:
+    """update() of the row `pk` if `where` (SQL on its columns) holds, waiting for no answer.
+    If no row matches, the statement fails in the server (a division by zero: see
+    `matched_nothing`), which aborts the transaction it is in, so nothing sent after it
+    commits either: one round trip, where a locking read would be one more. PostgreSQL."""
+    db = _db()
+    names = tuple(values)
+    params = [model._meta.get_field(name).get_db_prep_save(values[name], db) for name in names]
+    params.append(model._meta.pk.get_db_prep_value(pk, db))
+    execute(_guarded_update_sql(model, names, where), params, count=False)
+
+
+def matched_nothing(error: Exception) -> bool:
+    """Whether `error` (Django's DataError) is update_or_fail() finding no row."""
+    return getattr(error.__cause__, "sqlstate", None) == "22012"
+
+
 def vendor() -> str:
     """The database's vendor ("postgresql", "sqlite"): for the statements' variants. Not
     `connection.vendor`, which on the event loop makes a connection object per request."""

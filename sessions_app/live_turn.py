@@ -192,7 +192,7 @@ async def finish_turn(prepared: PreparedTurn, outcome: TurnOutcome) -> TurnResul
     worked. Run it under `asyncio.shield` where the caller may be cancelled."""
     for delay in (*CLOSE_RETRY_DELAYS, None):
         try:
-            result = await _close(prepared.turn_id, outcome,
+            result = await _close(prepared.turn_id, outcome, as_begun=prepared.as_begun,
                                   price=prepared.price_of(outcome.served_model or prepared.model))
         except DatabaseError as exc:
             if delay is None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, connection
+from django.db import DataError, IntegrityError, connection
 from django.db.models import Model
 from django.utils import timezone
 
@@ -109,6 +109,7 @@ class SessionFacts:
     id: uuid.UUID
     model: str
     system_prompt: str
+    titled: bool = False  # it has a title, or has asked for one (LockedTurn.session_titled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _preflight_sql(by_key: bool, vendor: str, api_session: bool = False) -> str:
              f"LEFT JOIN {price} p ON p.model = COALESCE(%(model)s, s.model) "
              f"LEFT JOIN {wallet} w ON w.user_id = u.id "
              f"LEFT JOIN {provider} pr ON pr.id = p.{sql.column(ModelPrice, 'provider')} ")
-    columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, "
+    columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, (s.title <> '' OR s.title_requested), "
                "p.id, p.model, p.prompt_price_per_mtok, p.completion_price_per_mtok, w.balance, w.held, "
                "p.upstream_model, p.fallbacks, pr.id, pr.name, pr.base_url, pr.api_key_env, pr.api_key, "
                "pr.timeout_seconds, {limit_columns} ")
@@ -185,14 +186,14 @@ def load_preflight(*, session_id: uuid.UUID | None, model: str | None, key_hash:
                                              (tree.chain_sql(sql.vendor()), chain)])
     if not found:
         return None
-    (user, key_id, touch, session, session_model, prompt, price_id, price_model, prompt_price, completion_price,
-     balance, held, upstream_model, fallbacks, provider_id, *rest) = found[0]
+    (user, key_id, touch, session, session_model, prompt, titled, price_id, price_model, prompt_price,
+     completion_price, balance, held, upstream_model, fallbacks, provider_id, *rest) = found[0]
     provider, (rpm, tpm, max_parallel, budget, budget_period, allowed) = rest[:5], rest[5:]
     return Preflight(
         user_id=user,
         key_id=sql.as_uuid(key_id) if key_id is not None and touch else None,  # (key: always)
-        session=SessionFacts(id=sql.as_uuid(session), model=session_model, system_prompt=prompt or "")
-        if session is not None else None,
+        session=SessionFacts(id=sql.as_uuid(session), model=session_model, system_prompt=prompt or "",
+                             titled=bool(titled)) if session is not None else None,
         price=ModelPrice(id=price_id, model=price_model, prompt_price_per_mtok=sql.as_money(prompt_price),
                          completion_price_per_mtok=sql.as_money(completion_price), upstream_model=upstream_model,
                          fallbacks=sql.as_json(fallbacks) or [], provider_id=provider_id,
@@ -259,6 +260,9 @@ class PreparedTurn:
     routes: list[catalogue.Route] = dataclasses.field(default_factory=list)
     # The key's `x-ratelimit-*` headers for the answer (SPEC section 16).
     rate_headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The turn's row as begin_turn() wrote it (what its close needs of it): close_turn(...,
+    # as_begun=) then skips reading it.
+    as_begun: LockedTurn | None = None
 
     def candidates(self) -> list[Candidate]:
         return [route.candidate() for route in self.routes]
@@ -459,11 +463,17 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                 # The session was deleted while this preflight ran (its turn's foreign key failed).
                 raise TurnRejected("not_found", "Not found.") from None
             raise
+    as_begun = LockedTurn(
+        id=turn_id, status=Turn.Status.RUNNING, user_id=preflight.user_id, session_id=session.id, model=model,
+        prompt_tokens=prompt_estimate, max_tokens=decision.max_tokens, tools_enabled=request.tools_enabled,
+        streamed=streamed, checkpoint="", created_at=now, chunk_ends=None, resumable=request.resumable,
+        generation_id="", served_model="", api_key_id=key.id if key is not None else None,
+        reply_to_id=question_id, kind=request.kind, session_titled=session.titled)
     return PreparedTurn(
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
         params=request.params, client_tools=request.client_tools, routes=routes,
-        rate_headers=admission.headers if admission is not None else {},
+        rate_headers=admission.headers if admission is not None else {}, as_begun=as_begun,
     )
 
 
@@ -699,7 +709,8 @@ def _lock_turn(turn_id: uuid.UUID, *, lapsed_before: datetime | None = None) -> 
                       session_titled=bool(row[18]))
 
 
-def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None) -> TurnResult:
+def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | None = None,
+               as_begun: LockedTurn | None = None) -> TurnResult:
     """End a turn and pay for it, all in one transaction. Idempotent: a turn that is no
     longer running (closed by another process, the sweep, a retry) is returned as stored.
 
@@ -707,7 +718,20 @@ def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | 
     then the session row (its current leaf).
 
     Two round trips on PostgreSQL: the turn's lock, then everything else with the COMMIT.
+    One with `as_begun` (the turn's row as its own process began it: PreparedTurn.as_begun,
+    whose fields no one else changes): the turn's UPDATE, sent first, takes the lock and
+    fails in the server if the turn is no longer running, and then the turn is closed the
+    careful way, which finds it closed.
     """
+    # (Without the served model the close needs the one the row's checkpoints saved.)
+    if as_begun is not None and outcome.served_model and sql.vendor() == "postgresql":
+        try:
+            with sql.transaction():
+                closed = _close_locked(as_begun, outcome, price=price, if_running=True)
+            return closed()
+        except DataError as exc:
+            if not sql.matched_nothing(exc):
+                raise
     with sql.transaction():
         turn = _lock_turn(turn_id)
         if turn is None:
@@ -716,9 +740,12 @@ def close_turn(turn_id: uuid.UUID, outcome: TurnOutcome, *, price: ModelPrice | 
     return closed() if closed is not None else _stored_result(turn_id)
 
 
-def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice | None) -> Callable[[], TurnResult]:
+def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice | None,
+                  if_running: bool = False) -> Callable[[], TurnResult]:
     """Close a locked running turn in the caller's transaction; the returned function gives
-    the result once it has committed (the new balance is read from the COMMIT's answer)."""
+    the result once it has committed (the new balance is read from the COMMIT's answer).
+    `if_running`: the turn is not locked yet; its UPDATE locks it, and fails the
+    transaction if it is no longer running (sql.update_or_fail)."""
     served = outcome.served_model or turn.served_model or turn.model
     if price is None or price.model != served:
         price = billing.get_price(served)  # billed at the served model's price (SPEC section 15)
@@ -741,7 +768,10 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
         "chunk_ends": _fitting_ends(outcome.chunk_ends, content), "reconciliation": reconciliation,
     }
     # None of these waits for an answer: on PostgreSQL they go out with the COMMIT.
-    sql.update(Turn, turn.id, ended, count=False)
+    if if_running:
+        sql.update_or_fail(Turn, turn.id, ended, where="status = 'running'")
+    else:
+        sql.update(Turn, turn.id, ended, count=False)
     common = {"session_id": turn.session_id, "turn_id": turn.id, "user_id": turn.user_id, "created_at": now}
     rows = [{**common, "id": uuid.uuid4(), "role": extra["role"], "content": clean_text(extra.get("content") or ""),
              "tool_calls": extra.get("tool_calls"),

@@ -4,7 +4,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from django.db import IntegrityError, connection
+from django.db import DataError, IntegrityError, connection
 
 from billing_app.models import LedgerEntry, Wallet
 from core import sql
@@ -128,4 +128,18 @@ def test_statements_skipped_by_a_failed_transaction_are_prepared_again(wallet):
     close_like(fail=False)
     assert Wallet.objects.get(pk=wallet.pk).held == Decimal("2")
     LedgerEntry.objects.filter(kind="debit").delete()
+    Wallet.objects.filter(pk=wallet.pk).update(held=0)
+
+
+@postgres_only
+def test_update_or_fail_updates_a_matching_row_and_else_fails_the_whole_transaction(wallet):
+    with sql.transaction():
+        sql.update_or_fail(Wallet, wallet.pk, {"held": Decimal("1")}, where="held = 0")
+    assert Wallet.objects.get(pk=wallet.pk).held == Decimal(1)
+    with pytest.raises(DataError) as failed, sql.transaction():
+        sql.insert(LedgerEntry, [entry(wallet, uuid.uuid4())])  # sent before it: rolled back too
+        sql.update_or_fail(Wallet, wallet.pk, {"held": Decimal("2")}, where="held = 0")
+        sql.update(Wallet, wallet.pk, {"balance": Decimal("1")}, count=False)  # after it: never runs
+    assert sql.matched_nothing(failed.value)
+    assert (Wallet.objects.get(pk=wallet.pk).held, LedgerEntry.objects.filter(kind="debit").count()) == (1, 0)
     Wallet.objects.filter(pk=wallet.pk).update(held=0)

@@ -57,7 +57,7 @@ async def _counted(proxy: RoundTripProxy, fn, *args, **kwargs):
     return result, proxy.answers
 
 
-async def _one_turn(proxy, user, session, history_length: int) -> dict[str, int]:
+async def _one_turn(proxy, user, session, history_length: int, *, as_begun: bool = False) -> dict[str, int]:
     trips = {}
     preflight, trips["preflight read"] = await _counted(proxy, load_preflight, session_id=session.pk, model=None,
                                                         user_id=user.pk)
@@ -65,9 +65,9 @@ async def _one_turn(proxy, user, session, history_length: int) -> dict[str, int]
     prepared, trips["preflight transaction"] = await _counted(proxy, begin_turn, preflight, TurnInput(content="q"),
                                                               streamed=True)
     _, trips["checkpoint"] = await _counted(proxy, renew_turn, prepared.turn_id, checkpoint="a", chunk_ends=[1])
-    result, trips["close"] = await _counted(proxy, close_turn, prepared.turn_id,
-                                            TurnOutcome(status="completed", content="a", usage=Usage(5, 5)),
-                                            price=prepared.price)  # as the relay closes it
+    outcome = TurnOutcome(status="completed", content="a", usage=Usage(5, 5), served_model=MODEL)
+    result, trips["close"] = await _counted(proxy, close_turn, prepared.turn_id, outcome, price=prepared.price,
+                                            as_begun=prepared.as_begun if as_begun else None)
     balance = await db_call(lambda: Wallet.objects.get(user=user).balance)()
     assert result.closed and result.balance == balance  # the committed balance
     assert not db_on_loop.fallbacks  # all of it on the loop: through the proxy
@@ -93,6 +93,33 @@ def test_a_streamed_turn_makes_two_round_trips_before_its_call_and_two_at_its_cl
 
     assert _on_a_loop(turns) == [{"preflight read": 1, "preflight transaction": 1, "checkpoint": 1, "close": 2}] * 2
     assert not db_on_loop.fallbacks
+
+
+def test_the_close_of_the_process_that_began_the_turn_is_one_round_trip(proxy, alice, session_of):
+    """As the relay closes its turns (live_turn.finish_turn: close_turn(..., as_begun=))."""
+    session = session_of(alice, title="Named")
+
+    async def turns():
+        await _one_turn(proxy, alice, session, 0, as_begun=True)
+        return [(await _one_turn(proxy, alice, session, history, as_begun=True))["close"] for history in (2, 4)]
+
+    assert _on_a_loop(turns) == [1, 1]
+    assert Turn.objects.filter(status="completed").count() == 3
+
+
+def test_a_turn_closed_by_another_before_its_process_closes_it_is_returned_as_stored(alice, session_of,
+                                                                                    fresh_loop_pools):
+    """The sweep (or a retry) was first: the one-flight close fails in the server, nothing of
+    it is stored, and the careful close returns the turn as the first close stored it."""
+    preflight = load_preflight(session_id=session_of(alice).pk, model=None, user_id=alice.pk)
+    prepared = begin_turn(preflight, TurnInput(content="q"), streamed=True)
+    first = close_turn(prepared.turn_id, TurnOutcome(status="interrupted", content="par", usage=Usage(3, 1)))
+    late = TurnOutcome(status="completed", content="partial and more", usage=Usage(5, 5), served_model=MODEL)
+    again = _on_a_loop(lambda: db_call(close_turn, on_loop=True)(prepared.turn_id, late, price=prepared.price,
+                                                                as_begun=prepared.as_begun))
+    assert not again.closed and again.turn.status == "interrupted" and again.message.content == "par"
+    assert again.balance == first.balance == Wallet.objects.get(user=alice).balance
+    assert Message.objects.filter(role="assistant").count() == 1  # (the stored result is read with the ORM)
 
 
 def test_the_close_of_an_untitled_session_s_turn_waits_once_more_to_ask_for_its_title(proxy, alice, session_of,
