@@ -80,14 +80,17 @@ def _update_sql(model: type[models.Model], fields: tuple[str, ...], vendor: str)
     return f"UPDATE {table(model)} SET {assignments} WHERE {column(model, model._meta.pk.name)} = %s"
 
 
+def _update_params(model: type[models.Model], pk: Any, values: dict[str, Any]) -> list[Any]:
+    db = _db()
+    params = [model._meta.get_field(name).get_db_prep_save(value, db) for name, value in values.items()]
+    params.append(model._meta.pk.get_db_prep_value(pk, db))
+    return params
+
+
 def update(model: type[models.Model], pk: Any, values: dict[str, Any], *, count: bool = True) -> int:
     """UPDATE one row by primary key, values prepared by the fields; returns the rows
     changed (-1 with `count=False`, which does not wait for the answer: see `execute`)."""
-    db = _db()
-    names = tuple(values)
-    params = [model._meta.get_field(name).get_db_prep_save(values[name], db) for name in names]
-    params.append(model._meta.pk.get_db_prep_value(pk, db))
-    return execute(_update_sql(model, names, db.vendor), params, count=count)
+    return execute(_update_sql(model, tuple(values), vendor()), _update_params(model, pk, values), count=count)
 
 
 @functools.cache
@@ -103,11 +106,7 @@ def update_or_fail(model: type[models.Model], pk: Any, values: dict[str, Any], *
     If no row matches, the statement fails in the server (a division by zero: see
     `matched_nothing`), which aborts the transaction it is in, so nothing sent after it
     commits either: one round trip, where a locking read would be one more. PostgreSQL."""
-    db = _db()
-    names = tuple(values)
-    params = [model._meta.get_field(name).get_db_prep_save(values[name], db) for name in names]
-    params.append(model._meta.pk.get_db_prep_value(pk, db))
-    execute(_guarded_update_sql(model, names, where), params, count=False)
+    execute(_guarded_update_sql(model, tuple(values), where), _update_params(model, pk, values), count=False)
 
 
 def matched_nothing(error: Exception) -> bool:

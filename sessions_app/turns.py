@@ -129,6 +129,10 @@ class Preflight:
     anchor: tuple[uuid.UUID, str, str] | None = None
 
 
+# Whether the session `s` has a title or has asked for one (a title is asked for once).
+_TITLED = "(s.title <> '' OR s.title_requested)"
+
+
 @functools.cache
 def _preflight_sql(by_key: bool, vendor: str, api_session: bool = False) -> str:
     key, user, session = sql.table(ApiKey), sql.table(User), sql.table(ChatSession)
@@ -139,7 +143,7 @@ def _preflight_sql(by_key: bool, vendor: str, api_session: bool = False) -> str:
              f"LEFT JOIN {price} p ON p.model = COALESCE(%(model)s, s.model) "
              f"LEFT JOIN {wallet} w ON w.user_id = u.id "
              f"LEFT JOIN {provider} pr ON pr.id = p.{sql.column(ModelPrice, 'provider')} ")
-    columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, (s.title <> '' OR s.title_requested), "
+    columns = ("SELECT u.id, {key_columns}, s.id, s.model, s.system_prompt, " + _TITLED + ", "
                "p.id, p.model, p.prompt_price_per_mtok, p.completion_price_per_mtok, w.balance, w.held, "
                "p.upstream_model, p.fallbacks, pr.id, pr.name, pr.base_url, pr.api_key_env, pr.api_key, "
                "pr.timeout_seconds, {limit_columns} ")
@@ -322,60 +326,6 @@ def _lease_from(now: datetime) -> datetime:
     return now + timedelta(seconds=settings.PANTHEON_TURN_LEASE_SECONDS)
 
 
-def _open_turn(preflight: Preflight, request: TurnInput, *, turn_id: uuid.UUID, model: str, price: ModelPrice,
-               rounds: int, held_prompt: int, prompt_estimate: int, parent: uuid.UUID | None,
-               question_id: uuid.UUID | None, streamed: bool, now: datetime,
-               in_one_flight: bool) -> tuple[billing.HoldDecision, limits.Admission | None]:
-    """begin_turn()'s transaction (the caller's): the hold, the running turn and its question."""
-    session, key = preflight.session, preflight.key
-    titling = request.kind == Turn.Kind.TITLE
-    if request.idempotency is not None:
-        # Inserted first, so a concurrent repeat waits on the unique index here and
-        # fails there once this commits: one turn per key, never a second hold.
-        idempotency_key, fingerprint = request.idempotency
-        sql.execute(_DROP_EXPIRED_KEY, [preflight.user_id, idempotency_key, sql.value(
-            IdempotencyKey, "created_at", now - IDEMPOTENCY_TTL)], count=False)
-        sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": idempotency_key,
-                                     "fingerprint": fingerprint, "turn_id": turn_id, "created_at": now}])
-    admission = None
-    if (key is not None and key.counts_turns) or any(value is not None for value in limits.user_limits()):
-        # One more round trip, only with limits: the key's (or user's) row lock and counts.
-        admission = limits.admit(user_id=preflight.user_id, key=key, now=now)
-    decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
-                            prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
-                            price=price, wallet=preflight.wallet if in_one_flight else None,
-                            budget_left=admission.budget_left if admission is not None else None,
-                            in_one_flight=in_one_flight)
-    if admission is not None:
-        admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
-    sql.insert(Turn, [{
-        "id": turn_id, "session_id": session.id, "user_id": preflight.user_id,
-        "api_key_id": key.id if key is not None else None, "status": Turn.Status.RUNNING,
-        "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
-        "tools_enabled": request.tools_enabled,
-        "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
-        "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
-        "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
-        "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
-        "generation_id": "", "kind": request.kind, "reply_to_id": question_id, "created_at": now,
-        "finished_at": None,
-    }])
-    if request.content is not None and not titling:  # a regenerate answers a stored question
-        sql.insert(Message, [{
-            "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
-            "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
-            "tool_call_id": "", "position": 0, "created_at": now,
-        }])
-    if not titling:
-        # While it runs, the branch ends at its question (a reload shows it); the
-        # close moves the leaf on to the answer.
-        sql.update(ChatSession, session.id, {"current_leaf": question_id}, count=False)
-    if preflight.key_id is not None:  # at most once a minute per key
-        sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
-                                 sql.value(ApiKey, "id", preflight.key_id)], count=False)
-    return decision, admission
-
-
 def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> PreparedTurn:
     """The preflight after authentication and the session check: 422, 400, then 402.
 
@@ -431,6 +381,55 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                                                   tool_output_chars=TOOL_OUTPUT_BUDGET_CHARS)
     turn_id = uuid.uuid4()
     now = timezone.now()
+
+    def open_turn(in_one_flight: bool) -> tuple[billing.HoldDecision, limits.Admission | None]:
+        """Inside the transaction below: the hold, the running turn and its question."""
+        if request.idempotency is not None:
+            # Inserted first, so a concurrent repeat waits on the unique index here and
+            # fails there once this commits: one turn per key, never a second hold.
+            idempotency_key, fingerprint = request.idempotency
+            sql.execute(_DROP_EXPIRED_KEY, [preflight.user_id, idempotency_key, sql.value(
+                IdempotencyKey, "created_at", now - IDEMPOTENCY_TTL)], count=False)
+            sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": idempotency_key,
+                                         "fingerprint": fingerprint, "turn_id": turn_id, "created_at": now}])
+        admission = None
+        if (key is not None and key.counts_turns) or any(value is not None for value in limits.user_limits()):
+            # One more round trip, only with limits: the key's (or user's) row lock and counts.
+            admission = limits.admit(user_id=preflight.user_id, key=key, now=now)
+        decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
+                                prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
+                                price=price, wallet=preflight.wallet if in_one_flight else None,
+                                budget_left=admission.budget_left if admission is not None else None,
+                                in_one_flight=in_one_flight)
+        if admission is not None:
+            admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
+        sql.insert(Turn, [{
+            "id": turn_id, "session_id": session.id, "user_id": preflight.user_id,
+            "api_key_id": key.id if key is not None else None, "status": Turn.Status.RUNNING,
+            "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
+            "tools_enabled": request.tools_enabled,
+            "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
+            "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
+            "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
+            "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
+            "generation_id": "", "kind": request.kind, "reply_to_id": question_id, "created_at": now,
+            "finished_at": None,
+        }])
+        if request.content is not None and not titling:  # a regenerate answers a stored question
+            sql.insert(Message, [{
+                "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
+                "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
+                "tool_call_id": "", "position": 0, "created_at": now,
+            }])
+        if not titling:
+            # While it runs, the branch ends at its question (a reload shows it); the
+            # close moves the leaf on to the answer.
+            sql.update(ChatSession, session.id, {"current_leaf": question_id}, count=False)
+        if preflight.key_id is not None:  # at most once a minute per key
+            sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
+                                     sql.value(ApiKey, "id", preflight.key_id)], count=False)
+        return decision, admission
+
     # PostgreSQL, sized from the preflight's read of the wallet: one round trip (the hold and
     # the inserts go out with the COMMIT). If a concurrent turn took the credits since that
     # read, that transaction fails in the server, and this one is tried again the careful
@@ -438,11 +437,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     for in_one_flight in (True, False):
         try:
             with sql.transaction():
-                decision, admission = _open_turn(preflight, request, turn_id=turn_id, model=model, price=price,
-                                                 rounds=rounds, held_prompt=held_prompt,
-                                                 prompt_estimate=prompt_estimate, parent=parent,
-                                                 question_id=question_id, streamed=streamed, now=now,
-                                                 in_one_flight=in_one_flight)
+                decision, admission = open_turn(in_one_flight)
             break
         except billing.InsufficientCredits as exc:  # or KeyBudgetExceeded
             amounts = {name: format_money(value) for name, value in (("needed", exc.needed),
@@ -682,7 +677,7 @@ _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "
 @functools.cache
 def _lock_sql(lapsed: bool, vendor: str) -> str:
     columns = ", ".join(f"t.{sql.column(Turn, name)}" for name in _LOCKED_FIELDS)
-    query = (f"SELECT {columns}, s.title <> '' OR s.title_requested FROM {sql.table(Turn)} t "
+    query = (f"SELECT {columns}, {_TITLED} FROM {sql.table(Turn)} t "
              f"JOIN {sql.table(ChatSession)} s ON s.id = t.{sql.column(Turn, 'session')} WHERE t.id = %(turn)s")
     if lapsed:
         query += " AND t.status = 'running' AND t.lease_until < %(lapsed)s"
