@@ -281,15 +281,17 @@ async def _live_chunks(live: LiveTurn, include_usage: bool) -> AsyncGenerator[by
         sent = 0
         while True:
             items = live.items
-            while sent < len(items):
-                item = items[sent]
-                if item.__class__ is str:
-                    yield content(item)
-                else:
-                    tool_calls = True
-                    yield fmt.chunk(prepared.turn_id, created, model, fmt.tool_call_delta(
-                        item.index, id=item.id, name=item.name, arguments=item.arguments))
-                sent += 1
+            if sent < len(items):
+                lines = []  # what arrived since the last wake, in one write (as on the turn stream)
+                for item in items[sent:]:
+                    if item.__class__ is str:
+                        lines.append(content(item))
+                    else:
+                        tool_calls = True
+                        lines.append(fmt.chunk(prepared.turn_id, created, model, fmt.tool_call_delta(
+                            item.index, id=item.id, name=item.name, arguments=item.arguments)))
+                sent = len(items)
+                yield b"".join(lines)
                 beat.sent()
             if live.ending is not None:
                 if live.result is None:

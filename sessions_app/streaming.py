@@ -73,6 +73,11 @@ def chunk_frame(index: int, delta: str) -> bytes:
     return encode_event("chunk", {"delta": delta}, index + 2)
 
 
+def chunk_frames(deltas: list[str], start: int) -> bytes:
+    """The frames of `deltas[start:]`, the `start`-th delta's first (from 0), as one write."""
+    return b"".join([chunk_frame(index, deltas[index]) for index in range(start, len(deltas))])
+
+
 def ending_frame(result: TurnResult, event_id: int) -> bytes:
     """`done` (completed, cancelled, interrupted) or `error` (failed), from the stored turn."""
     turn = result.turn
@@ -308,9 +313,11 @@ async def follow_live(live: LiveTurn, after: int, *, requester: bool = False) ->
         sent = max(after - 1, 0)  # deltas the client has
         while True:
             parts = live.parts
-            while sent < len(parts):
-                yield chunk_frame(sent, parts[sent])
-                sent += 1
+            if sent < len(parts):
+                # The deltas that arrived since the last wake, in one write (one upstream read
+                # often carries many): as a relay forwards what it read.
+                yield chunk_frames(parts, sent)
+                sent = len(parts)
                 beat.sent()
             if live.ending is not None:
                 if live.ending_id > after:
@@ -350,9 +357,9 @@ async def follow_stored(turn_id: uuid.UUID, after: int, *,
             yield start_frame(turn_id, progress.session_id, progress.model)
             started, last_frame = True, loop.time()
         pieces = split_text(progress.text, progress.chunk_ends)
-        while sent < len(pieces):
-            yield chunk_frame(sent, pieces[sent])
-            sent += 1
+        if sent < len(pieces):
+            yield chunk_frames(pieces, sent)
+            sent = len(pieces)
             last_frame = loop.time()
         if loop.time() - last_signal >= WATCH_SIGNAL_SECONDS:
             last_signal = loop.time()
@@ -369,9 +376,9 @@ async def follow_stored(turn_id: uuid.UUID, after: int, *,
     if not started:
         yield start_frame(turn.id, turn.session_id, turn.model)
     pieces = split_text(result.message.content if result.message else "", turn.chunk_ends)
-    while sent < len(pieces):
-        yield chunk_frame(sent, pieces[sent])
-        sent += 1
+    if sent < len(pieces):
+        yield chunk_frames(pieces, sent)
+        sent = len(pieces)
     ending_id = len(pieces) + 2
     if ending_id > after:
         yield ending_frame(result, ending_id)

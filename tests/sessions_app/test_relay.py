@@ -3,6 +3,7 @@ write and the lease keeper are replaced by stand-ins): a LiveTurn producing, fol
 following it."""
 
 import asyncio
+import json
 import time
 import uuid
 from decimal import Decimal
@@ -97,8 +98,10 @@ def relay(ctx):
     return follow_live(live(ctx), 0, requester=True)
 
 
-def ids(frames):
-    return [int(f.split(b"\n")[0].removeprefix(b"id: ")) for f in frames if f.startswith(b"id: ")]
+def ids(writes):
+    """The event ids in `writes` (what a follower yielded: each one frame or several)."""
+    return [int(frame.split(b"\n")[0].removeprefix(b"id: ")) for write in writes for frame in write.split(b"\n\n")
+            if frame.startswith(b"id: ")]
 
 
 async def test_completed_records_once_before_done(record):
@@ -160,15 +163,23 @@ async def test_a_resumable_turn_runs_on_without_its_client_and_a_follower_gets_t
     ctx = context(["a", "b"], gate=gate)
     turn = live(ctx, resumable=True)
     first = follow_live(turn, 0, requester=True)
-    seen = [await anext(first), await anext(first)]  # start, "a"
+    seen = [await anext(first), await anext(first)]  # start; "a" and "b", which came together
+    assert ids(seen) == [1, 2, 3]
     await first.aclose()
     assert not turn.task.done()
     gate.set()
     await turn.task
     assert [(o.status, o.content) for o in record.calls] == [("completed", "ab")]
-    rest = [f async for f in follow_live(turn, ids(seen)[-1])]
-    assert ids(seen + rest) == [1, 2, 3, 4]
+    rest = [f async for f in follow_live(turn, 2)]  # a client that had only "a"
+    assert ids(rest) == [3, 4]
     assert b'"b"' in rest[0] and b"event: done" in rest[-1]
+
+
+async def test_the_deltas_that_arrived_together_go_out_in_one_write(record):
+    """As a relay writes what it read: here the three deltas of one read, then the ending."""
+    writes = [f async for f in relay(context(["a", "b", "c"]))]
+    assert len(writes) == 3 and ids(writes) == [1, 2, 3, 4, 5]
+    assert [frame.split(b"\n")[1] for frame in writes[1].split(b"\n\n") if frame] == [b"event: chunk"] * 3
 
 
 async def test_a_resumable_turn_nobody_follows_is_cancelled_after_the_grace(record, settings):
@@ -203,3 +214,13 @@ async def test_a_follower_pings_while_the_provider_is_silent(record, settings):
     asyncio.get_running_loop().call_later(0.35, gate.set)
     frames = await _all(follow_live(turn, 0))
     assert frames.count(b": ping\n\n") >= 2 and b"event: done" in frames[-1]
+
+
+async def test_the_openai_door_writes_the_deltas_that_arrived_together_at_once(record):
+    from sessions_app.openai_views import _live_chunks
+
+    writes = [w async for w in _live_chunks(live(context(["a", "b", "c"])), include_usage=False)]
+    contents = [json.loads(line.removeprefix(b"data: "))["choices"][0]["delta"].get("content")
+                for line in writes[1].split(b"\n\n") if line]
+    assert contents == ["a", "b", "c"]
+    assert writes[0].count(b"data: ") == 1 and writes[-1] == b"data: [DONE]\n\n"
