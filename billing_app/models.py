@@ -41,7 +41,9 @@ class LedgerEntry(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ledger_entries")
+    # ledger_user_idx is its index: none of its own, which every entry would write too.
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ledger_entries",
+                             db_index=False)
     kind = models.CharField(max_length=16, choices=Kind.choices)
     amount = models.DecimalField(**MONEY)
     balance_after = models.DecimalField(**MONEY)
@@ -81,7 +83,8 @@ class CreditHold(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     wallet = models.ForeignKey(Wallet, on_delete=models.CASCADE, related_name="holds")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="credit_holds")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="credit_holds",
+                             db_index=False)  # hold_user_idx is its index
     turn_id = models.UUIDField(unique=True)
     model = models.CharField(max_length=200)
     amount = models.DecimalField(**MONEY)
@@ -193,7 +196,8 @@ class ModelPrice(models.Model):
 
 class UsageRecord(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_records",
+                             db_index=False)  # usage_user_idx is its index
     session_id = models.UUIDField(db_index=True)
     turn_id = models.UUIDField(unique=True)
     # The API key that made the turn (none: the browser session); plain, like the turn's id.

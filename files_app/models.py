@@ -28,7 +28,7 @@ class UploadedFile(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="uploaded_files",
-                             db_index=True)
+                             db_index=False)  # file_user_created_idx is its index
     filename = models.CharField(max_length=255, help_text="As sent by the client (base name only).")
     size = models.PositiveBigIntegerField(help_text="Bytes.")
     content_type = models.CharField(max_length=100, help_text="Decided by the server from the file's type.")

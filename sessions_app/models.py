@@ -11,7 +11,10 @@ from billing_app.models import MONEY
 
 class ChatSession(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_sessions")
+    # No index of its own on a foreign key that an index of the model starts with (here
+    # session_user_idx): every insert and every non-HOT update would write both.
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_sessions",
+                             db_index=False)
     title = models.CharField(max_length=200, blank=True)
     model = models.CharField(max_length=200)
     system_prompt = models.TextField(blank=True)
@@ -60,11 +63,12 @@ class Turn(models.Model):
         UNRECONCILED = "unreconciled"  # the estimate stands: no record found (or none to look up)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="turns")
+    # Their indexes: turn_session_idx, turn_user_idx, turn_key_idx (as ChatSession.user).
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns", db_index=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="turns", db_index=False)
     # The API key that made it (none: the browser session); its limits count its turns.
     api_key = models.ForeignKey("accounts.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
-                                related_name="turns")
+                                related_name="turns", db_index=False)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.CHAT)
     # The user message this turn answers (its own, or for a regenerate an earlier one): its
@@ -140,12 +144,16 @@ class Message(models.Model):
         SYSTEM = "system"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages")
-    turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="messages")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_messages")
+    # Their indexes: message_session_idx, message_turn_position, message_user_idx (as
+    # ChatSession.user), and message_parent_idx for `parent`.
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages", db_index=False)
+    turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="messages", db_index=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_messages",
+                             db_index=False)
     # The message this one follows (SPEC section 17): messages form a tree, regenerated
     # answers and edited messages are siblings; null for a root.
-    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children")
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children",
+                               db_index=False)
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
     # OpenAI-format tool calls of an assistant message, and the call a tool message answers.
@@ -171,7 +179,8 @@ class LlmEvent(models.Model):
     """One upstream call (one HTTP request to the provider), success or not."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_events")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="llm_events",
+                             db_index=False)  # llmevent_user_idx (as ChatSession.user)
     turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="llm_events")
     # The catalogue model this call tried, and the provider (our name for it) it went to.
     model = models.CharField(max_length=200, blank=True)
@@ -208,7 +217,8 @@ class IdempotencyKey(models.Model):
     (rolled back) leaves the key unused."""
 
     id = models.BigAutoField(primary_key=True)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_keys")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_keys",
+                             db_index=False)  # idempotency_user_key starts with it
     key = models.CharField(max_length=200)
     # sha256 of the endpoint, the session and the request body.
     fingerprint = models.CharField(max_length=64)

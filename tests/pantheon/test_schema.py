@@ -38,6 +38,32 @@ def test_every_owned_table_is_indexed_on_its_user(label):
     assert "user_id" in leading, f"{label} has no index starting with user_id: {constraints}"
 
 
+_OUR_APPS = ("accounts", "billing_app", "sessions_app", "files_app")
+
+
+@pytest.mark.django_db
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="read from PostgreSQL's catalogue")
+def test_no_index_is_the_beginning_of_another():
+    """Each insert (and each update that moves a row) writes every index of its table: an
+    index whose columns begin another one's answers nothing that one cannot, at that cost.
+    (Django gives every foreign key an index of its own unless told `db_index=False`.)"""
+    tables = [model._meta.db_table for app in _OUR_APPS for model in apps.get_app_config(app).get_models()]
+    with connection.cursor() as cursor:
+        # Plain (non-partial, non-expression) btree indexes: name, unique, columns in order.
+        cursor.execute("""
+            SELECT t.relname, i.relname, x.indisunique, x.indkey::int2[]
+            FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid
+            JOIN pg_am am ON am.oid = i.relam
+            WHERE t.relname = ANY(%s) AND am.amname = 'btree' AND x.indpred IS NULL AND x.indexprs IS NULL""",
+                       [tables])
+        indexes = cursor.fetchall()
+    redundant = [(table, name, other) for table, name, unique, columns in indexes if not unique
+                 for table_b, other, _, columns_b in indexes
+                 if table_b == table and other != name and columns_b[:len(columns)] == columns
+                 and (len(columns_b) > len(columns) or name > other)]
+    assert redundant == []
+
+
 def test_one_wallet_per_user(alice):
     with pytest.raises(IntegrityError), transaction.atomic():
         Wallet.objects.create(user=alice)
