@@ -244,17 +244,32 @@ class LeaseKeeper:
         self.renew_every = lease / 3
         self.period = min(settings.PANTHEON_CHECKPOINT_SECONDS, self.renew_every)
         self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = 0.0
         self._poked = asyncio.Event()
 
     def poke(self) -> None:
         """Look again now (`watched` may have changed) instead of at the end of the period."""
         self._poked.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._first_period_over()
 
     def start(self) -> LeaseKeeper:
-        self._task = asyncio.ensure_future(self._run())
+        # Nothing is due before a period has passed: its task starts then (most turns have
+        # ended by then, and never make one).
+        self._started = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(self.period, self._first_period_over)
         return self
 
+    def _first_period_over(self) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._run())
+
     async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
@@ -262,16 +277,19 @@ class LeaseKeeper:
                 await task
 
     async def _run(self) -> None:
-        last_write = time.monotonic()
+        last_write = self._started
         saved = 0  # deltas in the partial answer last saved
+        waited = True  # the first period, before this task started
         while True:
-            if self.watched is not None and self.watched():
+            if waited:
+                waited = False
+            elif self.watched is not None and self.watched():
                 await asyncio.sleep(self.WATCHED_PERIOD)
             else:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.period):
                         await self._poked.wait()
-                self._poked.clear()
+            self._poked.clear()
             count = len(self.parts) if self.parts is not None else 0
             grew = count != saved
             if not grew and time.monotonic() + self.period - last_write < self.renew_every:

@@ -5,6 +5,7 @@ own turn's state from it."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
@@ -99,3 +100,49 @@ def test_renewals_take_no_prepared_statement_slot(turns):
         renew_turns([RenewRequest(prepared.turn_id) for prepared in turns[:size]])
     statements = prepared_statements()
     assert not [statement for statement in statements if statement.startswith("WITH v(")], statements
+
+
+# --- The LeaseKeeper (driven directly: `renew` replaced by a recorder) ---------------------
+
+@pytest.fixture
+def renewals(monkeypatch, settings):
+    settings.PANTHEON_CHECKPOINT_SECONDS = 0.05
+    made = []
+
+    async def recorded(request: RenewRequest) -> Renewal:
+        made.append(request)
+        return Renewal.RUNNING
+
+    monkeypatch.setattr(live_turn, "renew", recorded)
+    return made
+
+
+async def test_a_keeper_stopped_within_its_first_period_made_no_task_and_no_write(renewals):
+    """Most turns end before a checkpoint is due: their keepers cost a timer, not a task."""
+    tasks = len(asyncio.all_tasks())
+    keeper = live_turn.LeaseKeeper(uuid.uuid4(), parts=["a"]).start()
+    await asyncio.sleep(0.01)
+    assert len(asyncio.all_tasks()) == tasks
+    await keeper.stop()
+    await asyncio.sleep(0.08)  # past the period: nothing was left scheduled
+    assert renewals == []
+
+
+async def test_after_its_first_period_a_keeper_saves_the_partial_answer_then_again_when_it_grew(renewals):
+    parts = ["a"]
+    keeper = live_turn.LeaseKeeper(uuid.uuid4(), parts=parts).start()
+    await asyncio.sleep(0.08)
+    assert [r.checkpoint for r in renewals] == ["a"]
+    parts.append("b")
+    await asyncio.sleep(0.06)
+    await keeper.stop()
+    assert [r.checkpoint for r in renewals] == ["a", "ab"]
+
+
+async def test_a_poke_within_the_first_period_makes_the_keeper_look_at_once(renewals, settings):
+    settings.PANTHEON_CHECKPOINT_SECONDS = 5
+    keeper = live_turn.LeaseKeeper(uuid.uuid4(), parts=["a"], watched=lambda: True).start()
+    keeper.poke()
+    await asyncio.sleep(0.02)
+    await keeper.stop()
+    assert [r.checkpoint for r in renewals] == ["a"]
