@@ -111,7 +111,11 @@ def db_call(fn: Callable[..., Any] | None = None, *, on_loop: bool = False) -> A
         if getattr(AsyncToSync.executors, "current", None) is not None:
             return await in_caller_thread(*args, **kwargs)
         if on_loop and db_on_loop.enabled():
-            task = asyncio.ensure_future(on_the_loop(*args, **kwargs))
+            # Started at once, not at the loop's next turn: the unit runs here until it
+            # first waits for the server (its statements are sent by then).
+            task = asyncio.Task(on_the_loop(*args, **kwargs), loop=asyncio.get_running_loop(), eager_start=True)
+            if task.done():
+                return task.result()
             task.add_done_callback(_retrieved)
             return await asyncio.shield(task)
         return await on_threads(*args, **kwargs)

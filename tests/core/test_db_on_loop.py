@@ -61,6 +61,17 @@ async def test_its_errors_are_djangos_and_its_transaction_rolls_back(fresh_pools
     await db_on_loop.close()
 
 
+async def test_a_unit_starts_at_once_not_at_the_loop_s_next_turn(fresh_pools):
+    """Until its first wait for the server the unit runs in its caller's step: a unit that
+    never waits costs no turn of the loop, one that does has sent its statements by then."""
+    await db_call(_keys, on_loop=True)()  # the pool's connection made
+    turns = []
+    asyncio.get_running_loop().call_soon(turns.append, "the loop turned")
+    assert await db_call(lambda: "done", on_loop=True)() == "done"
+    assert turns == []
+    await db_on_loop.close()
+
+
 async def test_a_unit_that_reaches_the_orm_runs_again_on_the_threads(fresh_pools):
     threads = []
 
