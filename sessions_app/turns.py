@@ -382,8 +382,9 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     turn_id = uuid.uuid4()
     now = timezone.now()
 
-    def open_turn(in_one_flight: bool) -> tuple[billing.HoldDecision, limits.Admission | None]:
-        """Inside the transaction below: the hold, the running turn and its question."""
+    def open_turn(in_one_flight: bool) -> tuple[billing.HoldDecision, limits.Admission | None, dict[str, Any]]:
+        """Inside the transaction below: the hold, the running turn (its row is returned)
+        and its question."""
         if request.idempotency is not None:
             # Inserted first, so a concurrent repeat waits on the unique index here and
             # fails there once this commits: one turn per key, never a second hold.
@@ -403,7 +404,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                                 in_one_flight=in_one_flight)
         if admission is not None:
             admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
-        sql.insert(Turn, [{
+        row = {
             "id": turn_id, "session_id": session.id, "user_id": preflight.user_id,
             "api_key_id": key.id if key is not None else None, "status": Turn.Status.RUNNING,
             "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
@@ -414,7 +415,8 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
             "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
             "generation_id": "", "kind": request.kind, "reply_to_id": question_id, "created_at": now,
             "finished_at": None,
-        }])
+        }
+        sql.insert(Turn, [row])
         if request.content is not None and not titling:  # a regenerate answers a stored question
             sql.insert(Message, [{
                 "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
@@ -428,7 +430,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
         if preflight.key_id is not None:  # at most once a minute per key
             sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
                                      sql.value(ApiKey, "id", preflight.key_id)], count=False)
-        return decision, admission
+        return decision, admission, row
 
     # PostgreSQL, sized from the preflight's read of the wallet: one round trip (the hold and
     # the inserts go out with the COMMIT). If a concurrent turn took the credits since that
@@ -437,7 +439,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     for in_one_flight in (True, False):
         try:
             with sql.transaction():
-                decision, admission = open_turn(in_one_flight)
+                decision, admission, row = open_turn(in_one_flight)
             break
         except billing.InsufficientCredits as exc:  # or KeyBudgetExceeded
             amounts = {name: format_money(value) for name, value in (("needed", exc.needed),
@@ -458,12 +460,7 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                 # The session was deleted while this preflight ran (its turn's foreign key failed).
                 raise TurnRejected("not_found", "Not found.") from None
             raise
-    as_begun = LockedTurn(
-        id=turn_id, status=Turn.Status.RUNNING, user_id=preflight.user_id, session_id=session.id, model=model,
-        prompt_tokens=prompt_estimate, max_tokens=decision.max_tokens, tools_enabled=request.tools_enabled,
-        streamed=streamed, checkpoint="", created_at=now, chunk_ends=None, resumable=request.resumable,
-        generation_id="", served_model="", api_key_id=key.id if key is not None else None,
-        reply_to_id=question_id, kind=request.kind, session_titled=session.titled)
+    as_begun = LockedTurn(**{name: row[name] for name in _LOCKED_COLUMNS}, session_titled=session.titled)
     return PreparedTurn(
         turn_id=turn_id, user_id=preflight.user_id, session_id=session.id, model=model, messages=messages,
         max_tokens=decision.max_tokens, price=price, tools=tools, resumable=request.resumable,
@@ -672,6 +669,8 @@ class LockedTurn:
 _LOCKED_FIELDS = ("id", "status", "user", "session", "model", "prompt_tokens", "max_tokens", "tools_enabled",
                   "streamed", "checkpoint", "created_at", "chunk_ends", "resumable", "generation_id", "served_model",
                   "api_key", "reply_to", "kind")
+# LockedTurn's fields from the turn's row, as the row's dict names them (foreign keys by column).
+_LOCKED_COLUMNS = tuple(Turn._meta.get_field(name).attname for name in _LOCKED_FIELDS)
 
 
 @functools.cache

@@ -276,3 +276,16 @@ def test_a_session_deleted_while_its_preflight_runs_is_a_404_not_a_500(alice, se
     assert refused.value.code == "not_found"
     assert not Turn.objects.exists() and not CreditHold.objects.exists()
     assert Wallet.objects.get(user=alice).held == 0
+
+
+def test_the_turn_as_begun_is_the_row_its_close_would_lock(alice, session_of):
+    """close_turn(..., as_begun=) skips the locking read: what it is given instead must be
+    what that read finds, field for field."""
+    from core import sql
+    from sessions_app.turns import _lock_turn
+
+    prepared = begun_turn(alice, session_of(alice, title="Named"), "q", max_tokens=50)
+    with sql.transaction():
+        locked = _lock_turn(prepared.turn_id)
+    assert prepared.as_begun == locked
+    close_turn(prepared.turn_id, TurnOutcome(status=Turn.Status.CANCELLED))
