@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--history", action="store_true", help="continue the branch instead of new roots")
     parser.add_argument("--on-loop", action="store_true", help="run the units as the server does: on the loop")
     parser.add_argument("--cprofile", metavar="FILE", help="profile the measured turns (CPU time) into FILE")
+    parser.add_argument("--statements", action="store_true", help="print the statements of one turn")
     args = parser.parse_args()
     os.environ["DATABASE_URL"] = scratch_database("pantheon_turn_cpu")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pantheon.settings")
@@ -104,6 +105,9 @@ def main() -> None:
     with CaptureQueriesContext(connection) as queries:
         one_turn()
     statements = len(queries)
+    if args.statements:
+        for query in queries:
+            print(" ", query["sql"][:160])
     connection.force_debug_cursor = False
     if args.on_loop:
         unit = on_the_loop

@@ -352,30 +352,41 @@ def usage_to_bill(*, reported: Usage | None, text: str, prompt_estimate: int, ou
 # Lock order, here and in release_holds_without_turn: the hold rows, then the wallet row.
 _RELEASE = (f"UPDATE {_HOLD} SET released_at = %(now)s WHERE turn_id = %(turn)s AND released_at IS NULL "
             f"RETURNING amount")
-_CHARGED_BALANCE = (f"balance = ROUND(balance - CASE WHEN EXISTS "
-                    f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit') THEN 0 "
-                    f"ELSE CAST(%(cost)s AS NUMERIC) END, 6), updated_at = %(now)s")
-_CHARGE = (f"UPDATE {_WALLET} SET {_CHARGED_BALANCE}, held = ROUND(held - CAST(%(released)s AS NUMERIC), 6) "
+_NOT_DEBITED = f"NOT EXISTS (SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit')"
+# SQLite, one statement after another (no UPDATE in a WITH there; nothing waits on a
+# network, and one writer at a time keeps the caller's time in the ledger's order).
+_CHARGE = (f"UPDATE {_WALLET} SET balance = ROUND(balance - CASE WHEN {_NOT_DEBITED} THEN CAST(%(cost)s AS NUMERIC) "
+           f"ELSE 0 END, 6), held = ROUND(held - CAST(%(released)s AS NUMERIC), 6), updated_at = %(now)s "
            f"WHERE user_id = %(user)s RETURNING balance")
-# PostgreSQL: the release and the charge in one statement, so that nothing waits for the
-# release's answer. `held` goes down by the sum of exactly the amounts this statement
-# released (the CTE's RETURNING). PostgreSQL does not promise the order of a CTE's writes
-# and the main statement's; here the wallet's new `held` needs the CTE's sum first, and
-# either order is free of deadlocks: the only other writer of an existing hold,
-# release_holds_without_turn, takes holds whose turn is not running, and this turn's is
-# (its row locked by the close).
-_RELEASE_AND_CHARGE = (f"WITH released AS ({_RELEASE}) UPDATE {_WALLET} SET {_CHARGED_BALANCE}, "
-                       f"held = ROUND(held - (SELECT COALESCE(SUM(amount), 0) FROM released), 6) "
-                       f"WHERE user_id = %(user)s RETURNING balance")
-# On PostgreSQL the debit's time is taken by the database once the wallet row is locked
-# (its statement runs after the UPDATE that locked it), so the ledger's time order is its
-# lock order; a time taken before the lock could sort before a concurrent entry that
-# committed first. SQLite runs one writer at a time, so the caller's time is in order.
-_LOCKED_NOW = "STATEMENT_TIMESTAMP()" if connection.vendor == "postgresql" else "%(now)s"
-_DEBIT = (f"INSERT INTO {_LEDGER} (id, wallet_id, user_id, kind, amount, balance_after, turn_id, note, created_at) "
-          f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, {_LOCKED_NOW} FROM {_WALLET} "
-          f"WHERE user_id = %(user)s AND NOT EXISTS "
-          f"(SELECT 1 FROM {_LEDGER} WHERE turn_id = %(turn)s AND kind = 'debit')")
+_DEBIT_COLUMNS = "(id, wallet_id, user_id, kind, amount, balance_after, turn_id, note, created_at)"
+_DEBIT = (f"INSERT INTO {_LEDGER} {_DEBIT_COLUMNS} "
+          f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, %(now)s FROM {_WALLET} "
+          f"WHERE user_id = %(user)s AND {_NOT_DEBITED}")
+# PostgreSQL: the whole settlement in one statement, which waits for no answer.
+# - The wallet is made if there is none (a user never granted anything, credit enforcement
+#   off: no hold either, so `held` starts at 0), else charged unless the turn was debited
+#   already, and its `held` goes down by exactly the amounts `released` released.
+# - The debit records the charged row's balance, at the clock's time once that row is
+#   locked (it reads the upsert's RETURNING, so it runs after it): the ledger's time order
+#   is its lock order. The statement's own time, taken before the lock, could sort before a
+#   concurrent entry that committed first.
+# - Every EXISTS sees the statement's one snapshot, so the charge and the debit agree; the
+#   ledger's one debit per turn (a unique index) stands behind them.
+# - PostgreSQL does not promise the order of the hold rows' and the wallet row's locks here;
+#   either is free of deadlocks: the only other writer of an existing hold,
+#   release_holds_without_turn, takes holds whose turn is not running, and this turn's is
+#   (its row locked by the close).
+_SETTLE = (f"WITH released AS ({_RELEASE}), "
+           f"charged AS (INSERT INTO {_WALLET} AS w (user_id, balance, held, created_at, updated_at) "
+           f"VALUES (%(user)s, ROUND(0 - CAST(%(cost)s AS NUMERIC), 6), 0, %(now)s, %(now)s) "
+           f"ON CONFLICT (user_id) DO UPDATE SET balance = ROUND(w.balance - CASE WHEN {_NOT_DEBITED} "
+           f"THEN CAST(%(cost)s AS NUMERIC) ELSE 0 END, 6), "
+           f"held = ROUND(w.held - (SELECT COALESCE(SUM(amount), 0) FROM released), 6), updated_at = %(now)s "
+           f"RETURNING w.id, w.user_id, w.balance), "
+           f"debit AS (INSERT INTO {_LEDGER} {_DEBIT_COLUMNS} "
+           f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, CLOCK_TIMESTAMP() "
+           f"FROM charged WHERE CAST(%(cost)s AS NUMERIC) > 0 AND {_NOT_DEBITED}) "
+           f"SELECT balance FROM charged")
 
 
 def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -> Decimal:
@@ -401,19 +412,19 @@ def settle_later(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str =
     params = {"turn": sql.value(LedgerEntry, "turn_id", turn_id), "cost": cost,
               "now": sql.value(LedgerEntry, "created_at", now), "user": user_id,
               "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
-    with sql.transaction():
-        # A user who was never granted anything (credit enforcement off) has no wallet yet:
-        # made here, so that the charge always finds one.
-        sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
-                             "updated_at": now}], ignore_conflicts=True)
-        if sql.vendor() == "postgresql":
-            charged = sql.fetch_later(_RELEASE_AND_CHARGE, params)
-        else:  # SQLite has no UPDATE in a WITH; nothing there waits on a network
+    if sql.vendor() == "postgresql":
+        charged = sql.fetch_later(_SETTLE, params)  # one statement (see _SETTLE)
+    else:  # SQLite has no UPDATE in a WITH; nothing there waits on a network
+        with sql.transaction():
+            # A user who was never granted anything (credit enforcement off) has no wallet
+            # yet: made here, so that the charge always finds one.
+            sql.insert(Wallet, [{"user_id": user_id, "balance": Decimal(0), "held": Decimal(0), "created_at": now,
+                                 "updated_at": now}], ignore_conflicts=True)
             params["released"] = sum((sql.as_money(row[0]) for row in sql.fetch_all(_RELEASE, params)),
                                      Decimal(0))
             charged = sql.fetch_later(_CHARGE, params)
-        if cost > 0:
-            sql.execute(_DEBIT, params, count=False)
+            if cost > 0:
+                sql.execute(_DEBIT, params, count=False)
 
     def balance() -> Decimal:
         row = charged()

@@ -74,6 +74,34 @@ def insert(model: type[models.Model], rows: Sequence[dict[str, Any]], *, ignore_
     execute(_insert_sql(model, names, len(rows), db.vendor, ignore_conflicts), params, count=False)
 
 
+def insert_together(*batches: tuple[type[models.Model], Sequence[dict[str, Any]]]) -> None:
+    """insert() into several tables, on PostgreSQL in one statement (each INSERT but the last
+    a CTE: PostgreSQL runs every data-modifying CTE to its end, whether the statement reads
+    it or not), elsewhere one statement each. For rows that need nothing of each other
+    before the commit: the statement's parts see one snapshot, and Django's foreign keys are
+    checked at the commit (DEFERRABLE INITIALLY DEFERRED). Empty batches are left out."""
+    batches = tuple((model, rows) for model, rows in batches if rows)
+    if len(batches) < 2 or vendor() != "postgresql":
+        for model, rows in batches:
+            insert(model, rows)
+        return
+    db = _db()
+    shapes, params = [], []
+    for model, rows in batches:
+        names = tuple(rows[0])
+        fields = [model._meta.get_field(name) for name in names]
+        shapes.append((model, names, len(rows)))
+        params += [field.get_db_prep_save(row[name], db) for row in rows
+                   for name, field in zip(names, fields, strict=True)]
+    execute(_together_sql(tuple(shapes)), params, count=False)
+
+
+@functools.cache
+def _together_sql(shapes: tuple[tuple[type[models.Model], tuple[str, ...], int], ...]) -> str:
+    parts = [_insert_sql(model, names, rows, "postgresql", False) for model, names, rows in shapes]
+    return "WITH " + ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1])) + " " + parts[-1]
+
+
 @functools.cache
 def _update_sql(model: type[models.Model], fields: tuple[str, ...], vendor: str) -> str:
     assignments = ", ".join(f"{column(model, name)} = %s" for name in fields)

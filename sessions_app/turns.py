@@ -416,13 +416,12 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
             "generation_id": "", "kind": request.kind, "reply_to_id": question_id, "created_at": now,
             "finished_at": None,
         }
-        sql.insert(Turn, [row])
-        if request.content is not None and not titling:  # a regenerate answers a stored question
-            sql.insert(Message, [{
-                "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
-                "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
-                "tool_call_id": "", "position": 0, "created_at": now,
-            }])
+        question = [{
+            "id": question_id, "session_id": session.id, "turn_id": turn_id, "user_id": preflight.user_id,
+            "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
+            "tool_call_id": "", "position": 0, "created_at": now,
+        }] if request.content is not None and not titling else []  # a regenerate answers a stored question
+        sql.insert_together((Turn, [row]), (Message, question))
         if not titling:
             # While it runs, the branch ends at its question (a reload shows it); the
             # close moves the leaf on to the answer.
@@ -782,18 +781,16 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
     for row in (*rows, assistant):
         row["parent_id"], previous = previous, row["id"]
     titling = turn.kind == Turn.Kind.TITLE
-    if not titling:
-        sql.insert(Message, [*rows, assistant])
-    if usage.total_tokens:
-        sql.insert(UsageRecord, [{
-            "id": uuid.uuid4(), "user_id": turn.user_id, "session_id": turn.session_id, "turn_id": turn.id,
-            "api_key_id": turn.api_key_id, "model": turn.model, "served_model": ended["served_model"],
-            "provider_model": ended["provider_model"], "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
-            "estimated": usage.estimated, "reconciled": False, "cost": cost,
-            "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
-        }])
-    sql.insert(LlmEvent, [_event_row(record, turn, now) for record in outcome.records])
+    usage_row = [{
+        "id": uuid.uuid4(), "user_id": turn.user_id, "session_id": turn.session_id, "turn_id": turn.id,
+        "api_key_id": turn.api_key_id, "model": turn.model, "served_model": ended["served_model"],
+        "provider_model": ended["provider_model"], "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens,
+        "estimated": usage.estimated, "reconciled": False, "cost": cost,
+        "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
+    }] if usage.total_tokens else []
+    sql.insert_together((Message, [] if titling else [*rows, assistant]), (UsageRecord, usage_row),
+                        (LlmEvent, [_event_row(record, turn, now) for record in outcome.records]))
     balance = billing.settle_later(user_id=turn.user_id, turn_id=turn.id, cost=cost,
                                    note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
     ask_for_title = False

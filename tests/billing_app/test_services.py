@@ -1,9 +1,12 @@
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing_app import services
@@ -240,3 +243,31 @@ def test_concurrent_holds_never_overdraw(make_user, price, settings):
     assert summary.available >= 0
     for turn_id in CreditHold.objects.values_list("turn_id", flat=True):
         services.settle(user_id=user.pk, turn_id=turn_id, cost=Decimal("0"))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite has one writer at a time")
+def test_a_debit_that_waited_for_the_wallet_is_dated_after_the_entry_that_held_it(alice, price):
+    """The ledger's time order is its lock order: a settlement that waited for the wallet's
+    row lock dates its debit from when it had the lock, not from when its statement began."""
+    turn_id = uuid.uuid4()
+    services.hold(user_id=alice.pk, turn_id=turn_id, model=MODEL, prompt_tokens=10)
+    started = threading.Event()
+
+    def settle():
+        started.set()
+        try:
+            return services.settle(user_id=alice.pk, turn_id=turn_id, cost=Decimal("0.25"))
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(1) as pool, transaction.atomic():
+        Wallet.objects.select_for_update().get(user=alice)  # the settlement below waits for this
+        settled = pool.submit(settle)
+        started.wait()
+        time.sleep(0.3)
+        grant = services.grant(user_id=alice.pk, amount=Decimal("1"))
+    assert settled.result() == Decimal("10.75")
+    debit = LedgerEntry.objects.get(turn_id=turn_id, kind="debit")
+    assert debit.created_at > grant.created_at and debit.balance_after == Decimal("10.75")
+    assert ledger_problems() == []

@@ -5,6 +5,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import DataError, IntegrityError, connection
+from django.test.utils import CaptureQueriesContext
 
 from billing_app.models import LedgerEntry, Wallet
 from core import sql
@@ -143,3 +144,27 @@ def test_update_or_fail_updates_a_matching_row_and_else_fails_the_whole_transact
     assert sql.matched_nothing(failed.value)
     assert (Wallet.objects.get(pk=wallet.pk).held, LedgerEntry.objects.filter(kind="debit").count()) == (1, 0)
     Wallet.objects.filter(pk=wallet.pk).update(held=0)
+
+
+def test_rows_of_several_tables_go_in_one_statement_on_postgresql(wallet):
+    from billing_app.models import CreditHold
+
+    turn_id, hold_id = uuid.uuid4(), uuid.uuid4()
+    hold = {"id": hold_id, "wallet_id": wallet.pk, "user_id": wallet.user_id, "turn_id": turn_id, "model": "m",
+            "amount": Decimal("1"), "max_tokens": 5, "created_at": wallet.created_at, "released_at": None}
+    with CaptureQueriesContext(connection) as queries, sql.transaction():
+        sql.insert_together((LedgerEntry, [entry(wallet, turn_id), entry(wallet, None)]), (CreditHold, [hold]),
+                            (Wallet, []))  # an empty batch is left out
+    writes = [query["sql"] for query in queries if "INSERT" in query["sql"]]
+    assert len(writes) == (1 if connection.vendor == "postgresql" else 2)
+    assert LedgerEntry.objects.filter(kind="debit").count() == 2 and CreditHold.objects.get().pk == hold_id
+    LedgerEntry.objects.filter(kind="debit").delete()  # (the ledger is checked after each test)
+    CreditHold.objects.all().delete()
+
+
+def test_rows_of_several_tables_fail_together(wallet):
+    turn_id = uuid.uuid4()
+    with pytest.raises(IntegrityError), sql.transaction():
+        sql.insert_together((LedgerEntry, [entry(wallet, uuid.uuid4())]),
+                            (LedgerEntry, [entry(wallet, turn_id), entry(wallet, turn_id)]))  # two debits: refused
+    assert not LedgerEntry.objects.filter(kind="debit").exists()

@@ -174,3 +174,34 @@ def test_credits_taken_since_the_preflight_s_read_shrink_the_turn_s_hold_to_what
     assert Turn.objects.get().max_tokens == prepared.max_tokens and CreditHold.objects.count() == 2
     assert wallet.held - taken == CreditHold.objects.get(turn_id=prepared.turn_id).amount
     assert wallet.held <= wallet.balance
+
+
+def test_a_streamed_turn_sends_a_fixed_few_statements(proxy, alice, session_of, monkeypatch):
+    """Every statement costs psycopg's and the server's CPU even inside one round trip: the
+    rows of several tables go in one INSERT, the settlement is one statement."""
+    sent = []
+    execute = db_on_loop.LoopCursor.execute
+    monkeypatch.setattr(db_on_loop.LoopCursor, "execute", lambda cursor, query, params=None: (
+        sent.append(query.split(None, 1)[0]), execute(cursor, query, params))[1])
+    session = session_of(alice, title="Named")
+
+    async def turns():
+        counts = []
+        for history in (0, 2, 4):
+            preflight = await db_call(load_preflight, on_loop=True)(session_id=session.pk, model=None,
+                                                                    user_id=alice.pk)
+            assert len(preflight.history) == history
+            sent.clear()
+            prepared = await db_call(begin_turn, on_loop=True)(preflight, TurnInput(content="q"), streamed=True)
+            begun = list(sent)
+            sent.clear()
+            await db_call(close_turn, on_loop=True)(
+                prepared.turn_id, TurnOutcome(status="completed", content="a", usage=Usage(5, 5), served_model=MODEL),
+                price=prepared.price, as_begun=prepared.as_begun)
+            counts.append((begun, list(sent)))
+        return counts
+
+    # BEGIN; the hold; the turn and its question; the leaf; COMMIT. Then BEGIN; the turn's
+    # UPDATE; the answer and its usage; the settlement; the leaf; COMMIT.
+    assert _on_a_loop(turns) == [(["BEGIN", "WITH", "WITH", "UPDATE", "COMMIT"],
+                                  ["BEGIN", "WITH", "WITH", "WITH", "UPDATE", "COMMIT"])] * 3
