@@ -163,6 +163,28 @@ def scratch_database(name: str = "pantheon_bench") -> str:
     return f"postgres://postgres@{HOST}:5432/{name}"
 
 
+async def postgres_round_trips(database_url: str, *, idle: float = 0.005) -> tuple[float, float]:
+    """The medians of a `SELECT 1` round trip to PostgreSQL from an event loop (as the server's
+    units make them: psycopg's AsyncConnection), back to back and after `idle` seconds of both
+    sides waiting: a machine's property that the ratios depend on (a turn makes three round
+    trips, the relay none). On these VMs an idle CPU halts (the kernel's
+    `haltpoll.guest_halt_poll_ns=0`), and waking it costs more than the query."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as connection:
+        async def timed() -> float:
+            start = time.perf_counter()
+            await (await connection.execute("SELECT 1")).fetchall()
+            return time.perf_counter() - start
+
+        busy = [await timed() for _ in range(350)][50:]
+        after_idle = []
+        for _ in range(100):
+            await asyncio.sleep(idle)
+            after_idle.append(await timed())
+    return statistics.median(busy), statistics.median(after_idle)
+
+
 # --- the client ---------------------------------------------------------------------------
 
 @dataclass
@@ -251,7 +273,7 @@ def main() -> None:
 
     logs = Path(os.environ.get("BENCH_LOGS", "/tmp/pantheon-bench"))
     logs.mkdir(parents=True, exist_ok=True)
-    database_url = scratch_database()
+    database_url = args.database_url = scratch_database()
     provider_port, relay_port, pantheon_port = free_port(), free_port(), free_port()
     env = pantheon_env(database_url, provider_port)
     users = prepare_database(env, users=20)
@@ -357,6 +379,9 @@ async def run(args, provider_port: int, relay_port: int, pantheon_port: int, pan
                     statistics.median(r.total for r in results) - base_total)
              for name, results in rows.items()}
     print(f"\nSequential, {args.sequential} interleaved rounds (a 20-piece answer streamed at once)")
+    busy, after_idle = await postgres_round_trips(args.database_url)
+    print(f"  PostgreSQL round trip (SELECT 1): {busy * 1000:.2f} ms back to back, "
+          f"{after_idle * 1000:.2f} ms after 5 ms idle (a turn makes three)")
     print(f"  provider direct: TTFC p50 {base_ttfc * 1000:.1f} ms, total p50 {base_total * 1000:.1f} ms")
     print(f"  {'front door':<12} {'added TTFC p50':>15} {'added total p50':>16}  failures")
     for name in ("bare relay", "Pantheon", "OpenAI API", "limited key"):

@@ -1,7 +1,7 @@
 """The database side of one streamed turn, alone on one thread: its CPU, without the noise
 of a load run (where the event loop, the provider and the client share the two cores).
 
-    .venv/bin/python bench/turn_cpu.py [--turns 200] [--history] [--on-loop] [--cprofile FILE]
+    .venv/bin/python bench/turn_cpu.py [--turns 200] [--history] [--on-loop] [--cprofile FILE] [--statements]
 
 On a scratch PostgreSQL database (`pantheon_turn_cpu`, created afresh; DATABASE_URL
 overrides it) it runs what a streamed turn runs on the database threads, each step as one
@@ -10,7 +10,8 @@ checkpoints, the close. It prints the CPU and wall time per turn and the stateme
 Each turn starts a new root (`"parent_id": null`), as in bench/throughput.py; `--history`
 continues the session's branch instead, so late turns read and trim a long history;
 `--on-loop` runs each unit on an event loop's own connection (core.db_on_loop), as the
-server does on PostgreSQL.
+server does on PostgreSQL; `--statements` prints the statements of one turn (as the threads
+send them: with the close's locking read, which the streaming process's close skips).
 """
 
 from __future__ import annotations
