@@ -24,6 +24,7 @@ the connection, the cursor and the transaction's state are looked up through it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import threading
@@ -60,45 +61,60 @@ def _insert_sql(model: type[models.Model], fields: tuple[str, ...], rows: int, v
             + (" ON CONFLICT DO NOTHING" if ignore_conflicts else ""))
 
 
-def insert(model: type[models.Model], rows: Sequence[dict[str, Any]], *, ignore_conflicts: bool = False) -> None:
-    """INSERT `rows` (dicts of field name to value, all with the same keys) in one statement.
-    Values go through each field's `get_db_prep_save`, as the ORM would send them. The
-    statement does not wait for its answer (see `execute`)."""
+@dataclasses.dataclass(frozen=True)
+class Write:
+    """One data-modifying statement, its values prepared: see write_together()."""
+
+    sql: str
+    params: list[Any]
+
+
+def inserting(model: type[models.Model], rows: Sequence[dict[str, Any]], *,
+              ignore_conflicts: bool = False) -> Write | None:
+    """The INSERT of `rows` (dicts of field name to value, all with the same keys) in one
+    statement, values through each field's `get_db_prep_save` as the ORM would send them;
+    None for no rows."""
     if not rows:
-        return
+        return None
     db = _db()
     names = tuple(rows[0])
     fields = [model._meta.get_field(name) for name in names]
     params = [field.get_db_prep_save(row[name], db) for row in rows
               for name, field in zip(names, fields, strict=True)]
-    execute(_insert_sql(model, names, len(rows), db.vendor, ignore_conflicts), params, count=False)
+    return Write(_insert_sql(model, names, len(rows), db.vendor, ignore_conflicts), params)
 
 
-def insert_together(*batches: tuple[type[models.Model], Sequence[dict[str, Any]]]) -> None:
-    """insert() into several tables, on PostgreSQL in one statement (each INSERT but the last
-    a CTE: PostgreSQL runs every data-modifying CTE to its end, whether the statement reads
-    it or not), elsewhere one statement each. For rows that need nothing of each other
-    before the commit: the statement's parts see one snapshot, and Django's foreign keys are
-    checked at the commit (DEFERRABLE INITIALLY DEFERRED). Empty batches are left out."""
-    batches = tuple((model, rows) for model, rows in batches if rows)
-    if len(batches) < 2 or vendor() != "postgresql":
-        for model, rows in batches:
-            insert(model, rows)
-        return
-    db = _db()
-    shapes, params = [], []
-    for model, rows in batches:
-        names = tuple(rows[0])
-        fields = [model._meta.get_field(name) for name in names]
-        shapes.append((model, names, len(rows)))
-        params += [field.get_db_prep_save(row[name], db) for row in rows
-                   for name, field in zip(names, fields, strict=True)]
-    execute(_together_sql(tuple(shapes)), params, count=False)
+def updating(model: type[models.Model], pk: Any, values: dict[str, Any]) -> Write:
+    """The UPDATE of one row by primary key, values prepared by the fields."""
+    return Write(_update_sql(model, tuple(values), vendor()), _update_params(model, pk, values))
+
+
+def insert(model: type[models.Model], rows: Sequence[dict[str, Any]], *, ignore_conflicts: bool = False) -> None:
+    """INSERT `rows` (see `inserting`) in one statement, which does not wait for its answer
+    (see `execute`)."""
+    write_together(inserting(model, rows, ignore_conflicts=ignore_conflicts))
+
+
+def write_together(*writes: Write | None) -> None:
+    """Statements that need nothing of each other before the commit (None: left out), on
+    PostgreSQL as one statement, each but the last a CTE (PostgreSQL runs every
+    data-modifying CTE to its end, whether the statement reads it or not), elsewhere one
+    after another. None waits for its answer (see `execute`). They see one snapshot, in an
+    order PostgreSQL does not promise: so no two of them may write the same row, and one
+    that takes a row lock (an UPDATE) takes it at the statement's place in the
+    transaction's lock order. Django's foreign keys are checked at the commit (DEFERRABLE
+    INITIALLY DEFERRED): an INSERT may refer to a row another one inserts."""
+    present = [write for write in writes if write is not None]
+    if len(present) == 1 or (present and vendor() != "postgresql"):
+        for write in present:
+            execute(write.sql, write.params, count=False)
+    elif present:
+        execute(_together_sql(tuple(write.sql for write in present)),
+                [param for write in present for param in write.params], count=False)
 
 
 @functools.cache
-def _together_sql(shapes: tuple[tuple[type[models.Model], tuple[str, ...], int], ...]) -> str:
-    parts = [_insert_sql(model, names, rows, "postgresql", False) for model, names, rows in shapes]
+def _together_sql(parts: tuple[str, ...]) -> str:
     return "WITH " + ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1])) + " " + parts[-1]
 
 

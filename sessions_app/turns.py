@@ -421,11 +421,11 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
             "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
             "tool_call_id": "", "position": 0, "created_at": now,
         }] if request.content is not None and not titling else []  # a regenerate answers a stored question
-        sql.insert_together((Turn, [row]), (Message, question))
-        if not titling:
-            # While it runs, the branch ends at its question (a reload shows it); the
-            # close moves the leaf on to the answer.
-            sql.update(ChatSession, session.id, {"current_leaf": question_id}, count=False)
+        # While it runs, the branch ends at its question (a reload shows it); the close moves
+        # the leaf on to the answer. The session's row lock comes after the wallet's (the
+        # hold, above), as in the close.
+        leaf = None if titling else sql.updating(ChatSession, session.id, {"current_leaf": question_id})
+        sql.write_together(sql.inserting(Turn, [row]), sql.inserting(Message, question), leaf)
         if preflight.key_id is not None:  # at most once a minute per key
             sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
                                      sql.value(ApiKey, "id", preflight.key_id)], count=False)
@@ -789,8 +789,9 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
         "estimated": usage.estimated, "reconciled": False, "cost": cost,
         "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
     }] if usage.total_tokens else []
-    sql.insert_together((Message, [] if titling else [*rows, assistant]), (UsageRecord, usage_row),
-                        (LlmEvent, [_event_row(record, turn, now) for record in outcome.records]))
+    sql.write_together(None if titling else sql.inserting(Message, [*rows, assistant]),
+                       sql.inserting(UsageRecord, usage_row),
+                       sql.inserting(LlmEvent, [_event_row(record, turn, now) for record in outcome.records]))
     balance = billing.settle_later(user_id=turn.user_id, turn_id=turn.id, cost=cost,
                                    note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
     ask_for_title = False

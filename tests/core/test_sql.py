@@ -146,25 +146,29 @@ def test_update_or_fail_updates_a_matching_row_and_else_fails_the_whole_transact
     Wallet.objects.filter(pk=wallet.pk).update(held=0)
 
 
-def test_rows_of_several_tables_go_in_one_statement_on_postgresql(wallet):
+def test_writes_to_several_tables_go_in_one_statement_on_postgresql(wallet):
     from billing_app.models import CreditHold
 
     turn_id, hold_id = uuid.uuid4(), uuid.uuid4()
     hold = {"id": hold_id, "wallet_id": wallet.pk, "user_id": wallet.user_id, "turn_id": turn_id, "model": "m",
             "amount": Decimal("1"), "max_tokens": 5, "created_at": wallet.created_at, "released_at": None}
     with CaptureQueriesContext(connection) as queries, sql.transaction():
-        sql.insert_together((LedgerEntry, [entry(wallet, turn_id), entry(wallet, None)]), (CreditHold, [hold]),
-                            (Wallet, []))  # an empty batch is left out
-    writes = [query["sql"] for query in queries if "INSERT" in query["sql"]]
-    assert len(writes) == (1 if connection.vendor == "postgresql" else 2)
+        sql.write_together(sql.inserting(LedgerEntry, [entry(wallet, turn_id), entry(wallet, None)]),
+                           sql.inserting(CreditHold, [hold]), sql.inserting(Wallet, []),  # no rows: left out
+                           sql.updating(Wallet, wallet.pk, {"held": Decimal("1")}))
+    writes = [query["sql"] for query in queries if "INSERT" in query["sql"] or "UPDATE" in query["sql"]]
+    assert len(writes) == (1 if connection.vendor == "postgresql" else 3), writes
     assert LedgerEntry.objects.filter(kind="debit").count() == 2 and CreditHold.objects.get().pk == hold_id
+    assert Wallet.objects.get(pk=wallet.pk).held == 1
     LedgerEntry.objects.filter(kind="debit").delete()  # (the ledger is checked after each test)
     CreditHold.objects.all().delete()
+    Wallet.objects.filter(pk=wallet.pk).update(held=0)
 
 
-def test_rows_of_several_tables_fail_together(wallet):
+def test_writes_together_fail_together(wallet):
     turn_id = uuid.uuid4()
     with pytest.raises(IntegrityError), sql.transaction():
-        sql.insert_together((LedgerEntry, [entry(wallet, uuid.uuid4())]),
-                            (LedgerEntry, [entry(wallet, turn_id), entry(wallet, turn_id)]))  # two debits: refused
+        sql.write_together(sql.updating(Wallet, wallet.pk, {"held": Decimal("2")}),
+                           sql.inserting(LedgerEntry, [entry(wallet, turn_id), entry(wallet, turn_id)]))  # two debits
+    assert Wallet.objects.get(pk=wallet.pk).held == 0
     assert not LedgerEntry.objects.filter(kind="debit").exists()

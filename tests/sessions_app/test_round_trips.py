@@ -201,7 +201,7 @@ def test_a_streamed_turn_sends_a_fixed_few_statements(proxy, alice, session_of, 
             counts.append((begun, list(sent)))
         return counts
 
-    # BEGIN; the hold; the turn and its question; the leaf; COMMIT. Then BEGIN; the turn's
+    # BEGIN; the hold; the turn, its question and the leaf; COMMIT. Then BEGIN; the turn's
     # UPDATE; the answer and its usage; the settlement; the leaf; COMMIT.
-    assert _on_a_loop(turns) == [(["BEGIN", "WITH", "WITH", "UPDATE", "COMMIT"],
+    assert _on_a_loop(turns) == [(["BEGIN", "WITH", "WITH", "COMMIT"],
                                   ["BEGIN", "WITH", "WITH", "WITH", "UPDATE", "COMMIT"])] * 3
