@@ -178,7 +178,8 @@ def test_credits_taken_since_the_preflight_s_read_shrink_the_turn_s_hold_to_what
 
 def test_a_streamed_turn_sends_a_fixed_few_statements(proxy, alice, session_of, monkeypatch):
     """Every statement costs psycopg's and the server's CPU even inside one round trip: the
-    rows of several tables go in one INSERT, the settlement is one statement."""
+    writes to several tables go in one statement (core.sql.write_together), and so does the
+    settlement."""
     sent = []
     execute = db_on_loop.LoopCursor.execute
     monkeypatch.setattr(db_on_loop.LoopCursor, "execute", lambda cursor, query, params=None: (
