@@ -11,15 +11,15 @@ events (ignored if it contains NUL); `retry` takes digits only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["SSEDecoder", "SSEEvent", "SSEEventTooLarge", "encode_comment", "encode_event"]
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 _MAX_RETRY_DIGITS = 10  # int() of thousands of digits is slow, and refused past 4300
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps() would make one per call
 
 
 class SSEEventTooLarge(ValueError):
@@ -31,8 +31,10 @@ class SSEEventTooLarge(ValueError):
         self.events = events or []
 
 
-@dataclasses.dataclass(frozen=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
+    """One dispatched event (a tuple: made once per upstream chunk, a frozen dataclass's
+    __init__ costs several times as much)."""
+
     data: str
     event: str = "message"
     id: str = ""
@@ -87,23 +89,56 @@ class SSEDecoder:
             if chunk[:1] == b"\n":
                 pos = 1
         try:
-            for match in _EOL.finditer(chunk, pos):
-                self._line += chunk[pos:match.start()]
-                pos = match.end()
-                line = bytes(self._line)
-                self._line.clear()
-                event = self._process_line(line)
-                if event is not None:
-                    events.append(event)
+            if b"\r" in chunk:
+                lines = None
+                for match in _EOL.finditer(chunk, pos):
+                    self._line += chunk[pos:match.start()]
+                    pos = match.end()
+                    line = bytes(self._line)
+                    self._line.clear()
+                    event = self._process_line(line)
+                    if event is not None:
+                        events.append(event)
+            else:  # LF only, as nearly every server sends: split once instead of a search per line
+                lines = chunk[pos:].split(b"\n") if pos else chunk.split(b"\n")
+                if self._line:
+                    lines[0] = bytes(self._line) + lines[0]
+                    self._line.clear()
+                rest = lines.pop()
+                self._lines(lines, events)
         except SSEEventTooLarge as exc:
             exc.events = events
             raise
-        self._line += chunk[pos:]
-        if chunk.endswith(b"\r"):
-            self._skip_lf = True
+        if lines is None:
+            self._line += chunk[pos:]
+            if chunk.endswith(b"\r"):
+                self._skip_lf = True
+        else:
+            self._line += rest
         if self.max_event_bytes is not None and len(self._line) + self._data_bytes > self.max_event_bytes:
             raise SSEEventTooLarge(f"an SSE event is larger than {self.max_event_bytes} bytes", events)
         return events
+
+    def _lines(self, lines: list[bytes], events: list[SSEEvent]) -> None:
+        """Complete lines: a stream's usual two (`data: ...` and the blank one) decided
+        here, anything else by `_process_line`."""
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(self._dispatch())
+                else:
+                    self._event = ""
+                    self._first_line = False
+            elif line[:6] == b"data: " and not self._first_line:
+                self._data.append(line[6:].decode("utf-8", errors="replace"))
+                if self.max_event_bytes is not None:
+                    self._data_bytes += len(line)
+                    if self._data_bytes > self.max_event_bytes:
+                        raise SSEEventTooLarge(f"an SSE event is larger than {self.max_event_bytes} bytes")
+            else:
+                event = self._process_line(line)
+                if event is not None:
+                    events.append(event)
 
     def finish(self) -> bool:
         """Signal EOF. Returns True if an unterminated event was left (and is discarded)."""
@@ -164,7 +199,7 @@ def encode_event(event: str, data: dict[str, Any], event_id: int) -> bytes:
     """
     if "\r" in event or "\n" in event:
         raise ValueError("SSE event names cannot contain line breaks")
-    payload = json.dumps(data, ensure_ascii=False)
+    payload = _encode(data)
     return f"id: {event_id}\nevent: {event}\ndata: {payload}\n\n".encode()
 
 

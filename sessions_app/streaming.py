@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import uuid
@@ -68,9 +69,14 @@ def start_frame(turn_id: uuid.UUID, session_id: uuid.UUID, model: str) -> bytes:
     return encode_event("start", {"turn_id": str(turn_id), "session_id": str(session_id), "model": model}, 1)
 
 
+# A str alone takes the C encoder's fast path: a tenth of json.dumps() of a dict holding it.
+_encode_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def chunk_frame(index: int, delta: str) -> bytes:
-    """The frame of the turn's `index`-th delta (from 0)."""
-    return encode_event("chunk", {"delta": delta}, index + 2)
+    """The frame of the turn's `index`-th delta (from 0): `encode_event("chunk", {"delta":
+    delta}, index + 2)` byte for byte, with only the text encoded (a frame per token)."""
+    return b'id: %d\nevent: chunk\ndata: {"delta": %s}\n\n' % (index + 2, _encode_string(delta).encode())
 
 
 def chunk_frames(deltas: list[str], start: int) -> bytes:

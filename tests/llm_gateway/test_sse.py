@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from llm_gateway.sse import SSEDecoder, SSEEvent, encode_comment, encode_event
+from llm_gateway.sse import SSEDecoder, SSEEvent, SSEEventTooLarge, encode_comment, encode_event
 
 
 def feed_all(parts: list[bytes]) -> tuple[list[SSEEvent], bool]:
@@ -166,3 +166,33 @@ def test_encode_comment() -> None:
     assert encode_comment("ping") == b": ping\n\n"
     assert encode_comment() == b": ping\n\n"
     assert feed_all([encode_comment("a\nb")]) == ([], False)
+
+
+def test_lf_only_reads_decode_as_the_general_path_does() -> None:
+    # A read without CR takes a faster path (split once); one with a CR the line-by-line
+    # one. Any stream, cut anywhere, must give the same events either way.
+    rng = random.Random(2029)
+    pieces = [b"data: a", b"data:b", b"data:  two spaces", b": comment", b"", b"event: e", b"id: 7",
+              b"id: x\x00", b"retry: 15", b"data", b"unknown: f", b"data: \xe4\xb8\x96\xe7",
+              b"\xef\xbb\xbfdata: bom", b"data: [DONE]"]
+    for _ in range(300):
+        stream = b"\n".join(rng.choice(pieces) for _ in range(rng.randint(1, 25))) + b"\n" * rng.randint(0, 2)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 8))))
+        parts = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        # The same stream with CRLF, cut at the same places: its reads have CRs (the general
+        # path), and must give the same events, and refuse an event too large at the same read.
+        crlf = stream.replace(b"\n", b"\r\n")
+        at = [cut + stream[:cut].count(b"\n") for cut in cuts]
+        general = [crlf[a:b] for a, b in zip([0, *at], [*at, len(crlf)], strict=True)]
+        fast_decoder, general_decoder = SSEDecoder(max_event_bytes=64), SSEDecoder(max_event_bytes=64)
+
+        def run(decoder: SSEDecoder, reads: list[bytes]) -> tuple[list[SSEEvent], bool, bool]:
+            events: list[SSEEvent] = []
+            try:
+                for read in reads:
+                    events.extend(decoder.feed(read))
+            except SSEEventTooLarge as exc:
+                return events + exc.events, True, False
+            return events, False, decoder.finish()
+
+        assert run(fast_decoder, parts) == run(general_decoder, general), stream

@@ -224,3 +224,13 @@ async def test_the_openai_door_writes_the_deltas_that_arrived_together_at_once(r
                 for line in writes[1].split(b"\n\n") if line]
     assert contents == ["a", "b", "c"]
     assert writes[0].count(b"data: ") == 1 and writes[-1] == b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("delta", ["Hello", " wörld ✓", 'a "quoted" \\ back', "line\nbreak\r\ttab", "\u2028\u2029\x85",
+                                   "\x1f\x7f", "🎉 emoji", "</script>"])
+def test_a_chunk_frame_is_the_encoded_chunk_event_byte_for_byte(delta):
+    # chunk_frame encodes only the text; what it writes must stay what encode_event would.
+    from llm_gateway.sse import encode_event
+
+    assert streaming.chunk_frame(4, delta) == encode_event("chunk", {"delta": delta}, 6)
+    assert streaming.chunk_frames(["x", delta], 1) == encode_event("chunk", {"delta": delta}, 3)
