@@ -89,21 +89,22 @@ def test_streams_renewing_together_share_one_statement(make_user, session_of, mo
     close_all(ids)
 
 
-def test_renewals_of_any_batch_size_take_one_prepared_statement_slot(turns):
-    # The values travel as arrays: one statement text whatever the batch size, prepared once
-    # (a text per size would crowd the turn's own statements out of psycopg's 100 per
-    # connection: core/sql.py), and the checkpoints saved as the rows asked.
+def test_renewals_of_any_batch_size_take_two_prepared_statement_slots(turns):
+    # A batch's values travel as arrays: one statement text whatever the batch size, and one
+    # for a renewal alone, each prepared once (a text per size would crowd the turn's own
+    # statements out of psycopg's 100 per connection: core/sql.py); the checkpoints saved as
+    # the rows asked.
     from django.db import connection
 
     if connection.vendor != "postgresql":
         pytest.skip("prepared statements: PostgreSQL")
-    for size in (1, 2, 3):
+    for size in (1, 2, 3, 1):
         answers = renew_turns([RenewRequest(prepared.turn_id, checkpoint=f"part {index}" if index % 2 else None,
                                             chunk_ends=[4, 6] if index % 2 else None, generation_id=f"gen-{index}")
                                for index, prepared in enumerate(turns[:size])])
         assert set(answers.values()) == {Renewal.RUNNING}
     statements = [statement for statement in prepared_statements() if statement.startswith("WITH v(")]
-    assert len(statements) == 1, statements
+    assert len(statements) == 2, statements
     saved = {turn.id: turn for turn in Turn.objects.filter(pk__in=[prepared.turn_id for prepared in turns[:3]])}
     first, second, third = (saved[prepared.turn_id] for prepared in turns[:3])
     assert (first.checkpoint, first.chunk_ends, first.generation_id) == ("", None, "")
