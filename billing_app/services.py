@@ -168,11 +168,14 @@ def adjust_turn(*, user_id: int, turn_id: uuid.UUID, amount: Decimal, note: str)
 
 @dataclasses.dataclass(frozen=True)
 class HoldDecision:
-    """What the preflight allows: the capped `max_tokens` and the hold taken (if any)."""
+    """What the preflight allows: the capped `max_tokens` and the hold taken (if any).
+    `reservation`: while the caller's writes are built (`hold(together=...)`), the name of
+    the reservation's part of the statement they go in, None if the hold went before them."""
 
     max_tokens: int
     hold_id: uuid.UUID | None
     amount: Decimal
+    reservation: str | None = None
 
 
 def tool_turn_prompt_tokens(prompt_tokens: int, *, rounds: int, tool_output_chars: int) -> int:
@@ -195,14 +198,18 @@ _LEDGER = sql.table(LedgerEntry)
 _RESERVE = (f"UPDATE {_WALLET} SET held = ROUND(held + CAST(%(amount)s AS NUMERIC), 6), updated_at = %(now)s "
             f"WHERE user_id = %(user)s AND ROUND(balance - held, 6) >= CAST(%(amount)s AS NUMERIC) RETURNING id")
 _SNAPSHOT = f"SELECT balance, held FROM {_WALLET} WHERE user_id = %s"
-# PostgreSQL: the reservation and the hold row in one statement that waits for no answer.
-# The hold's wallet is the reserved row's id: without the reservation (a concurrent turn
-# took the credits since they were read) it is NULL, which the column refuses, so the
-# whole transaction fails in the server and nothing of it commits (see `refused_in_flight`).
+# PostgreSQL: the reservation and the hold row as two parts of one statement that waits
+# for no answer (core.sql.write_together, with the caller's writes). The hold's wallet is
+# the reserved row's id: without the reservation (a concurrent turn took the credits since
+# they were read) it is NULL, which the column refuses, so the whole statement fails in the
+# server and nothing of it commits (see `refused_in_flight`).
+RESERVATION = "reserved"
 _HOLD_COLUMNS = ("id", "user_id", "turn_id", "model", "amount", "max_tokens", "created_at", "released_at")
-_RESERVE_AND_HOLD = (f"WITH reserved AS ({_RESERVE}) INSERT INTO {_HOLD} "
-                     f"({', '.join(sql.column(CreditHold, name) for name in ('wallet', *_HOLD_COLUMNS))}) "
-                     f"VALUES ((SELECT id FROM reserved), {', '.join(f'%({name})s' for name in _HOLD_COLUMNS)})")
+_RESERVE_IN_FLIGHT = (f"UPDATE {_WALLET} SET held = ROUND(held + CAST(%s AS NUMERIC), 6), updated_at = %s "
+                      f"WHERE user_id = %s AND ROUND(balance - held, 6) >= CAST(%s AS NUMERIC) RETURNING id")
+_HOLD_IN_FLIGHT = (f"INSERT INTO {_HOLD} "
+                   f"({', '.join(sql.column(CreditHold, name) for name in ('wallet', *_HOLD_COLUMNS))}) "
+                   f"VALUES ((SELECT id FROM {RESERVATION}), {', '.join(['%s'] * len(_HOLD_COLUMNS))})")
 
 
 def wallet_snapshot(user_id: int, *, lock: bool = False) -> tuple[Decimal, Decimal] | None:
@@ -252,7 +259,8 @@ def refused_in_flight(error: IntegrityError) -> bool:
 def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
          max_tokens: int | None = None, rounds: int = 1, price: ModelPrice | None = None,
          wallet: tuple[Decimal, Decimal] | None = None, budget_left: Decimal | None = None,
-         in_one_flight: bool = False) -> HoldDecision:
+         in_one_flight: bool = False,
+         together: Callable[[HoldDecision], Sequence[sql.Write | None]] | None = None) -> HoldDecision:
     """The credit preflight: reserve the most this turn can cost, or refuse with 402.
 
     `prompt_tokens` is a conservative estimate of every prompt the turn sends (all tool
@@ -277,11 +285,21 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     with its COMMIT, and the wallet row is locked only while the server runs it. If the
     credits were taken meanwhile, the transaction fails with an IntegrityError for which
     `refused_in_flight` is true, and the caller tries again without it.
+
+    `together`: the caller's writes that need the decision (the turn's row and its
+    question), given it: they go out with the hold, in the same statement in one flight (a
+    statement is a transaction of its own: the caller needs none for it), else after the
+    hold in its transaction. A write there that takes a row lock joins the reservation
+    (`sql.updating(..., after=decision.reservation)`), so it takes that lock after the
+    wallet's, as everywhere else.
     """
     price = price or get_price(model)
     cap = min(max_tokens or settings.PANTHEON_MAX_OUTPUT_TOKENS, settings.PANTHEON_MAX_OUTPUT_TOKENS)
     if not settings.PANTHEON_CREDIT_ENFORCEMENT:
-        return HoldDecision(max_tokens=cap, hold_id=None, amount=Decimal("0"))
+        decision = HoldDecision(max_tokens=cap, hold_id=None, amount=Decimal("0"))
+        with sql.transaction():
+            sql.write_together(*(together(decision) if together is not None else ()))
+        return decision
     minimum = min(settings.PANTHEON_MIN_OUTPUT_TOKENS, cap)
     now = timezone.now()
 
@@ -305,13 +323,16 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     hold_id = uuid.uuid4()
     row = {"id": hold_id, "user_id": user_id, "turn_id": turn_id, "model": model, "created_at": now,
            "released_at": None}
+    if in_one_flight and wallet is not None and sql.vendor() == "postgresql":
+        granted, amount = size(wallet)
+        decision = HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount, reservation=RESERVATION)
+        values = {**row, "amount": amount, "max_tokens": granted}
+        sql.write_together(
+            sql.Write(_RESERVE_IN_FLIGHT, [amount, reservation["now"], user_id, amount], name=RESERVATION),
+            sql.Write(_HOLD_IN_FLIGHT, [sql.value(CreditHold, name, values[name]) for name in _HOLD_COLUMNS]),
+            *(together(decision) if together is not None else ()))
+        return dataclasses.replace(decision, reservation=None)
     with sql.transaction():
-        if in_one_flight and wallet is not None and sql.vendor() == "postgresql":
-            granted, amount = size(wallet)
-            values = {**row, "amount": amount, "max_tokens": granted}
-            sql.execute(_RESERVE_AND_HOLD, {**reservation, **{
-                name: sql.value(CreditHold, name, values[name]) for name in _HOLD_COLUMNS}}, count=False)
-            return HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
         snapshot = wallet if wallet is not None else wallet_snapshot(user_id)
         for locked in (False, True):
             if locked:  # a concurrent turn took credits since the snapshot: size again, locked
@@ -320,7 +341,9 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
             reserved = sql.fetch_one(_RESERVE, {**reservation, "amount": amount})
             if reserved is not None:
                 sql.insert(CreditHold, [{**row, "wallet_id": reserved[0], "amount": amount, "max_tokens": granted}])
-                return HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
+                decision = HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
+                sql.write_together(*(together(decision) if together is not None else ()))
+                return decision
     raise InsufficientCredits("Your wallet has no available credits.")  # only float fuzz on SQLite
 
 

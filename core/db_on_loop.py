@@ -128,6 +128,7 @@ class LoopConnection:
         self.errors = db.wrap_database_errors
         self.depth = 0  # core.sql.transaction()'s nesting in this unit, and its cursor
         self.cursor: LoopCursor | None = None
+        self.alone: int | None = None  # core.sql.alone(): statements sent inside it
 
     def new_cursor(self, *, prepare: bool = True) -> LoopCursor:
         return LoopCursor(self.raw.cursor(), prepare, self.errors)

@@ -35,7 +35,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections, models
+from django.db import DEFAULT_DB_ALIAS, ProgrammingError, connection, connections, models
 from django.db import transaction as django_transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -63,10 +63,12 @@ def _insert_sql(model: type[models.Model], fields: tuple[str, ...], rows: int, v
 
 @dataclasses.dataclass(frozen=True)
 class Write:
-    """One data-modifying statement, its values prepared: see write_together()."""
+    """One data-modifying statement, its values prepared: see write_together(). `name`: what
+    the others may call it (its CTE's name), for a statement that reads its RETURNING."""
 
     sql: str
     params: list[Any]
+    name: str | None = None
 
 
 def inserting(model: type[models.Model], rows: Sequence[dict[str, Any]], *,
@@ -84,9 +86,21 @@ def inserting(model: type[models.Model], rows: Sequence[dict[str, Any]], *,
     return Write(_insert_sql(model, names, len(rows), db.vendor, ignore_conflicts), params)
 
 
-def updating(model: type[models.Model], pk: Any, values: dict[str, Any]) -> Write:
-    """The UPDATE of one row by primary key, values prepared by the fields."""
-    return Write(_update_sql(model, tuple(values), vendor()), _update_params(model, pk, values))
+def updating(model: type[models.Model], pk: Any, values: dict[str, Any], *, after: str | None = None) -> Write:
+    """The UPDATE of one row by primary key, values prepared by the fields. `after`: the name
+    of a Write sent together with it (PostgreSQL) whose RETURNING row this one joins, so that
+    it takes its row lock only once that one has returned its row (and taken its own locks):
+    a lock order that one statement's parts would not otherwise keep. No row there, no update.
+    PostgreSQL only: elsewhere write_together sends them one after another, in order anyway."""
+    sql = _update_sql(model, tuple(values), vendor())
+    if after is not None:
+        sql = _after_sql(sql, after)
+    return Write(sql, _update_params(model, pk, values))
+
+
+@functools.cache
+def _after_sql(sql: str, after: str) -> str:
+    return sql.replace(" WHERE ", f" FROM (SELECT FROM {after} LIMIT 1) AS {after}_ WHERE ", 1)
 
 
 def insert(model: type[models.Model], rows: Sequence[dict[str, Any]], *, ignore_conflicts: bool = False) -> None:
@@ -109,13 +123,14 @@ def write_together(*writes: Write | None) -> None:
         for write in present:
             execute(write.sql, write.params, count=False)
     elif present:
-        execute(_together_sql(tuple(write.sql for write in present)),
+        execute(_together_sql(tuple((write.name, write.sql) for write in present)),
                 [param for write in present for param in write.params], count=False)
 
 
 @functools.cache
-def _together_sql(parts: tuple[str, ...]) -> str:
-    return "WITH " + ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1])) + " " + parts[-1]
+def _together_sql(parts: tuple[tuple[str | None, str], ...]) -> str:
+    return ("WITH " + ", ".join(f"{name or f'w{i}'} AS ({part})" for i, (name, part) in enumerate(parts[:-1]))
+            + " " + parts[-1][1])
 
 
 @functools.cache
@@ -217,6 +232,7 @@ def _cursor(prepare: bool = True) -> Iterator[Any]:
     `transaction()`), else a new one. Each statement's result is read before the next is
     sent on it, or not at all (`count=False`). `prepare=False`: Django's own cursor, for a
     statement whose text varies (it would take a prepared slot for each variant)."""
+    _sending()
     shared = getattr(_st(), "cursor", None)
     if shared is not None and prepare:
         yield shared
@@ -251,6 +267,7 @@ def fetch_later(sql: str, params: Sequence[Any] | dict[str, Any]) -> Callable[[]
     if not _pipelined():
         row = fetch_one(sql, params)
         return lambda: row
+    _sending()
     on_loop = db_on_loop.current()
     cursor = on_loop.new_cursor() if on_loop is not None else _new_cursor(_db())
     try:
@@ -296,6 +313,7 @@ def _pipelined() -> bool:
 
 def fetch_together(queries: Sequence[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[list[tuple]]:
     """Run independent reads in one round trip (pipelined on PostgreSQL): their rows, in order."""
+    _sending()
     cursors = []
     try:
         with pipeline():
@@ -362,6 +380,35 @@ def _st() -> Any:
 
 
 @contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Room for one statement that needs no transaction around it: a statement is a
+    transaction of its own, so BEGIN and COMMIT would be two statements (and on PostgreSQL
+    two of psycopg's sends) for nothing. A second one inside raises before it is sent (it
+    would commit apart from the first: use `transaction()`, which may itself be the one).
+    Inside a transaction it is part of that one."""
+    state = _st()
+    if getattr(state, "depth", 0):
+        yield
+        return
+    state.alone = 0
+    try:
+        yield
+    finally:
+        state.alone = None
+
+
+def _sending() -> None:
+    """A statement (or a transaction) about to go out: the one `alone()` allows."""
+    state = _st()
+    sent = getattr(state, "alone", None)
+    if sent is None:
+        return
+    if sent:
+        raise ProgrammingError("a second statement inside sql.alone(): it would commit apart from the first")
+    state.alone = 1
+
+
+@contextlib.contextmanager
 def transaction() -> Iterator[None]:
     """One transaction for the statements inside; a nested call joins the outer one.
 
@@ -375,6 +422,22 @@ def transaction() -> Iterator[None]:
     inside a caller's or a test's `atomic`) it is Django's `atomic` (a savepoint inside an
     enclosing one, so a refusal raised through it leaves the enclosing transaction usable).
     """
+    state = _st()
+    if getattr(state, "alone", None) is None or getattr(state, "depth", 0):
+        with _transaction():
+            yield
+        return
+    _sending()  # inside alone(), the transaction is its one statement
+    state.alone = None
+    try:
+        with _transaction():
+            yield
+    finally:
+        state.alone = 1
+
+
+@contextlib.contextmanager
+def _transaction() -> Iterator[None]:
     state, on_loop = _st(), db_on_loop.current()
     if getattr(state, "depth", 0):
         state.depth += 1

@@ -382,9 +382,12 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
     turn_id = uuid.uuid4()
     now = timezone.now()
 
+    # Only with limits: the key's (or user's) row lock and counts, one more round trip.
+    admits = (key is not None and key.counts_turns) or any(value is not None for value in limits.user_limits())
+
     def open_turn(in_one_flight: bool) -> tuple[billing.HoldDecision, limits.Admission | None, dict[str, Any]]:
-        """Inside the transaction below: the hold, the running turn (its row is returned)
-        and its question."""
+        """The hold, the running turn (its row is returned) and its question: inside the
+        transaction below, or alone as one statement (the hold sent in one flight)."""
         if request.idempotency is not None:
             # Inserted first, so a concurrent repeat waits on the unique index here and
             # fails there once this commits: one turn per key, never a second hold.
@@ -393,23 +396,13 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
                 IdempotencyKey, "created_at", now - IDEMPOTENCY_TTL)], count=False)
             sql.insert(IdempotencyKey, [{"user_id": preflight.user_id, "key": idempotency_key,
                                          "fingerprint": fingerprint, "turn_id": turn_id, "created_at": now}])
-        admission = None
-        if (key is not None and key.counts_turns) or any(value is not None for value in limits.user_limits()):
-            # One more round trip, only with limits: the key's (or user's) row lock and counts.
-            admission = limits.admit(user_id=preflight.user_id, key=key, now=now)
-        decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
-                                prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
-                                price=price, wallet=preflight.wallet if in_one_flight else None,
-                                budget_left=admission.budget_left if admission is not None else None,
-                                in_one_flight=in_one_flight)
-        if admission is not None:
-            admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
+        admission = limits.admit(user_id=preflight.user_id, key=key, now=now) if admits else None
         row = {
             "id": turn_id, "session_id": session.id, "user_id": preflight.user_id,
             "api_key_id": key.id if key is not None else None, "status": Turn.Status.RUNNING,
             "model": model, "served_model": "", "provider_model": "", "streamed": streamed,
             "tools_enabled": request.tools_enabled,
-            "max_tokens": decision.max_tokens, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
+            "max_tokens": 0, "prompt_tokens": prompt_estimate, "completion_tokens": 0,
             "usage_estimated": True, "cost": Decimal(0), "finish_reason": "", "error_code": "",
             "error_message": "", "lease_until": _lease_from(now), "checkpoint": "", "chunk_ends": None,
             "resumable": request.resumable, "cancel_requested": False, "reconciliation": "",
@@ -421,23 +414,39 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
             "parent_id": parent, "role": Message.Role.USER, "content": request.content, "tool_calls": None,
             "tool_call_id": "", "position": 0, "created_at": now,
         }] if request.content is not None and not titling else []  # a regenerate answers a stored question
-        # While it runs, the branch ends at its question (a reload shows it); the close moves
-        # the leaf on to the answer. The session's row lock comes after the wallet's (the
-        # hold, above), as in the close.
-        leaf = None if titling else sql.updating(ChatSession, session.id, {"current_leaf": question_id})
-        sql.write_together(sql.inserting(Turn, [row]), sql.inserting(Message, question), leaf)
+
+        def writes(decision: billing.HoldDecision) -> list[sql.Write | None]:
+            """The rows that go out with the hold. While it runs, the branch ends at its
+            question (a reload shows it); the close moves the leaf on to the answer. The
+            session's row lock comes after the wallet's, as in the close."""
+            row["max_tokens"] = decision.max_tokens
+            leaf = None if titling else sql.updating(ChatSession, session.id, {"current_leaf": question_id},
+                                                     after=decision.reservation)
+            return [sql.inserting(Turn, [row]), sql.inserting(Message, question), leaf]
+
+        decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
+                                prompt_tokens=held_prompt, max_tokens=request.max_tokens, rounds=rounds,
+                                price=price, wallet=preflight.wallet if in_one_flight else None,
+                                budget_left=admission.budget_left if admission is not None else None,
+                                in_one_flight=in_one_flight, together=writes)
+        if admission is not None:
+            admission.admit_tokens(prompt_estimate + decision.max_tokens * rounds)
         if preflight.key_id is not None:  # at most once a minute per key
             sql.execute(_TOUCH_KEY, [sql.value(ApiKey, "last_used_at", now),
                                      sql.value(ApiKey, "id", preflight.key_id)], count=False)
         return decision, admission, row
 
-    # PostgreSQL, sized from the preflight's read of the wallet: one round trip (the hold and
-    # the inserts go out with the COMMIT). If a concurrent turn took the credits since that
-    # read, that transaction fails in the server, and this one is tried again the careful
-    # way (a fresh read, the hold's UPDATE answering before the inserts).
+    # PostgreSQL, sized from the preflight's read of the wallet: the hold and the rows are one
+    # statement, alone (a transaction of its own) unless an idempotency key, limits or the
+    # key's last use add statements around it; one round trip either way. If a concurrent
+    # turn took the credits since that read, that statement fails in the server, and this
+    # is tried again the careful way (a fresh read, the hold's UPDATE answering before the
+    # inserts).
     for in_one_flight in (True, False):
+        alone = (in_one_flight and sql.vendor() == "postgresql" and request.idempotency is None and not admits
+                 and preflight.key_id is None)
         try:
-            with sql.transaction():
+            with sql.alone() if alone else sql.transaction():
                 decision, admission, row = open_turn(in_one_flight)
             break
         except billing.InsufficientCredits as exc:  # or KeyBudgetExceeded

@@ -4,7 +4,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from django.db import DataError, IntegrityError, connection
+from django.db import DataError, IntegrityError, ProgrammingError, connection
 from django.test.utils import CaptureQueriesContext
 
 from billing_app.models import LedgerEntry, Wallet
@@ -172,3 +172,39 @@ def test_writes_together_fail_together(wallet):
                            sql.inserting(LedgerEntry, [entry(wallet, turn_id), entry(wallet, turn_id)]))  # two debits
     assert Wallet.objects.get(pk=wallet.pk).held == 0
     assert not LedgerEntry.objects.filter(kind="debit").exists()
+
+
+def test_alone_allows_one_statement_and_refuses_a_second_before_it_is_sent(wallet):
+    with sql.alone():
+        sql.update(Wallet, wallet.pk, {"held": Decimal("1")}, count=False)
+        with pytest.raises(ProgrammingError, match="second statement"):
+            sql.insert(LedgerEntry, [entry(wallet, uuid.uuid4())])
+    assert Wallet.objects.get(pk=wallet.pk).held == Decimal("1")  # committed: a transaction of its own
+    assert not LedgerEntry.objects.filter(kind="debit").exists()
+    with sql.alone():  # a transaction may be the one thing inside, with as many statements as it likes
+        with sql.transaction():
+            sql.insert(LedgerEntry, [entry(wallet, uuid.uuid4())])
+            sql.update(Wallet, wallet.pk, {"held": Decimal("0")}, count=False)
+        with pytest.raises(ProgrammingError):
+            sql.update(Wallet, wallet.pk, {"held": Decimal("3")}, count=False)
+    with sql.transaction(), sql.alone():  # inside a transaction: part of it
+        sql.update(Wallet, wallet.pk, {"held": Decimal("2")}, count=False)
+        sql.update(Wallet, wallet.pk, {"held": Decimal("0")}, count=False)
+    assert Wallet.objects.get(pk=wallet.pk).held == 0
+    sql.update(Wallet, wallet.pk, {"held": Decimal("4")})  # and outside it, no limit again
+    sql.update(Wallet, wallet.pk, {"held": Decimal("0")})
+    LedgerEntry.objects.filter(kind="debit").delete()
+
+
+def test_a_write_after_another_joins_its_returning_row(wallet):
+    """`updating(..., after=name)`: the update happens only if the named write returned a
+    row (PostgreSQL: the join is what orders its row lock after that write's)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("one statement: PostgreSQL")
+    for held, expected in ((Decimal("0"), Decimal("7")), (Decimal("99"), Decimal("0"))):
+        matched = sql.Write(f"SELECT id FROM {sql.table(Wallet)} WHERE id = %s AND held = %s",
+                            [wallet.pk, held], name="matched")
+        with sql.transaction():
+            sql.write_together(matched, sql.updating(Wallet, wallet.pk, {"held": Decimal("7")}, after="matched"))
+        assert Wallet.objects.get(pk=wallet.pk).held == expected
+        Wallet.objects.filter(pk=wallet.pk).update(held=0)

@@ -88,8 +88,12 @@ def test_a_streamed_turn_makes_two_round_trips_before_its_call_and_two_at_its_cl
     session = session_of(alice, title="Named")
 
     async def turns():
-        await _one_turn(proxy, alice, session, 0)  # the connection's first use prepares its statements
-        return [await _one_turn(proxy, alice, session, history) for history in (2, 4)]
+        # A connection prepares each statement at its first use there: for the preflight's
+        # statement alone (no pipeline) one round trip more, once per shape of its values
+        # (psycopg's key has their types: the question's parent is NULL in a new root).
+        for history in (0, 2):
+            await _one_turn(proxy, alice, session, history)
+        return [await _one_turn(proxy, alice, session, history) for history in (4, 6)]
 
     assert _on_a_loop(turns) == [{"preflight read": 1, "preflight transaction": 1, "checkpoint": 1, "close": 2}] * 2
     assert not db_on_loop.fallbacks
@@ -202,7 +206,50 @@ def test_a_streamed_turn_sends_a_fixed_few_statements(proxy, alice, session_of, 
             counts.append((begun, list(sent)))
         return counts
 
-    # BEGIN; the hold; the turn, its question and the leaf; COMMIT. Then BEGIN; the turn's
-    # UPDATE; the answer and its usage; the settlement; the leaf; COMMIT.
-    assert _on_a_loop(turns) == [(["BEGIN", "WITH", "WITH", "COMMIT"],
-                                  ["BEGIN", "WITH", "WITH", "WITH", "UPDATE", "COMMIT"])] * 3
+    # The hold, the turn, its question and the leaf: one statement, a transaction of its own.
+    # Then BEGIN; the turn's UPDATE; the answer and its usage; the settlement; the leaf; COMMIT.
+    assert _on_a_loop(turns) == [(["WITH"], ["BEGIN", "WITH", "WITH", "WITH", "UPDATE", "COMMIT"])] * 3
+
+
+def test_the_preflight_s_one_statement_locks_the_session_only_after_the_wallet(alice, session_of, fresh_loop_pools):
+    """The hold, the turn, its question and the session's leaf are one statement: its session
+    row lock must still come after the wallet's, as in the close (wallet, then session), or
+    a preflight and a close of the same user could deadlock. While another transaction holds
+    the wallet, the waiting preflight holds no lock on the session."""
+    import threading
+
+    import psycopg
+
+    from billing_app.models import Wallet as WalletModel
+    from sessions_app.models import ChatSession
+
+    session = session_of(alice, title="Named")
+    preflight = load_preflight(session_id=session.pk, model=None, user_id=alice.pk)
+    db = connection.settings_dict
+    params = {"host": db["HOST"] or "127.0.0.1", "port": int(db["PORT"] or 5432), "user": db["USER"],
+              "dbname": db["NAME"]}
+    wallets, sessions = WalletModel._meta.db_table, ChatSession._meta.db_table
+    with psycopg.connect(**params) as holder, psycopg.connect(**params) as probe:
+        holder.execute(f"SELECT 1 FROM {wallets} WHERE user_id = %s FOR UPDATE", [alice.pk])
+        done = {}
+        preflighting = threading.Thread(target=lambda: done.update(prepared=_on_a_loop(
+            lambda: db_call(begin_turn, on_loop=True)(preflight, TurnInput(content="q"), streamed=True))))
+        preflighting.start()
+        try:
+            for _ in range(500):  # until the preflight waits for the wallet's row lock
+                waiting = probe.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND datname = %s", [db["NAME"]]).fetchone()[0]
+                probe.rollback()
+                if waiting:
+                    break
+                preflighting.join(0.01)
+            assert waiting, "the preflight never waited for the wallet"
+            # Not locked by the waiting preflight: taken at once.
+            probe.execute(f"SELECT 1 FROM {sessions} WHERE id = %s FOR UPDATE NOWAIT", [session.pk])
+            probe.rollback()
+        finally:
+            holder.rollback()  # the wallet's lock goes: the preflight goes on
+            preflighting.join(10)
+    assert Turn.objects.get(pk=done["prepared"].turn_id).status == "running"
+    assert ChatSession.objects.get(pk=session.pk).current_leaf_id == Message.objects.get(role="user").pk
+    close_turn(done["prepared"].turn_id, TurnOutcome(status="cancelled"))
