@@ -11,6 +11,8 @@ commit together; `grant` is the ORM. Async callers use `core.db.db_call`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import ROUND_FLOOR, Decimal
@@ -399,17 +401,28 @@ _DEBIT = (f"INSERT INTO {_LEDGER} {_DEBIT_COLUMNS} "
 #   either is free of deadlocks: the only other writer of an existing hold,
 #   release_holds_without_turn, takes holds whose turn is not running, and this turn's is
 #   (its row locked by the close).
-_SETTLE = (f"WITH released AS ({_RELEASE}), "
-           f"charged AS (INSERT INTO {_WALLET} AS w (user_id, balance, held, created_at, updated_at) "
-           f"VALUES (%(user)s, ROUND(0 - CAST(%(cost)s AS NUMERIC), 6), 0, %(now)s, %(now)s) "
-           f"ON CONFLICT (user_id) DO UPDATE SET balance = ROUND(w.balance - CASE WHEN {_NOT_DEBITED} "
-           f"THEN CAST(%(cost)s AS NUMERIC) ELSE 0 END, 6), "
-           f"held = ROUND(w.held - (SELECT COALESCE(SUM(amount), 0) FROM released), 6), updated_at = %(now)s "
-           f"RETURNING w.id, w.user_id, w.balance), "
-           f"debit AS (INSERT INTO {_LEDGER} {_DEBIT_COLUMNS} "
-           f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, CLOCK_TIMESTAMP() "
-           f"FROM charged WHERE CAST(%(cost)s AS NUMERIC) > 0 AND {_NOT_DEBITED}) "
-           f"SELECT balance FROM charged")
+# - The caller's writes that come after the charge (`settle_later(together=...)`) are parts
+#   of it too; one that takes a row lock joins CHARGED, so it takes it after the wallet's.
+CHARGED = "charged"
+_SETTLE_PARTS = (f"WITH released AS ({_RELEASE}), "
+                 f"{CHARGED} AS (INSERT INTO {_WALLET} AS w (user_id, balance, held, created_at, updated_at) "
+                 f"VALUES (%(user)s, ROUND(0 - CAST(%(cost)s AS NUMERIC), 6), 0, %(now)s, %(now)s) "
+                 f"ON CONFLICT (user_id) DO UPDATE SET balance = ROUND(w.balance - CASE WHEN {_NOT_DEBITED} "
+                 f"THEN CAST(%(cost)s AS NUMERIC) ELSE 0 END, 6), "
+                 f"held = ROUND(w.held - (SELECT COALESCE(SUM(amount), 0) FROM released), 6), updated_at = %(now)s "
+                 f"RETURNING w.id, w.user_id, w.balance), "
+                 f"debit AS (INSERT INTO {_LEDGER} {_DEBIT_COLUMNS} "
+                 f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, CLOCK_TIMESTAMP() "
+                 f"FROM {CHARGED} WHERE CAST(%(cost)s AS NUMERIC) > 0 AND {_NOT_DEBITED})")
+# Its named parameters in the order the text has them (the caller's writes are positional).
+_SETTLE_NAMES = tuple(re.findall(r"%\((\w+)\)s", _SETTLE_PARTS))
+_SETTLE_PARTS = re.sub(r"%\(\w+\)s", "%s", _SETTLE_PARTS)
+
+
+@functools.cache
+def _settle_sql(together: tuple[str, ...]) -> str:
+    return (_SETTLE_PARTS + "".join(f", after_charge{i} AS ({part})" for i, part in enumerate(together))
+            + f" SELECT balance FROM {CHARGED}")
 
 
 def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -> Decimal:
@@ -424,19 +437,27 @@ def settle(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -
     return balance()
 
 
-def settle_later(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "") -> Callable[[], Decimal]:
+def settle_later(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str = "",
+                 together: Sequence[sql.Write | None] = ()) -> Callable[[], Decimal]:
     """settle(), inside the caller's `core.sql.transaction()` (so the turn and its payment
     commit together), waiting for no answer: the returned function gives the new balance,
     to be called once the transaction has committed. On PostgreSQL its statements go out
-    with the caller's COMMIT, in one round trip."""
+    with the caller's COMMIT, in one round trip.
+
+    `together`: the caller's writes that come after the charge (the session's leaf), in the
+    same statement on PostgreSQL; one that takes a row lock joins it
+    (`sql.updating(..., after=CHARGED)`). Elsewhere they follow it, in order."""
     if cost < 0:
         raise InvalidAmount("A cost cannot be negative.")
     now = timezone.now()
     params = {"turn": sql.value(LedgerEntry, "turn_id", turn_id), "cost": cost,
               "now": sql.value(LedgerEntry, "created_at", now), "user": user_id,
               "id": sql.value(LedgerEntry, "id", uuid.uuid4()), "amount": -cost, "note": note[:255]}
-    if sql.vendor() == "postgresql":
-        charged = sql.fetch_later(_SETTLE, params)  # one statement (see _SETTLE)
+    writes = [write for write in together if write is not None]
+    if sql.vendor() == "postgresql":  # one statement (see _SETTLE_PARTS)
+        charged = sql.fetch_later(_settle_sql(tuple(write.sql for write in writes)),
+                                  [params[name] for name in _SETTLE_NAMES]
+                                  + [param for write in writes for param in write.params])
     else:  # SQLite has no UPDATE in a WITH; nothing there waits on a network
         with sql.transaction():
             # A user who was never granted anything (credit enforcement off) has no wallet
@@ -448,6 +469,7 @@ def settle_later(*, user_id: int, turn_id: uuid.UUID, cost: Decimal, note: str =
             charged = sql.fetch_later(_CHARGE, params)
             if cost > 0:
                 sql.execute(_DEBIT, params, count=False)
+            sql.write_together(*writes)
 
     def balance() -> Decimal:
         row = charged()

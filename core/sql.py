@@ -91,9 +91,9 @@ def updating(model: type[models.Model], pk: Any, values: dict[str, Any], *, afte
     of a Write sent together with it (PostgreSQL) whose RETURNING row this one joins, so that
     it takes its row lock only once that one has returned its row (and taken its own locks):
     a lock order that one statement's parts would not otherwise keep. No row there, no update.
-    PostgreSQL only: elsewhere write_together sends them one after another, in order anyway."""
+    On PostgreSQL: elsewhere the writes go one after another, in order anyway."""
     sql = _update_sql(model, tuple(values), vendor())
-    if after is not None:
+    if after is not None and vendor() == "postgresql":
         sql = _after_sql(sql, after)
     return Write(sql, _update_params(model, pk, values))
 
@@ -155,17 +155,23 @@ def update(model: type[models.Model], pk: Any, values: dict[str, Any], *, count:
 @functools.cache
 def _guarded_update_sql(model: type[models.Model], fields: tuple[str, ...], where: str) -> str:
     assignments = ", ".join(f"{column(model, name)} = %s" for name in fields)
-    return (f"WITH updated AS (UPDATE {table(model)} SET {assignments} "
-            f"WHERE {column(model, model._meta.pk.name)} = %s AND {where} RETURNING 1) "
-            f"SELECT 1 / COUNT(*) FROM updated")
+    return (f"UPDATE {table(model)} SET {assignments} "
+            f"WHERE {column(model, model._meta.pk.name)} = %s AND {where} RETURNING 1")
 
 
-def update_or_fail(model: type[models.Model], pk: Any, values: dict[str, Any], *, where: str) -> None:
+_MATCHED_ONE = Write("SELECT 1 / COUNT(*) FROM updated", [])
+
+
+def update_or_fail(model: type[models.Model], pk: Any, values: dict[str, Any], *, where: str,
+                   together: Sequence[Write | None] = ()) -> None:
     """update() of the row `pk` if `where` (SQL on its columns) holds, waiting for no answer.
     If no row matches, the statement fails in the server (a division by zero: see
     `matched_nothing`), which aborts the transaction it is in, so nothing sent after it
-    commits either: one round trip, where a locking read would be one more. PostgreSQL."""
-    execute(_guarded_update_sql(model, tuple(values), where), _update_params(model, pk, values), count=False)
+    commits either: one round trip, where a locking read would be one more. `together`:
+    writes that go in the same statement (write_together), after its row lock, and fail
+    with it. PostgreSQL."""
+    write_together(Write(_guarded_update_sql(model, tuple(values), where), _update_params(model, pk, values),
+                         name="updated"), *together, _MATCHED_ONE)
 
 
 def matched_nothing(error: Exception) -> bool:

@@ -782,11 +782,6 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
         "lease_until": None, "checkpoint": "", "finished_at": now,
         "chunk_ends": _fitting_ends(outcome.chunk_ends, content), "reconciliation": reconciliation,
     }
-    # None of these waits for an answer: on PostgreSQL they go out with the COMMIT.
-    if if_running:
-        sql.update_or_fail(Turn, turn.id, ended, where="status = 'running'")
-    else:
-        sql.update(Turn, turn.id, ended, count=False)
     common = {"session_id": turn.session_id, "turn_id": turn.id, "user_id": turn.user_id, "created_at": now}
     rows = [{**common, "id": uuid.uuid4(), "role": extra["role"], "content": clean_text(extra.get("content") or ""),
              "tool_calls": extra.get("tool_calls"),
@@ -811,28 +806,37 @@ def _close_locked(turn: LockedTurn, outcome: TurnOutcome, *, price: ModelPrice |
         "estimated": usage.estimated, "reconciled": False, "cost": cost,
         "provider_cost": provider_cost(billed_records(outcome.records, served)), "created_at": now,
     }] if usage.total_tokens else []
-    sql.write_together(None if titling else sql.inserting(Message, [*rows, assistant]),
-                       sql.inserting(UsageRecord, usage_row),
-                       sql.inserting(LlmEvent, [_event_row(record, turn, now) for record in outcome.records]))
-    balance = billing.settle_later(user_id=turn.user_id, turn_id=turn.id, cost=cost,
-                                   note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn")
-    ask_for_title = False
+    # None of these waits for an answer: on PostgreSQL they go out with the COMMIT, as one
+    # statement with the turn's UPDATE (which takes the turn's row lock, the first).
+    inserts = (None if titling else sql.inserting(Message, [*rows, assistant]),
+               sql.inserting(UsageRecord, usage_row),
+               sql.inserting(LlmEvent, [_event_row(record, turn, now) for record in outcome.records]))
+    if if_running:
+        sql.update_or_fail(Turn, turn.id, ended, where="status = 'running'", together=inserts)
+    else:  # locked already
+        sql.write_together(sql.updating(Turn, turn.id, ended), *inserts)
     # The session row after the wallet row (settle), as in the preflight (hold, then the
     # session row): one lock order, so a turn closing and the next one starting never deadlock.
+    # With no title to ask for, the leaf needs no answer: it goes in the settlement's
+    # statement, joined to the charge.
+    moved = not titling and (turn.session_titled or outcome.status != Turn.Status.COMPLETED
+                             or not settings.PANTHEON_AUTO_TITLE)
+    leaf = sql.updating(ChatSession, turn.session_id, {"updated_at": now, "current_leaf": assistant["id"]},
+                        after=billing.CHARGED) if moved else None
+    balance = billing.settle_later(user_id=turn.user_id, turn_id=turn.id, cost=cost,
+                                   note=f"{outcome.status} title turn" if titling else f"{outcome.status} turn",
+                                   together=[leaf])
+    ask_for_title = False
     if titling:
         # The title is the answer, stored on the session (if nobody named it meanwhile).
         if outcome.status == Turn.Status.COMPLETED and content.strip():
             sql.execute(_SET_TITLE, [_fit(ChatSession, "title", clean_title(content)), now,
                                      sql.value(ChatSession, "id", turn.session_id)], count=False)
-    else:
-        leaf = [sql.value(ChatSession, "updated_at", now), sql.value(ChatSession, "current_leaf", assistant["id"]),
-                sql.value(ChatSession, "id", turn.session_id)]
-        if (turn.session_titled or outcome.status != Turn.Status.COMPLETED
-                or not settings.PANTHEON_AUTO_TITLE):
-            sql.execute(_MOVE_LEAF, leaf, count=False)  # no title to ask for: nothing to wait for
-        else:
-            row = sql.fetch_one(_MOVE_LEAF, leaf)
-            ask_for_title = row is not None and row[0] == "" and not row[1]  # untitled
+    elif not moved:
+        row = sql.fetch_one(_MOVE_LEAF, [sql.value(ChatSession, "updated_at", now),
+                                         sql.value(ChatSession, "current_leaf", assistant["id"]),
+                                         sql.value(ChatSession, "id", turn.session_id)])
+        ask_for_title = row is not None and row[0] == "" and not row[1]  # untitled
     if reconciliation == Turn.Reconciliation.PENDING:
         # In this transaction: a turn that closed as pending always has its task queued.
         from sessions_app.tasks import schedule_reconciliation  # the tasks import this module

@@ -143,7 +143,15 @@ def test_update_or_fail_updates_a_matching_row_and_else_fails_the_whole_transact
         sql.update(Wallet, wallet.pk, {"balance": Decimal("1")}, count=False)  # after it: never runs
     assert sql.matched_nothing(failed.value)
     assert (Wallet.objects.get(pk=wallet.pk).held, LedgerEntry.objects.filter(kind="debit").count()) == (1, 0)
-    Wallet.objects.filter(pk=wallet.pk).update(held=0)
+    # Writes in its statement: made with the matching row, failed with the missing one.
+    with sql.transaction():
+        sql.update_or_fail(Wallet, wallet.pk, {"held": Decimal("0")}, where="held = 1",
+                           together=[sql.inserting(LedgerEntry, [entry(wallet, uuid.uuid4())])])
+    with pytest.raises(DataError), sql.transaction():
+        sql.update_or_fail(Wallet, wallet.pk, {"held": Decimal("3")}, where="held = 1",
+                           together=[sql.inserting(LedgerEntry, [entry(wallet, uuid.uuid4())])])
+    assert (Wallet.objects.get(pk=wallet.pk).held, LedgerEntry.objects.filter(kind="debit").count()) == (0, 1)
+    LedgerEntry.objects.filter(kind="debit").delete()
 
 
 def test_writes_to_several_tables_go_in_one_statement_on_postgresql(wallet):

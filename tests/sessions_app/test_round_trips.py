@@ -207,49 +207,71 @@ def test_a_streamed_turn_sends_a_fixed_few_statements(proxy, alice, session_of, 
         return counts
 
     # The hold, the turn, its question and the leaf: one statement, a transaction of its own.
-    # Then BEGIN; the turn's UPDATE; the answer and its usage; the settlement; the leaf; COMMIT.
-    assert _on_a_loop(turns) == [(["WITH"], ["BEGIN", "WITH", "WITH", "WITH", "UPDATE", "COMMIT"])] * 3
+    # Then BEGIN; the turn's UPDATE with the answer and its usage; the settlement with the
+    # leaf; COMMIT.
+    assert _on_a_loop(turns) == [(["WITH"], ["BEGIN", "WITH", "WITH", "COMMIT"])] * 3
 
 
-def test_the_preflight_s_one_statement_locks_the_session_only_after_the_wallet(alice, session_of, fresh_loop_pools):
-    """The hold, the turn, its question and the session's leaf are one statement: its session
-    row lock must still come after the wallet's, as in the close (wallet, then session), or
-    a preflight and a close of the same user could deadlock. While another transaction holds
-    the wallet, the waiting preflight holds no lock on the session."""
+def _waits_for_the_wallet_holding_no_session_lock(user, session, work):
+    """Run `work()` (on a loop, in a thread) while another transaction holds the user's
+    wallet: once it waits for that lock, the session's row must not be locked by it. Returns
+    what `work()` returned, once the wallet was let go."""
     import threading
 
     import psycopg
 
-    from billing_app.models import Wallet as WalletModel
     from sessions_app.models import ChatSession
 
-    session = session_of(alice, title="Named")
-    preflight = load_preflight(session_id=session.pk, model=None, user_id=alice.pk)
     db = connection.settings_dict
     params = {"host": db["HOST"] or "127.0.0.1", "port": int(db["PORT"] or 5432), "user": db["USER"],
               "dbname": db["NAME"]}
-    wallets, sessions = WalletModel._meta.db_table, ChatSession._meta.db_table
+    done = {}
     with psycopg.connect(**params) as holder, psycopg.connect(**params) as probe:
-        holder.execute(f"SELECT 1 FROM {wallets} WHERE user_id = %s FOR UPDATE", [alice.pk])
-        done = {}
-        preflighting = threading.Thread(target=lambda: done.update(prepared=_on_a_loop(
-            lambda: db_call(begin_turn, on_loop=True)(preflight, TurnInput(content="q"), streamed=True))))
-        preflighting.start()
+        holder.execute(f"SELECT 1 FROM {Wallet._meta.db_table} WHERE user_id = %s FOR UPDATE", [user.pk])
+        working = threading.Thread(target=lambda: done.update(result=_on_a_loop(work)))
+        working.start()
         try:
-            for _ in range(500):  # until the preflight waits for the wallet's row lock
+            for _ in range(500):  # until it waits for the wallet's row lock
                 waiting = probe.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                         "AND datname = %s", [db["NAME"]]).fetchone()[0]
                 probe.rollback()
                 if waiting:
                     break
-                preflighting.join(0.01)
-            assert waiting, "the preflight never waited for the wallet"
-            # Not locked by the waiting preflight: taken at once.
-            probe.execute(f"SELECT 1 FROM {sessions} WHERE id = %s FOR UPDATE NOWAIT", [session.pk])
+                working.join(0.01)
+            assert waiting, "it never waited for the wallet"
+            # Not locked by the waiting statement: taken at once.
+            probe.execute(f"SELECT 1 FROM {ChatSession._meta.db_table} WHERE id = %s FOR UPDATE NOWAIT", [session.pk])
             probe.rollback()
         finally:
-            holder.rollback()  # the wallet's lock goes: the preflight goes on
-            preflighting.join(10)
-    assert Turn.objects.get(pk=done["prepared"].turn_id).status == "running"
+            holder.rollback()  # the wallet's lock goes: the work goes on
+            working.join(10)
+    return done["result"]
+
+
+def test_the_preflight_s_one_statement_locks_the_session_only_after_the_wallet(alice, session_of, fresh_loop_pools):
+    """The hold, the turn, its question and the session's leaf are one statement: its session
+    row lock must still come after the wallet's, as in the close (wallet, then session), or
+    a preflight and a close of the same user could deadlock."""
+    from sessions_app.models import ChatSession
+
+    session = session_of(alice, title="Named")
+    preflight = load_preflight(session_id=session.pk, model=None, user_id=alice.pk)
+    prepared = _waits_for_the_wallet_holding_no_session_lock(alice, session, lambda: db_call(
+        begin_turn, on_loop=True)(preflight, TurnInput(content="q"), streamed=True))
+    assert Turn.objects.get(pk=prepared.turn_id).status == "running"
     assert ChatSession.objects.get(pk=session.pk).current_leaf_id == Message.objects.get(role="user").pk
-    close_turn(done["prepared"].turn_id, TurnOutcome(status="cancelled"))
+    close_turn(prepared.turn_id, TurnOutcome(status="cancelled"))
+
+
+def test_the_close_s_settlement_locks_the_session_only_after_the_wallet(alice, session_of, fresh_loop_pools):
+    """The settlement and the session's leaf are one statement: the same lock order."""
+    from sessions_app.models import ChatSession
+
+    session = session_of(alice, title="Named")
+    preflight = load_preflight(session_id=session.pk, model=None, user_id=alice.pk)
+    prepared = begin_turn(preflight, TurnInput(content="q"), streamed=True)
+    outcome = TurnOutcome(status="completed", content="a", usage=Usage(5, 5), served_model=MODEL)
+    result = _waits_for_the_wallet_holding_no_session_lock(alice, session, lambda: db_call(
+        close_turn, on_loop=True)(prepared.turn_id, outcome, price=prepared.price, as_begun=prepared.as_begun))
+    assert result.closed and result.balance == Wallet.objects.get(user=alice).balance
+    assert ChatSession.objects.get(pk=session.pk).current_leaf_id == result.message.id
