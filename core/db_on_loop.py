@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -81,8 +82,43 @@ async def _drive(unit: _Unit, args: Sequence[Any], kwargs: dict[str, Any]) -> An
     return pending
 
 
+_PLACEHOLDER = re.compile(r"%(?:(s)|\((\w+)\)s|(%))|%")
+
+
+@functools.lru_cache(maxsize=1024)
+def _numbered(query: str) -> tuple[bytes, tuple[str, ...] | None]:
+    """`query`'s `%s` (or `%(name)s`: the names, in order) as PostgreSQL's `$1, $2, ...`, and
+    `%%` as `%`, once per text: psycopg would convert it at every execution, and a statement
+    of over 50 parameters or 4 kB (the writes of a turn in one statement) it does not cache,
+    so it parsed it again each time (a regular expression over the whole text)."""
+    names: list[str] = []
+    numbers: dict[str, int] = {}
+    positional = 0
+
+    def number(match: re.Match) -> str:
+        nonlocal positional
+        plain, name, percent = match.groups()
+        if percent:
+            return "%"
+        if plain:
+            positional += 1
+            return f"${positional}"
+        if name:
+            if name not in numbers:
+                names.append(name)
+                numbers[name] = len(names)
+            return f"${numbers[name]}"
+        raise ValueError(f"a lone % in a statement: {query[:80]!r}")
+
+    text = _PLACEHOLDER.sub(number, query)
+    if positional and names:
+        raise ValueError(f"a statement mixes %s and %(name)s: {query[:80]!r}")
+    return text.encode(), tuple(names) if names else None
+
+
 class LoopCursor:
-    """An AsyncCursor seen from a unit's sync code, its errors Django's (as a Django cursor's)."""
+    """An AsyncCursor seen from a unit's sync code, its errors Django's (as a Django cursor's).
+    Its statements are numbered once (`_numbered`) and sent as they are (psycopg's raw cursor)."""
 
     def __init__(self, cursor: Any, prepare: bool, errors: Any) -> None:
         self._cursor = cursor
@@ -90,8 +126,11 @@ class LoopCursor:
         self._errors = errors
 
     def execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        text, names = _numbered(query)
+        if names is not None:
+            params = [params[name] for name in names]
         with self._errors:
-            await_only(self._cursor.execute(query, params, prepare=self._prepare))
+            await_only(self._cursor.execute(text, params or None, prepare=self._prepare))
 
     def fetchone(self) -> tuple | None:
         with self._errors:
@@ -131,7 +170,9 @@ class LoopConnection:
         self.alone: int | None = None  # core.sql.alone(): statements sent inside it
 
     def new_cursor(self, *, prepare: bool = True) -> LoopCursor:
-        return LoopCursor(self.raw.cursor(), prepare, self.errors)
+        import psycopg
+
+        return LoopCursor(psycopg.AsyncRawCursor(self.raw), prepare, self.errors)
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[None]:

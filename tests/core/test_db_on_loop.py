@@ -272,3 +272,27 @@ def test_a_streamed_turn_makes_no_django_connection_objects_on_the_loop(alice, s
         _, events, _ = read_stream(live_server_url, session, headers)
         assert events[-1][0] == "done"
     assert "uvicorn-test" not in made, made
+
+
+def test_a_statement_is_numbered_once_as_postgresql_s_placeholders():
+    # The loop's cursors send statements as they are (psycopg's raw cursor): numbered here.
+    assert db_on_loop._numbered("SELECT %s, %s WHERE a = '%%'") == (b"SELECT $1, $2 WHERE a = '%'", None)
+    assert db_on_loop._numbered("UPDATE t SET a = %(x)s WHERE b = %(y)s OR c = %(x)s") == (
+        b"UPDATE t SET a = $1 WHERE b = $2 OR c = $1", ("x", "y"))
+    assert db_on_loop._numbered("BEGIN") == (b"BEGIN", None)
+    for bad in ("SELECT %d", "SELECT %s, %(x)s", "SELECT 5 % 2"):
+        with pytest.raises(ValueError):
+            db_on_loop._numbered(bad)
+
+
+def test_named_and_positional_parameters_reach_postgresql_alike():
+    async def run():
+        try:
+            return await db_call(lambda: (sql.fetch_one("SELECT %(a)s::int + %(b)s::int, %(a)s::int", {"a": 2, "b": 3}),
+                                          sql.fetch_one("SELECT %s::text || %s::text", ["x", "y"])), on_loop=True)()
+        finally:
+            await db_on_loop.close()
+
+    given_up = sum(db_on_loop.fallbacks.values())
+    assert asyncio.run(run()) == ((5, 2), ("xy",))
+    assert sum(db_on_loop.fallbacks.values()) == given_up  # on the loop's own connection
