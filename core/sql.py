@@ -168,8 +168,8 @@ def update_or_fail(model: type[models.Model], pk: Any, values: dict[str, Any], *
     If no row matches, the statement fails in the server (a division by zero: see
     `matched_nothing`), which aborts the transaction it is in, so nothing sent after it
     commits either: one round trip, where a locking read would be one more. `together`:
-    writes that go in the same statement (write_together), after its row lock, and fail
-    with it. PostgreSQL."""
+    writes that go in the same statement (write_together) and fail with it; PostgreSQL may
+    run them before the UPDATE, so they must take no row lock of their own. PostgreSQL."""
     write_together(Write(_guarded_update_sql(model, tuple(values), where), _update_params(model, pk, values),
                          name="updated"), *together, _MATCHED_ONE)
 
