@@ -170,14 +170,11 @@ def adjust_turn(*, user_id: int, turn_id: uuid.UUID, amount: Decimal, note: str)
 
 @dataclasses.dataclass(frozen=True)
 class HoldDecision:
-    """What the preflight allows: the capped `max_tokens` and the hold taken (if any).
-    `reservation`: while the caller's writes are built (`hold(together=...)`), the name of
-    the reservation's part of the statement they go in, None if the hold went before them."""
+    """What the preflight allows: the capped `max_tokens` and the hold taken (if any)."""
 
     max_tokens: int
     hold_id: uuid.UUID | None
     amount: Decimal
-    reservation: str | None = None
 
 
 def tool_turn_prompt_tokens(prompt_tokens: int, *, rounds: int, tool_output_chars: int) -> int:
@@ -262,7 +259,8 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
          max_tokens: int | None = None, rounds: int = 1, price: ModelPrice | None = None,
          wallet: tuple[Decimal, Decimal] | None = None, budget_left: Decimal | None = None,
          in_one_flight: bool = False,
-         together: Callable[[HoldDecision], Sequence[sql.Write | None]] | None = None) -> HoldDecision:
+         together: Callable[[HoldDecision, str | None], Sequence[sql.Write | None]] | None = None,
+         ) -> HoldDecision:
     """The credit preflight: reserve the most this turn can cost, or refuse with 402.
 
     `prompt_tokens` is a conservative estimate of every prompt the turn sends (all tool
@@ -288,11 +286,12 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     credits were taken meanwhile, the transaction fails with an IntegrityError for which
     `refused_in_flight` is true, and the caller tries again without it.
 
-    `together`: the caller's writes that need the decision (the turn's row and its
-    question), given it: they go out with the hold, in the same statement in one flight (a
-    statement is a transaction of its own: the caller needs none for it), else after the
-    hold in its transaction. A write there that takes a row lock joins the reservation
-    (`sql.updating(..., after=decision.reservation)`), so it takes that lock after the
+    `together(decision, reservation)`: the caller's writes that need the decision (the
+    turn's row and its question): they go out with the hold, in the same statement in one
+    flight (a statement is a transaction of its own: the caller needs none for it), else
+    after the hold in its transaction. `reservation` is the name of the reservation's part
+    of that statement (None when the hold went before them): a write that takes a row lock
+    joins it (`sql.updating(..., after=reservation)`), so it takes that lock after the
     wallet's, as everywhere else.
     """
     price = price or get_price(model)
@@ -300,7 +299,7 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
     if not settings.PANTHEON_CREDIT_ENFORCEMENT:
         decision = HoldDecision(max_tokens=cap, hold_id=None, amount=Decimal("0"))
         with sql.transaction():
-            sql.write_together(*(together(decision) if together is not None else ()))
+            sql.write_together(*(together(decision, None) if together is not None else ()))
         return decision
     minimum = min(settings.PANTHEON_MIN_OUTPUT_TOKENS, cap)
     now = timezone.now()
@@ -327,13 +326,13 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
            "released_at": None}
     if in_one_flight and wallet is not None and sql.vendor() == "postgresql":
         granted, amount = size(wallet)
-        decision = HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount, reservation=RESERVATION)
+        decision = HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
         values = {**row, "amount": amount, "max_tokens": granted}
         sql.write_together(
             sql.Write(_RESERVE_IN_FLIGHT, [amount, reservation["now"], user_id, amount], name=RESERVATION),
             sql.Write(_HOLD_IN_FLIGHT, [sql.value(CreditHold, name, values[name]) for name in _HOLD_COLUMNS]),
-            *(together(decision) if together is not None else ()))
-        return dataclasses.replace(decision, reservation=None)
+            *(together(decision, RESERVATION) if together is not None else ()))
+        return decision
     with sql.transaction():
         snapshot = wallet if wallet is not None else wallet_snapshot(user_id)
         for locked in (False, True):
@@ -344,7 +343,7 @@ def hold(*, user_id: int, turn_id: uuid.UUID, model: str, prompt_tokens: int,
             if reserved is not None:
                 sql.insert(CreditHold, [{**row, "wallet_id": reserved[0], "amount": amount, "max_tokens": granted}])
                 decision = HoldDecision(max_tokens=granted, hold_id=hold_id, amount=amount)
-                sql.write_together(*(together(decision) if together is not None else ()))
+                sql.write_together(*(together(decision, None) if together is not None else ()))
                 return decision
     raise InsufficientCredits("Your wallet has no available credits.")  # only float fuzz on SQLite
 
@@ -404,7 +403,7 @@ _DEBIT = (f"INSERT INTO {_LEDGER} {_DEBIT_COLUMNS} "
 # - The caller's writes that come after the charge (`settle_later(together=...)`) are parts
 #   of it too; one that takes a row lock joins CHARGED, so it takes it after the wallet's.
 CHARGED = "charged"
-_SETTLE_PARTS = (f"WITH released AS ({_RELEASE}), "
+_SETTLE_NAMED = (f"WITH released AS ({_RELEASE}), "
                  f"{CHARGED} AS (INSERT INTO {_WALLET} AS w (user_id, balance, held, created_at, updated_at) "
                  f"VALUES (%(user)s, ROUND(0 - CAST(%(cost)s AS NUMERIC), 6), 0, %(now)s, %(now)s) "
                  f"ON CONFLICT (user_id) DO UPDATE SET balance = ROUND(w.balance - CASE WHEN {_NOT_DEBITED} "
@@ -414,9 +413,9 @@ _SETTLE_PARTS = (f"WITH released AS ({_RELEASE}), "
                  f"debit AS (INSERT INTO {_LEDGER} {_DEBIT_COLUMNS} "
                  f"SELECT %(id)s, id, user_id, 'debit', %(amount)s, balance, %(turn)s, %(note)s, CLOCK_TIMESTAMP() "
                  f"FROM {CHARGED} WHERE CAST(%(cost)s AS NUMERIC) > 0 AND {_NOT_DEBITED})")
-# Its named parameters in the order the text has them (the caller's writes are positional).
-_SETTLE_NAMES = tuple(re.findall(r"%\((\w+)\)s", _SETTLE_PARTS))
-_SETTLE_PARTS = re.sub(r"%\(\w+\)s", "%s", _SETTLE_PARTS)
+# Positional, as the caller's writes are: its parameters' names in the order the text has them.
+_SETTLE_NAMES = tuple(re.findall(r"%\((\w+)\)s", _SETTLE_NAMED))
+_SETTLE_PARTS = re.sub(r"%\(\w+\)s", "%s", _SETTLE_NAMED)
 
 
 @functools.cache

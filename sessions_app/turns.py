@@ -415,13 +415,13 @@ def begin_turn(preflight: Preflight, request: TurnInput, *, streamed: bool) -> P
             "tool_call_id": "", "position": 0, "created_at": now,
         }] if request.content is not None and not titling else []  # a regenerate answers a stored question
 
-        def writes(decision: billing.HoldDecision) -> list[sql.Write | None]:
+        def writes(decision: billing.HoldDecision, reservation: str | None) -> list[sql.Write | None]:
             """The rows that go out with the hold. While it runs, the branch ends at its
             question (a reload shows it); the close moves the leaf on to the answer. The
             session's row lock comes after the wallet's, as in the close."""
             row["max_tokens"] = decision.max_tokens
             leaf = None if titling else sql.updating(ChatSession, session.id, {"current_leaf": question_id},
-                                                     after=decision.reservation)
+                                                     after=reservation)
             return [sql.inserting(Turn, [row]), sql.inserting(Message, question), leaf]
 
         decision = billing.hold(user_id=preflight.user_id, turn_id=turn_id, model=model,
@@ -502,7 +502,7 @@ _RENEWED = ("id", "has_cp", "checkpoint", "chunk_ends", "generation_id", "served
 
 
 @functools.cache
-def _renew_sql(vendor: str, rows: int) -> str:
+def _renew_sql(vendor: str, rows: int, *, arrays: bool = False) -> str:
     """One UPDATE for `rows` renewals (their values joined to the turns), which answers for
     each still running turn whether a stop was asked. Without a checkpoint (`has_cp` false)
     a row renews the lease only and leaves the saved answer as it is.
@@ -511,16 +511,15 @@ def _renew_sql(vendor: str, rows: int) -> str:
     text is the same for every batch size: prepared once, and not parsed again by psycopg (a
     batch of 200 had 1,400 placeholders to find in 10 kB of text; 16 rows cost the server 9
     ms to plan). One renewal alone (the usual checkpoint) is one VALUES row: its arrays
-    would cost more to send than the row. Elsewhere, VALUES rows."""
+    would cost more to send than the row. Elsewhere, VALUES rows (`rows` of them)."""
     turn = sql.table(Turn)
     kinds = ("uuid", "boolean", "text", "jsonb", "text", "text")
-    if vendor == "postgresql" and rows != 1:
-        arrays = ", ".join(f"CAST(%s AS {kind}[])" for kind in kinds)
-        values = f"SELECT * FROM UNNEST({arrays}) AS v({', '.join(_RENEWED)})"
-    elif vendor == "postgresql":
-        values = f"VALUES ({', '.join(f'CAST(%s AS {kind})' for kind in kinds)})"
+    cast = "CAST(%s AS {})" if vendor == "postgresql" else "%s"  # (PostgreSQL must be told the types)
+    if arrays:
+        columns = ", ".join(cast.format(f"{kind}[]") for kind in kinds)
+        values = f"SELECT * FROM UNNEST({columns}) AS v({', '.join(_RENEWED)})"
     else:
-        values = "VALUES " + ", ".join(["(" + ", ".join(["%s"] * len(_RENEWED)) + ")"] * rows)
+        values = "VALUES " + ", ".join(["(" + ", ".join(cast.format(kind) for kind in kinds) + ")"] * rows)
 
     def kept(column: str) -> str:
         return f"{column} = CASE WHEN v.has_cp THEN v.{column} ELSE {turn}.{column} END"
@@ -548,12 +547,14 @@ def renew_turns(requests: Sequence[RenewRequest]) -> dict[uuid.UUID, Renewal]:
                  _fit(Turn, "generation_id", r.generation_id), _fit(Turn, "served_model", r.served_model))
                 for r in batch]
         postgresql = vendor == "postgresql"
-        if postgresql and len(rows) > 1:
+        arrays = postgresql and len(rows) > 1
+        if arrays:
             params: list[Any] = [list(column) for column in zip(*rows, strict=True)]
+            statement = _renew_sql(vendor, 0, arrays=True)
         else:
             params = [value for row in rows for value in row]
+            statement = _renew_sql(vendor, len(rows))
         # Prepared on PostgreSQL: two texts (one row, arrays). Elsewhere a text per batch size.
-        statement = _renew_sql(vendor, min(len(batch), 2) if postgresql else len(batch))
         for turn_id, cancel_requested in sql.fetch_all(statement, [*params, lease], prepare=postgresql):
             found[sql.as_uuid(turn_id)] = Renewal.CANCEL_REQUESTED if cancel_requested else Renewal.RUNNING
     return {r.turn_id: found.get(r.turn_id, Renewal.GONE) for r in requests}

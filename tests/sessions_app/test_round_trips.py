@@ -275,3 +275,29 @@ def test_the_close_s_settlement_locks_the_session_only_after_the_wallet(alice, s
         close_turn, on_loop=True)(prepared.turn_id, outcome, price=prepared.price, as_begun=prepared.as_begun))
     assert result.closed and result.balance == Wallet.objects.get(user=alice).balance
     assert ChatSession.objects.get(pk=session.pk).current_leaf_id == result.message.id
+
+
+def test_psycopg_parses_none_of_a_turn_s_statements_on_the_loop(alice, session_of, fresh_loop_pools, monkeypatch):
+    """The loop's statements are numbered once (core.db_on_loop._numbered) and sent through
+    psycopg's raw cursor: psycopg's own conversion, which it does not cache for a statement
+    of over 50 parameters (the turn's writes in one statement), is never reached."""
+    from psycopg import _queries
+
+    parsed = []
+    for name in ("_query2pg", "_query2pg_nocache"):
+        convert = getattr(_queries, name)
+        monkeypatch.setattr(_queries, name, lambda query, encoding, convert=convert: (
+            parsed.append(bytes(query)[:40]), convert(query, encoding))[1])
+    session = session_of(alice, title="Named")
+
+    async def turn():
+        preflight = await db_call(load_preflight, on_loop=True)(session_id=session.pk, model=None, user_id=alice.pk)
+        prepared = await db_call(begin_turn, on_loop=True)(preflight, TurnInput(content="q"), streamed=True)
+        await db_call(renew_turn, on_loop=True)(prepared.turn_id, checkpoint="a", chunk_ends=[1])
+        return await db_call(close_turn, on_loop=True)(
+            prepared.turn_id, TurnOutcome(status="completed", content="a", usage=Usage(5, 5), served_model=MODEL),
+            price=prepared.price, as_begun=prepared.as_begun)
+
+    assert _on_a_loop(turn).closed
+    assert not db_on_loop.fallbacks
+    assert [query for query in parsed if not query.startswith(b"SELECT set_config")] == []  # (the connection's own)
